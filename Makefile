@@ -1,0 +1,33 @@
+# The two commands of the quick start (`make demo`, `make test`) build their own
+# virtual environment, so they work on a fresh machine with only python3 on it.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test lint bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m streamem demo
+
+test: $(STAMP)
+	$(PY) -m ruff check streamem connectors tests benchmarks
+	$(PY) -m pytest
+
+lint: $(STAMP)
+	$(PY) -m ruff check streamem connectors tests benchmarks
+
+bench: $(STAMP)
+	$(PY) benchmarks/batch.py
+	$(PY) benchmarks/online.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis build *.egg-info

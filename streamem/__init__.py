@@ -1,0 +1,26 @@
+"""streamem: online (stepwise) EM for Gaussian mixtures and mixtures of linear regressions.
+
+The batch estimators (`GaussianMixture`, `RegressionMixture`) run EM to
+convergence and are the reference for the online, River-style estimators.
+"""
+
+from __future__ import annotations
+
+from importlib.metadata import PackageNotFoundError, version
+
+from streamem.exceptions import ConvergenceWarning, NotFittedError
+from streamem.gaussian_mixture import GaussianMixture
+from streamem.regression_mixture import RegressionMixture
+
+try:
+    __version__ = version("streamem")
+except PackageNotFoundError:  # running from a source tree that is not installed
+    __version__ = "0.0.0"
+
+__all__ = [
+    "ConvergenceWarning",
+    "GaussianMixture",
+    "NotFittedError",
+    "RegressionMixture",
+    "__version__",
+]

@@ -1,0 +1,1 @@
+"""Engines drive a family: batch EM (the reference) and stepwise EM (online)."""

@@ -1,0 +1,86 @@
+"""What every model family shares: sufficient statistics that add, scale and re-centre.
+
+A family is defined by its expected sufficient statistics (see DESIGN.md). Batch EM,
+stepwise EM, checkpoints and merging workers all manipulate these objects and never
+look inside a family's parameters.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Protocol
+
+import numpy as np
+from scipy.special import logsumexp
+
+__all__ = ["SufficientStatistics", "Family", "log_responsibilities"]
+
+# Added to every component's responsibility mass before dividing by it, as
+# scikit-learn does: a component that received no mass keeps finite parameters.
+MASS_FLOOR = 10 * np.finfo(np.float64).eps
+
+
+@dataclasses.dataclass(frozen=True)
+class SufficientStatistics:
+    """Base of each family's statistics: array fields that add and scale.
+
+    Every field except `shift` is additive over records. `shift` is the point the
+    moments are taken about; two statistics with different shifts are brought to
+    a common one (`recentred`) before they are added, which is exact algebra.
+    """
+
+    shift: np.ndarray
+
+    def _additive_fields(self) -> list[str]:
+        return [f.name for f in dataclasses.fields(self) if f.name != "shift"]
+
+    def recentred(self, shift: np.ndarray) -> SufficientStatistics:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def __add__(self, other: SufficientStatistics) -> SufficientStatistics:
+        if type(other) is not type(self):
+            return NotImplemented
+        if not np.array_equal(other.shift, self.shift):
+            other = other.recentred(self.shift)
+        return dataclasses.replace(
+            self, **{name: getattr(self, name) + getattr(other, name) for name in self._additive_fields()}
+        )
+
+    def scaled(self, factor: float) -> SufficientStatistics:
+        """The statistics multiplied by `factor` (a step size or 1 / n_records)."""
+        return dataclasses.replace(
+            self, **{name: getattr(self, name) * factor for name in self._additive_fields()}
+        )
+
+    def blend(self, batch: SufficientStatistics, step_size: float) -> SufficientStatistics:
+        """Stepwise-EM update `(1 - step_size) * self + step_size * batch`."""
+        return self.scaled(1.0 - step_size) + batch.scaled(step_size)
+
+    @property
+    def total_mass(self) -> float:
+        return float(self.mass.sum())  # type: ignore[attr-defined]
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        return {f.name: np.asarray(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+
+class Family(Protocol):
+    """The three operations a model family provides (plus bookkeeping)."""
+
+    def e_step(self, batch, params) -> tuple[np.ndarray, np.ndarray]:
+        """Return (log_norm (n,), log_resp (n, K)) for a prepared batch."""
+
+    def suff_stats(self, batch, resp: np.ndarray) -> SufficientStatistics:
+        """Expected sufficient statistics of a batch given responsibilities (n, K)."""
+
+    def m_step(self, stats: SufficientStatistics): ...
+
+
+def log_responsibilities(weighted_log_prob: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Log-sum-exp once: per-sample log-likelihood (n,) and log responsibilities (n, K).
+
+    A record that every component finds impossible (all -inf) would give 0/0; it
+    cannot happen for finite input since every log-density here is finite.
+    """
+    log_norm = logsumexp(weighted_log_prob, axis=1)
+    return log_norm, weighted_log_prob - log_norm[:, None]

@@ -1,0 +1,184 @@
+"""Mixture of linear regressions: y | z=k ~ N(b_k . [x, 1], s_k^2).
+
+The statistics are the weighted normal equations of each component, kept about a
+shift of (x, y): `xx = sum r x~ x~^T`, `xy = sum r x~ y~`, `yy = sum r y~^2` with
+`x~ = [x - shift_x, 1]` and `y~ = y - shift_y`. The M-step is one weighted
+least-squares solve per component, batched.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+
+from streamem.families.base import MASS_FLOOR, SufficientStatistics, log_responsibilities
+
+__all__ = ["RegressionBatch", "RegressionFamily", "RegressionParams", "RegressionStats"]
+
+_LOG_2PI = math.log(2.0 * math.pi)
+# Relative ridge on the normal equations: invisible on well-posed data, but keeps the
+# solve finite for d > n or for a component that received (almost) no mass.
+_RIDGE = 1e-10
+
+
+@dataclasses.dataclass(frozen=True)
+class RegressionBatch:
+    """design: (n, d + 1) = [x - shift_x, 1]; target: (n,) = y - shift_y; shift = [shift_x, shift_y]."""
+
+    design: np.ndarray
+    target: np.ndarray
+    shift: np.ndarray
+
+    @property
+    def n_samples(self) -> int:
+        return self.design.shape[0]
+
+    def __getitem__(self, rows: slice) -> RegressionBatch:
+        return RegressionBatch(self.design[rows], self.target[rows], self.shift)
+
+
+@dataclasses.dataclass(frozen=True)
+class RegressionStats(SufficientStatistics):
+    """mass (K,), xx (K, d+1, d+1), xy (K, d+1), yy (K,) about `shift` (d + 1,)."""
+
+    mass: np.ndarray
+    xx: np.ndarray
+    xy: np.ndarray
+    yy: np.ndarray
+
+    def recentred(self, shift: np.ndarray) -> RegressionStats:
+        shift = np.asarray(shift, dtype=float)
+        delta = self.shift - shift
+        d = delta.shape[0] - 1
+        # x~_new = A x~_old with A = [[I, delta_x], [0, 1]]; y~_new = y~_old + delta_y
+        A = np.eye(d + 1)
+        A[:d, d] = delta[:d]
+        delta_y = delta[d]
+        sum_design = self.xx[:, :, d]  # sum r x~ (the column of ones)
+        sum_target = self.xy[:, d]  # sum r y~
+        xx = A @ self.xx @ A.T
+        xy = (self.xy + delta_y * sum_design) @ A.T
+        yy = self.yy + 2.0 * delta_y * sum_target + delta_y**2 * self.mass
+        return RegressionStats(shift=shift, mass=self.mass.copy(), xx=xx, xy=xy, yy=yy)
+
+
+@dataclasses.dataclass(frozen=True)
+class RegressionParams:
+    weights: np.ndarray  # (K,)
+    coef: np.ndarray  # (K, d)
+    intercept: np.ndarray  # (K,)
+    noise_variance: np.ndarray  # (K,)
+
+    @property
+    def n_components(self) -> int:
+        return self.coef.shape[0]
+
+    @property
+    def n_features(self) -> int:
+        return self.coef.shape[1]
+
+
+class RegressionFamily:
+    """Mixture-of-linear-regressions family.
+
+    Parameters
+    ----------
+    reg_noise
+        Added to every component's noise variance after each M-step (the analogue
+        of `reg_covar`): a component that fits its points exactly stays finite.
+    """
+
+    covariance_type = "regression"
+
+    def __init__(self, reg_noise: float = 1e-6):
+        self.reg_noise = float(reg_noise)
+
+    @staticmethod
+    def prepare(X: np.ndarray, y: np.ndarray, shift: np.ndarray | None = None) -> RegressionBatch:
+        if shift is None:
+            shift = np.append(X.mean(axis=0), y.mean())
+        shift = np.asarray(shift, dtype=float)
+        d = X.shape[1]
+        design = np.empty((X.shape[0], d + 1))
+        design[:, :d] = X - shift[:d]
+        design[:, d] = 1.0
+        return RegressionBatch(design=design, target=y - shift[d], shift=shift)
+
+    def make_params(self, weights, coef, intercept, noise_variance) -> RegressionParams:
+        params = RegressionParams(
+            np.asarray(weights, dtype=float),
+            np.atleast_2d(np.asarray(coef, dtype=float)),
+            np.asarray(intercept, dtype=float).reshape(-1),
+            np.asarray(noise_variance, dtype=float).reshape(-1),
+        )
+        K = params.coef.shape[0]
+        for name in ("weights", "intercept", "noise_variance"):
+            value = getattr(params, name)
+            if value.shape != (K,) or not np.all(np.isfinite(value)):
+                raise ValueError(f"{name} must be {K} finite values, got {value}")
+        if np.any(params.noise_variance <= 0) or np.any(params.weights < 0):
+            raise ValueError("noise variances must be > 0 and weights >= 0")
+        return params
+
+    def n_parameters(self, n_components: int, n_features: int) -> int:
+        """Coefficients and intercept, noise variance, and K - 1 free weights."""
+        return n_components * (n_features + 2) + n_components - 1
+
+    def predict_components(self, batch: RegressionBatch, params: RegressionParams) -> np.ndarray:
+        """Each component's mean of y~ (centred target) for every record, shape (n, K)."""
+        d = params.n_features
+        shift_x, shift_y = batch.shift[:d], batch.shift[d]
+        offsets = params.intercept + params.coef @ shift_x - shift_y
+        return batch.design[:, :d] @ params.coef.T + offsets
+
+    def log_prob(self, batch: RegressionBatch, params: RegressionParams) -> np.ndarray:
+        """log N(y | b_k . [x, 1], s_k^2) for every record and component, shape (n, K)."""
+        residual = batch.target[:, None] - self.predict_components(batch, params)
+        variance = params.noise_variance
+        return -0.5 * (_LOG_2PI + np.log(variance) + residual**2 / variance)
+
+    def e_step(self, batch: RegressionBatch, params: RegressionParams) -> tuple[np.ndarray, np.ndarray]:
+        with np.errstate(divide="ignore"):
+            log_weights = np.log(params.weights)
+        return log_responsibilities(self.log_prob(batch, params) + log_weights)
+
+    def suff_stats(self, batch: RegressionBatch, resp: np.ndarray) -> RegressionStats:
+        design, target = batch.design, batch.target
+        n, p = design.shape
+        outer = (design[:, :, None] * design[:, None, :]).reshape(n, p * p)
+        return RegressionStats(
+            shift=batch.shift,
+            mass=resp.sum(axis=0),
+            xx=(resp.T @ outer).reshape(-1, p, p),
+            xy=resp.T @ (design * target[:, None]),
+            yy=resp.T @ (target * target),
+        )
+
+    def empty_stats(self, n_components: int, n_features: int, shift: np.ndarray) -> RegressionStats:
+        p = n_features + 1
+        return RegressionStats(
+            shift=np.asarray(shift, dtype=float),
+            mass=np.zeros(n_components),
+            xx=np.zeros((n_components, p, p)),
+            xy=np.zeros((n_components, p)),
+            yy=np.zeros(n_components),
+        )
+
+    def m_step(self, stats: RegressionStats) -> RegressionParams:
+        """Weighted least squares per component from the normal equations."""
+        mass = stats.mass + MASS_FLOOR
+        p = stats.xx.shape[1]
+        d = p - 1
+        scale = np.trace(stats.xx, axis1=1, axis2=2) / p
+        ridge = (_RIDGE * scale + MASS_FLOOR)[:, None, None] * np.eye(p)
+        beta = np.linalg.solve(stats.xx + ridge, stats.xy[:, :, None])[:, :, 0]
+        # residual sum of squares for this beta: yy - 2 b.xy + b' xx b (exact for any b)
+        rss = stats.yy - 2.0 * np.einsum("kp,kp->k", beta, stats.xy) + np.einsum(
+            "kp,kpq,kq->k", beta, stats.xx, beta
+        )
+        noise_variance = np.maximum(rss, 0.0) / mass + self.reg_noise
+        coef = beta[:, :d]
+        intercept = beta[:, d] + stats.shift[d] - coef @ stats.shift[:d]
+        return RegressionParams(mass / mass.sum(), coef, intercept, noise_variance)

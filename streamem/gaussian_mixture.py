@@ -11,6 +11,8 @@ from streamem.init import INIT_METHODS, initial_responsibilities
 
 __all__ = ["GaussianMixture"]
 
+_SQUARES_CACHE_LIMIT = 32 * 1024 * 1024  # floats: 256 MB
+
 
 class GaussianMixture(BatchMixture):
     """Gaussian mixture model fitted by expectation-maximisation.
@@ -102,7 +104,9 @@ class GaussianMixture(BatchMixture):
         if n < K:
             raise ValueError(f"X has {n} samples, fewer than n_components={K}")
         family = GaussianFamily(self.covariance_type, self.reg_covar)
-        batch = family.prepare(X)
+        # Cache the squared terms once per fit when they fit in memory (~n d^2 / 2 floats).
+        cache = n * d * (d + 1) // 2 <= _SQUARES_CACHE_LIMIT
+        batch = family.prepare(X, cache_squares=cache)
         start = self._checked_start(family, K, d)
 
         def initial_params(rng: np.random.Generator) -> GaussianParams:

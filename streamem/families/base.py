@@ -11,9 +11,8 @@ import dataclasses
 from typing import Protocol
 
 import numpy as np
-from scipy.special import logsumexp
 
-__all__ = ["SufficientStatistics", "Family", "log_responsibilities"]
+__all__ = ["SufficientStatistics", "Family", "log_responsibilities", "responsibilities"]
 
 # Added to every component's responsibility mass before dividing by it, as
 # scikit-learn does: a component that received no mass keeps finite parameters.
@@ -79,8 +78,28 @@ class Family(Protocol):
 def log_responsibilities(weighted_log_prob: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Log-sum-exp once: per-sample log-likelihood (n,) and log responsibilities (n, K).
 
-    A record that every component finds impossible (all -inf) would give 0/0; it
-    cannot happen for finite input since every log-density here is finite.
+    `weighted_log_prob` is log w_k + log p(x | k), shape (n, K). Subtracting each
+    row's maximum first means no exponential overflows or underflows to 0/0.
     """
-    log_norm = logsumexp(weighted_log_prob, axis=1)
+    log_norm = _log_norm(weighted_log_prob)[0]
     return log_norm, weighted_log_prob - log_norm[:, None]
+
+
+def responsibilities(weighted_log_prob: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-sample log-likelihood (n,) and responsibilities (n, K), from one exponential pass.
+
+    The engines' hot path: it avoids a second `exp` over (n, K). Overwrites nothing
+    the caller keeps (works on a fresh array).
+    """
+    log_norm, resp, sums = _log_norm(weighted_log_prob)
+    resp /= sums[:, None]
+    return log_norm, resp
+
+
+def _log_norm(weighted_log_prob: np.ndarray):
+    top = weighted_log_prob.max(axis=1)
+    # A row whose maximum is -inf cannot occur: the weights sum to 1, so at least one
+    # component has a finite log-weight, and every log-density here is finite.
+    scaled = np.exp(weighted_log_prob - top[:, None])
+    sums = scaled.sum(axis=1)
+    return np.log(sums) + top, scaled, sums

@@ -139,10 +139,15 @@ class RegressionFamily:
         variance = params.noise_variance
         return -0.5 * (_LOG_2PI + np.log(variance) + residual**2 / variance)
 
-    def e_step(self, batch: RegressionBatch, params: RegressionParams) -> tuple[np.ndarray, np.ndarray]:
-        with np.errstate(divide="ignore"):
+    def weighted_log_prob(self, batch: RegressionBatch, params: RegressionParams) -> np.ndarray:
+        """log w_k + log N(y | b_k . [x, 1], s_k^2), shape (n, K)."""
+        with np.errstate(divide="ignore"):  # a weight of exactly 0 is log 0 = -inf, by design
             log_weights = np.log(params.weights)
-        return log_responsibilities(self.log_prob(batch, params) + log_weights)
+        return self.log_prob(batch, params) + log_weights
+
+    def e_step(self, batch: RegressionBatch, params: RegressionParams) -> tuple[np.ndarray, np.ndarray]:
+        """Per-record log-likelihood (n,) and log responsibilities (n, K)."""
+        return log_responsibilities(self.weighted_log_prob(batch, params))
 
     def suff_stats(self, batch: RegressionBatch, resp: np.ndarray) -> RegressionStats:
         design, target = batch.design, batch.target

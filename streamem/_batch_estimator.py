@@ -36,8 +36,14 @@ class BatchMixture:
 
     def _run(self, family, batch, initial_params, n_features: int) -> EMResult:
         result = fit_with_restarts(
-            family, batch, initial_params, n_init=self.n_init, tol=self.tol,
-            max_iter=self.max_iter, n_features=n_features, rng=as_generator(self.random_state),
+            family,
+            batch,
+            initial_params,
+            n_init=self.n_init,
+            tol=self.tol,
+            max_iter=self.max_iter,
+            n_features=n_features,
+            rng=as_generator(self.random_state),
         )
         self.converged_ = result.converged
         self.n_iter_ = result.n_iter

@@ -56,9 +56,7 @@ def kmeans(X: np.ndarray, n_clusters: int, rng: np.random.Generator, max_iter: i
     return labels
 
 
-def initial_responsibilities(
-    X: np.ndarray, n_components: int, method: str, rng: np.random.Generator
-) -> np.ndarray:
+def initial_responsibilities(X: np.ndarray, n_components: int, method: str, rng: np.random.Generator) -> np.ndarray:
     """Responsibilities (n, K) to start EM from, by `method` (see `INIT_METHODS`)."""
     n = X.shape[0]
     if method == "kmeans++":

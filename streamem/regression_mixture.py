@@ -153,7 +153,9 @@ def _quantile_start(family: RegressionFamily, batch, K: int) -> RegressionParams
     residuals = batch.target - batch.design @ beta
     offsets = np.quantile(residuals, (np.arange(K) + 0.5) / K)
     spread = residuals.var() / K**2 + family.reg_noise
-    return _params_from_centred(family, batch, np.tile(beta, (K, 1)) + np.c_[np.zeros((K, beta.size - 1)), offsets], spread)
+    return _params_from_centred(
+        family, batch, np.tile(beta, (K, 1)) + np.c_[np.zeros((K, beta.size - 1)), offsets], spread
+    )
 
 
 def _random_subset_start(family: RegressionFamily, batch, K: int, rng: np.random.Generator) -> RegressionParams:

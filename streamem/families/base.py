@@ -47,9 +47,7 @@ class SufficientStatistics:
 
     def scaled(self, factor: float) -> SufficientStatistics:
         """The statistics multiplied by `factor` (a step size or 1 / n_records)."""
-        return dataclasses.replace(
-            self, **{name: getattr(self, name) * factor for name in self._additive_fields()}
-        )
+        return dataclasses.replace(self, **{name: getattr(self, name) * factor for name in self._additive_fields()})
 
     def blend(self, batch: SufficientStatistics, step_size: float) -> SufficientStatistics:
         """Stepwise-EM update `(1 - step_size) * self + step_size * batch`."""
@@ -92,7 +90,7 @@ def responsibilities(weighted_log_prob: np.ndarray) -> tuple[np.ndarray, np.ndar
     the caller keeps (works on a fresh array).
     """
     log_norm, resp, sums = _log_norm(weighted_log_prob)
-    resp /= sums[:, None]
+    resp *= (1.0 / sums)[:, None]
     return log_norm, resp
 
 
@@ -100,6 +98,7 @@ def _log_norm(weighted_log_prob: np.ndarray):
     top = weighted_log_prob.max(axis=1)
     # A row whose maximum is -inf cannot occur: the weights sum to 1, so at least one
     # component has a finite log-weight, and every log-density here is finite.
-    scaled = np.exp(weighted_log_prob - top[:, None])
-    sums = scaled.sum(axis=1)
+    scaled = np.subtract(weighted_log_prob, top[:, None])
+    np.exp(scaled, out=scaled)
+    sums = scaled @ np.ones(scaled.shape[1])  # faster than .sum(axis=1) for small K
     return np.log(sums) + top, scaled, sums

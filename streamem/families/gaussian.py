@@ -63,8 +63,9 @@ class GaussianStats(SufficientStatistics):
     """Responsibility-weighted moments about `shift`.
 
     mass: (K,) sum of responsibilities; first: (K, d) sum r (x - shift);
-    second: (K, d, d) sum r (x - shift)(x - shift)^T for full/tied, or its
-    diagonal (K, d) for diag/spherical.
+    second: sum r (x - shift)(x - shift)^T, for full/tied as its upper triangle
+    packed row by row, (K, d (d + 1) / 2), for diag/spherical as its diagonal (K, d).
+    Packing halves the work and the checkpoint size; `unpack_symmetric` restores it.
     """
 
     mass: np.ndarray
@@ -74,14 +75,17 @@ class GaussianStats(SufficientStatistics):
     def recentred(self, shift: np.ndarray) -> GaussianStats:
         delta = self.shift - shift  # x - new = (x - old) + delta
         first = self.first + self.mass[:, None] * delta
-        if self.second.ndim == 3:
-            cross = self.first[:, :, None] * delta[None, None, :]
-            second = (
-                self.second + cross + cross.transpose(0, 2, 1)
-                + self.mass[:, None, None] * np.outer(delta, delta)[None]
-            )
-        else:
+        d = delta.shape[0]
+        if self.second.shape[1] == d:  # diagonal moments
             second = self.second + 2.0 * self.first * delta + self.mass[:, None] * delta**2
+        else:  # packed upper triangles: u_i u_j + u_i delta_j + delta_i u_j + delta_i delta_j
+            rows, cols = np.triu_indices(d)
+            second = (
+                self.second
+                + self.first[:, rows] * delta[cols]
+                + delta[rows] * self.first[:, cols]
+                + self.mass[:, None] * (delta[rows] * delta[cols])
+            )
         return GaussianStats(shift=np.array(shift, dtype=float), mass=self.mass.copy(), first=first, second=second)
 
 
@@ -195,21 +199,22 @@ class GaussianFamily:
             whitened = X @ stacked
             whitened -= offsets
             whitened *= whitened
-            mahalanobis = whitened.reshape(n, K, d) @ np.ones(d)  # a matmul sums faster than .sum
+            # summing groups of d columns by a matrix-vector product beats .sum(axis=2)
+            mahalanobis = (whitened.reshape(n * K, d) @ np.ones(d)).reshape(n, K)
         elif kind == "tied":
             whitened = (X @ chol)[:, None, :] - (means @ chol)[None, :, :]
             mahalanobis = np.einsum("nkd,nkd->nk", whitened, whitened)
         elif kind == "diag":
             precision = chol**2
-            mahalanobis = (
-                (X * X) @ precision.T - 2.0 * (X @ (means * precision).T) + (means**2 * precision).sum(1)
-            )
+            squares = X * X if batch.squares is None else batch.squares
+            mahalanobis = squares @ precision.T
+            mahalanobis -= X @ (2.0 * means * precision).T
+            mahalanobis += (means**2 * precision).sum(1)
             np.maximum(mahalanobis, 0.0, out=mahalanobis)  # the expansion can dip below 0 by rounding
         else:  # spherical
             precision = chol**2
-            mahalanobis = (
-                (X * X).sum(1)[:, None] - 2.0 * (X @ means.T) + (means**2).sum(1)
-            ) * precision
+            squares = X * X if batch.squares is None else batch.squares
+            mahalanobis = (squares.sum(1)[:, None] - 2.0 * (X @ means.T) + (means**2).sum(1)) * precision
             np.maximum(mahalanobis, 0.0, out=mahalanobis)
         mahalanobis *= -0.5
         mahalanobis += params.log_det_precision - 0.5 * d * _LOG_2PI
@@ -231,18 +236,15 @@ class GaussianFamily:
     def suff_stats(self, batch: GaussianBatch, resp: np.ndarray) -> GaussianStats:
         """Moments of a batch about its shift, weighted by responsibilities (n, K)."""
         X = batch.centred
-        d = X.shape[1]
         squares = self._squares(X) if batch.squares is None else batch.squares
         mass = resp.sum(axis=0)
         first = resp.T @ X
         second = resp.T @ squares
-        if self.covariance_type in ("full", "tied"):
-            second = _unpack_symmetric(second, d)
         return GaussianStats(shift=batch.shift, mass=mass, first=first, second=second)
 
     def empty_stats(self, n_components: int, n_features: int, shift: np.ndarray) -> GaussianStats:
         second_shape = (
-            (n_components, n_features, n_features)
+            (n_components, n_features * (n_features + 1) // 2)
             if self.covariance_type in ("full", "tied")
             else (n_components, n_features)
         )
@@ -261,11 +263,12 @@ class GaussianFamily:
         d = means.shape[1]
         kind = self.covariance_type
         if kind == "full":
-            cov = stats.second / mass[:, None, None] - offsets[:, :, None] * offsets[:, None, :]
-            cov = 0.5 * (cov + cov.transpose(0, 2, 1))
+            second = unpack_symmetric(stats.second, d)
+            cov = second / mass[:, None, None] - offsets[:, :, None] * offsets[:, None, :]
             cov[:, np.arange(d), np.arange(d)] += self.reg_covar
         elif kind == "tied":
-            scatter = stats.second - mass[:, None, None] * offsets[:, :, None] * offsets[:, None, :]
+            second = unpack_symmetric(stats.second, d)
+            scatter = second - mass[:, None, None] * offsets[:, :, None] * offsets[:, None, :]
             cov = scatter.sum(axis=0) / mass.sum()
             cov = 0.5 * (cov + cov.T)
             cov[np.arange(d), np.arange(d)] += self.reg_covar
@@ -295,7 +298,7 @@ class GaussianFamily:
         return np.vstack(blocks), np.concatenate(labels)
 
 
-def _unpack_symmetric(packed: np.ndarray, d: int) -> np.ndarray:
+def unpack_symmetric(packed: np.ndarray, d: int) -> np.ndarray:
     """(K, d (d + 1) / 2) upper triangles -> (K, d, d) symmetric matrices."""
     rows, cols = np.triu_indices(d)
     out = np.empty((packed.shape[0], d, d))

@@ -180,9 +180,7 @@ class RegressionFamily:
         ridge = (_RIDGE * scale + MASS_FLOOR)[:, None, None] * np.eye(p)
         beta = np.linalg.solve(stats.xx + ridge, stats.xy[:, :, None])[:, :, 0]
         # residual sum of squares for this beta: yy - 2 b.xy + b' xx b (exact for any b)
-        rss = stats.yy - 2.0 * np.einsum("kp,kp->k", beta, stats.xy) + np.einsum(
-            "kp,kpq,kq->k", beta, stats.xx, beta
-        )
+        rss = stats.yy - 2.0 * np.einsum("kp,kp->k", beta, stats.xy) + np.einsum("kp,kpq,kq->k", beta, stats.xx, beta)
         noise_variance = np.maximum(rss, 0.0) / mass + self.reg_noise
         coef = beta[:, :d]
         intercept = beta[:, d] + stats.shift[d] - coef @ stats.shift[:d]

@@ -10,6 +10,8 @@ from importlib.metadata import PackageNotFoundError, version
 
 from streamem.exceptions import ConvergenceWarning, NotFittedError
 from streamem.gaussian_mixture import GaussianMixture
+from streamem.online_gmm import OnlineGMM
+from streamem.online_regression import OnlineRegressionMixture
 from streamem.regression_mixture import RegressionMixture
 
 try:
@@ -21,6 +23,8 @@ __all__ = [
     "ConvergenceWarning",
     "GaussianMixture",
     "NotFittedError",
+    "OnlineGMM",
+    "OnlineRegressionMixture",
     "RegressionMixture",
     "__version__",
 ]

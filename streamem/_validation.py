@@ -2,11 +2,22 @@
 
 from __future__ import annotations
 
+import math
 import numbers
 
 import numpy as np
 
-__all__ = ["check_array", "check_target", "check_n_components", "check_positive", "check_choice"]
+__all__ = [
+    "check_array",
+    "check_choice",
+    "check_feature_value",
+    "check_n_components",
+    "check_positive",
+    "check_target",
+    "check_target_value",
+    "frame_values",
+    "record_values",
+]
 
 
 def check_array(X, *, name: str = "X", n_features: int | None = None, min_samples: int = 1) -> np.ndarray:
@@ -83,3 +94,90 @@ def check_choice(value, name: str, choices) -> None:
     if value not in choices:
         options = ", ".join(repr(c) for c in choices)
         raise ValueError(f"{name} must be one of {options}, got {value!r}")
+
+
+def record_values(x, names, *, allow_missing: bool = False) -> list:
+    """The values of features `names` from a dict record, each a finite number.
+
+    Fast path: one `math.fsum` over the values raises on a non-number and returns a
+    non-finite total for NaN or inf, so a good record costs one pass. Anything
+    else goes to `_record_error`, which names the first faulty feature.
+
+    With `allow_missing`, absent features read as 0.0 and extra features are
+    allowed (the caller extends its feature list first).
+    """
+    if allow_missing:
+        row = [x.get(name, 0.0) for name in names]
+    else:
+        try:
+            row = [x[name] for name in names]
+        except (KeyError, TypeError):
+            _record_error(x, names)
+        if len(x) != len(row):
+            _record_error(x, names)
+    try:
+        if math.isfinite(math.fsum(row)):
+            return row
+    except (TypeError, ValueError, OverflowError):
+        pass
+    _record_error(x, names, allow_missing=allow_missing)
+    return row  # every value was finite but their sum overflowed: the record is fine
+
+
+def _record_error(x, names, *, allow_missing: bool = False) -> None:
+    if not isinstance(x, dict):
+        raise TypeError(f"a record must be a dict of feature name -> number, got {type(x).__name__}")
+    if not allow_missing:
+        for name in names:
+            if name not in x:
+                raise ValueError(f"feature {name!r} is missing from the record")
+        known = set(names)
+        for name in x:
+            if name not in known:
+                raise ValueError(f"unexpected feature {name!r}; the model's features are {list(names)}")
+    for name in names:
+        value = x.get(name, 0.0)
+        check_feature_value(name, value)
+
+
+def check_feature_value(name, value) -> None:
+    """Raise TypeError for a non-number, ValueError for NaN or inf, naming the feature."""
+    if isinstance(value, (str, bytes)) or not isinstance(value, numbers.Real):
+        raise TypeError(f"feature {name!r} is not a number: {value!r}")
+    if math.isnan(value):
+        raise ValueError(f"feature {name!r} is NaN")
+    if math.isinf(value):
+        raise ValueError(f"feature {name!r} is infinite")
+
+
+def check_target_value(y) -> float:
+    """A regression target: a finite real number."""
+    if isinstance(y, (str, bytes)) or not isinstance(y, numbers.Real):
+        raise TypeError(f"target is not a number: {y!r}")
+    if not math.isfinite(y):
+        raise ValueError(f"target is {'NaN' if math.isnan(y) else 'infinite'}")
+    return float(y)
+
+
+def frame_values(X, columns) -> np.ndarray:
+    """The DataFrame columns `columns` as a finite float array; errors name the column and row.
+
+    Non-numeric columns are refused value by value: pandas would parse the string
+    "1.5" silently, and a string is a bad record, not a number.
+    """
+    import pandas as pd
+
+    if not isinstance(X, pd.DataFrame):
+        raise TypeError(f"expected a pandas DataFrame, got {type(X).__name__}")
+    columns = list(columns)
+    for name in columns:
+        if not pd.api.types.is_numeric_dtype(X[name]):
+            for index, value in X[name].items():
+                if isinstance(value, (str, bytes)) or not isinstance(value, (numbers.Real, np.number)):
+                    raise TypeError(f"feature {name!r} is not a number in row {index!r}: {value!r}")
+    values = X[columns].to_numpy(dtype=float)
+    if not np.all(np.isfinite(values)):
+        row, column = np.argwhere(~np.isfinite(values))[0]
+        kind = "NaN" if np.isnan(values[row, column]) else "infinite"
+        raise ValueError(f"feature {columns[column]!r} is {kind} in row {X.index[row]!r}")
+    return np.ascontiguousarray(values)

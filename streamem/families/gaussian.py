@@ -19,7 +19,6 @@ import dataclasses
 import math
 
 import numpy as np
-from scipy.linalg import solve_triangular
 
 from streamem.families.base import MASS_FLOOR, SufficientStatistics, log_responsibilities
 
@@ -71,6 +70,10 @@ class GaussianStats(SufficientStatistics):
     mass: np.ndarray
     first: np.ndarray
     second: np.ndarray
+
+    def data_mean(self) -> np.ndarray:
+        """Mean of the records summarised (the natural shift), shape (d,)."""
+        return self.shift + self.first.sum(axis=0) / max(self.mass.sum(), MASS_FLOOR)
 
     def recentred(self, shift: np.ndarray) -> GaussianStats:
         delta = self.shift - shift  # x - new = (x - old) + delta
@@ -130,6 +133,8 @@ class GaussianFamily:
         positive definite (as scikit-learn's ``reg_covar``).
     """
 
+    param_fields = ("weights", "means", "covariances")
+
     def __init__(self, covariance_type: str = "full", reg_covar: float = 1e-6):
         if covariance_type not in COVARIANCE_TYPES:
             raise ValueError(f"covariance_type must be one of {COVARIANCE_TYPES}, got {covariance_type!r}")
@@ -155,15 +160,18 @@ class GaussianFamily:
         return centred * centred
 
     # -- parameters ---------------------------------------------------------------------
-    def make_params(self, weights, means, covariances) -> GaussianParams:
+    def make_params(self, weights, means, covariances, *, repair: bool = False) -> GaussianParams:
         """Parameters from weights (K,), means (K, d) and covariances of this type.
 
-        Raises `ValueError` when a covariance is not symmetric positive definite.
+        Raises `ValueError` when a covariance is not symmetric positive definite,
+        unless `repair` (used by the M-step) clamps its eigenvalues at `reg_covar`.
         """
         weights = np.asarray(weights, dtype=float)
         means = np.asarray(means, dtype=float)
         covariances = np.asarray(covariances, dtype=float)
-        chol, log_det = _precision_cholesky(covariances, self.covariance_type)
+        chol, log_det, covariances = _precision_cholesky(
+            covariances, self.covariance_type, self.reg_covar if repair else None
+        )
         if self.covariance_type == "spherical":
             log_det = means.shape[1] * log_det  # one factor per dimension
         if weights.shape != (means.shape[0],) or not np.all(np.isfinite(weights)) or np.any(weights < 0):
@@ -279,7 +287,7 @@ class GaussianFamily:
             if kind == "spherical":
                 cov = cov.mean(axis=1)
         weights = mass / mass.sum()
-        return self.make_params(weights, means, _repair_covariances(cov, kind, self.reg_covar))
+        return self.make_params(weights, means, cov, repair=True)
 
     # -- sampling -----------------------------------------------------------------------
     def sample(self, params: GaussianParams, n_samples: int, rng: np.random.Generator):
@@ -323,48 +331,105 @@ def _component_covariance(params: GaussianParams, k: int) -> np.ndarray:
     }[params.covariance_type]()
 
 
-def _precision_cholesky(covariances: np.ndarray, kind: str) -> tuple[np.ndarray, np.ndarray]:
-    """Upper-triangular P with P P^T = inverse covariance, and sum(log diag P) per component."""
+def _precision_cholesky(
+    covariances: np.ndarray, kind: str, repair_floor: float | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Upper-triangular P with P P^T = inverse covariance, and sum(log diag P) per component.
+
+    Returns (precision Cholesky, log-determinant term, covariances). With
+    `repair_floor`, a matrix that rounding left not positive definite has its
+    eigenvalues clamped at the floor (the documented rule for a degenerate
+    component, e.g. one whose points are all equal) instead of raising.
+    """
     if kind in ("diag", "spherical"):
+        if repair_floor is not None:
+            covariances = np.maximum(covariances, repair_floor)
         if not np.all(np.isfinite(covariances)) or np.any(covariances <= 0.0):
             raise ValueError(f"{kind} covariances must be finite and > 0")
         chol = 1.0 / np.sqrt(covariances)
         # spherical: the caller multiplies by the number of features
-        return chol, np.log(chol).sum(axis=1) if kind == "diag" else np.log(chol)
+        return chol, (np.log(chol).sum(axis=1) if kind == "diag" else np.log(chol)), covariances
 
     stack = covariances[None] if kind == "tied" else covariances
     if stack.ndim != 3 or stack.shape[1] != stack.shape[2] or not np.all(np.isfinite(stack)):
         raise ValueError(f"{kind} covariances must be finite square matrices, got shape {covariances.shape}")
+    asymmetric = np.abs(stack - stack.transpose(0, 2, 1)).max(axis=(1, 2)) > 1e-8 * np.maximum(
+        1.0, np.abs(stack).max(axis=(1, 2))
+    )
+    if asymmetric.any():
+        raise ValueError(f"covariance of component {int(np.argmax(asymmetric))} is not symmetric")
+    try:
+        lower = np.linalg.cholesky(stack)
+    except np.linalg.LinAlgError:
+        if repair_floor is None:
+            bad = _first_not_positive_definite(stack)
+            raise ValueError(f"covariance of component {bad} is not positive definite") from None
+        stack = _clamp_eigenvalues(stack, repair_floor)
+        lower = np.linalg.cholesky(stack)
     d = stack.shape[1]
-    chol = np.empty_like(stack)
-    for k, cov in enumerate(stack):
-        if not np.allclose(cov, cov.T, rtol=1e-8, atol=1e-12 * max(1.0, float(np.abs(cov).max()))):
-            raise ValueError(f"covariance of component {k} is not symmetric")
-        try:
-            lower = np.linalg.cholesky(cov)
-        except np.linalg.LinAlgError:
-            raise ValueError(f"covariance of component {k} is not positive definite") from None
-        chol[k] = solve_triangular(lower, np.eye(d), lower=True).T
+    # Every component's triangular inverse at once; P = inv(L)^T is upper triangular.
+    chol = np.linalg.solve(lower, np.broadcast_to(np.eye(d), stack.shape)).transpose(0, 2, 1)
     log_det = np.log(np.diagonal(chol, axis1=1, axis2=2)).sum(axis=1)
-    return (chol[0], log_det) if kind == "tied" else (chol, log_det)
+    if kind == "tied":
+        return chol[0], log_det, stack[0]
+    return chol, log_det, stack
 
 
-def _repair_covariances(cov: np.ndarray, kind: str, floor: float) -> np.ndarray:
-    """Clamp eigenvalues at `floor` where rounding left a matrix not positive definite.
-
-    This is the documented rule for a degenerate component (e.g. all its points
-    equal): its covariance becomes `floor` in the collapsed directions instead of
-    a crash or a NaN.
-    """
-    if kind in ("diag", "spherical"):
-        return np.maximum(cov, floor)
-    stack = cov[None] if kind == "tied" else cov
-    out = stack.copy()
+def _first_not_positive_definite(stack: np.ndarray) -> int:
     for k, matrix in enumerate(stack):
         try:
             np.linalg.cholesky(matrix)
         except np.linalg.LinAlgError:
-            values, vectors = np.linalg.eigh(matrix)
-            out[k] = (vectors * np.maximum(values, floor)) @ vectors.T
-            out[k] = 0.5 * (out[k] + out[k].T)
-    return out[0] if kind == "tied" else out
+            return k
+    return -1
+
+
+def _clamp_eigenvalues(stack: np.ndarray, floor: float) -> np.ndarray:
+    values, vectors = np.linalg.eigh(stack)
+    repaired = (vectors * np.maximum(values, floor)[:, None, :]) @ vectors.transpose(0, 2, 1)
+    return 0.5 * (repaired + repaired.transpose(0, 2, 1))
+
+
+class RecordScorer:
+    """log w_k + log N(x | mean_k, cov_k) of a single record, shape (K,).
+
+    The per-record path (`predict_one`, `score_one`) pays NumPy's call overhead
+    per operation, so everything that depends only on the parameters is computed
+    once here, when the parameters change, leaving four or five small operations
+    per record.
+    """
+
+    def __init__(self, params: GaussianParams):
+        K, d = params.means.shape
+        with np.errstate(divide="ignore"):
+            log_weights = np.log(params.weights)
+        self.constant = log_weights + params.log_det_precision - 0.5 * d * _LOG_2PI
+        self.kind = params.covariance_type
+        self.shape = (K, d)
+        self.ones = np.ones(d)
+        chol = params.precisions_cholesky
+        # centring on the mixture mean keeps (x - c) P - (mu - c) P free of cancellation
+        self.centre = params.weights @ params.means
+        centred_means = params.means - self.centre
+        if self.kind == "full":
+            self.stacked = chol.transpose(1, 0, 2).reshape(d, K * d)
+            self.offsets = np.einsum("kd,kde->ke", centred_means, chol).reshape(K * d)
+        elif self.kind == "tied":
+            self.stacked = chol
+            self.offsets = centred_means @ chol
+        else:
+            self.means = params.means
+            self.precision = chol**2 if self.kind == "diag" else (chol**2)[:, None]
+
+    def __call__(self, x) -> np.ndarray:
+        if self.kind in ("full", "tied"):
+            whitened = (x - self.centre) @ self.stacked
+            whitened -= self.offsets
+            whitened *= whitened
+            mahalanobis = whitened.reshape(self.shape) @ self.ones
+        else:
+            residual = x - self.means
+            residual *= residual
+            residual *= self.precision
+            mahalanobis = residual @ self.ones
+        return self.constant - 0.5 * mahalanobis

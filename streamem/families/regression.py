@@ -48,6 +48,14 @@ class RegressionStats(SufficientStatistics):
     xy: np.ndarray
     yy: np.ndarray
 
+    def data_mean(self) -> np.ndarray:
+        """Mean of the (x, y) records summarised (the natural shift), shape (d + 1,)."""
+        total = max(self.mass.sum(), MASS_FLOOR)
+        d = self.xy.shape[1] - 1
+        mean_x = self.shift[:d] + self.xx[:, :d, d].sum(axis=0) / total
+        mean_y = self.shift[d] + self.xy[:, d].sum() / total
+        return np.append(mean_x, mean_y)
+
     def recentred(self, shift: np.ndarray) -> RegressionStats:
         shift = np.asarray(shift, dtype=float)
         delta = self.shift - shift
@@ -91,6 +99,7 @@ class RegressionFamily:
     """
 
     covariance_type = "regression"
+    param_fields = ("weights", "coef", "intercept", "noise_variance")
 
     def __init__(self, reg_noise: float = 1e-6):
         self.reg_noise = float(reg_noise)

@@ -1,0 +1,102 @@
+"""Stepwise (online) EM: blend each mini-batch's statistics into running ones, then m-step.
+
+For mini-batch number t with statistics `s_batch` (normalised per record):
+`s = (1 - eta_t) * s + eta_t * s_batch`, and the parameters are the m-step of `s`.
+The running statistics are kept about a shift that follows the data (re-centred
+after every update, which is exact algebra), so a stream around 1e6 with unit
+spread keeps full precision.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from streamem.families.base import MASS_FLOOR, responsibilities
+from streamem.schedules import StepSize
+
+__all__ = ["StepwiseEM"]
+
+# A component whose mass falls below this (statistics normalised per record, so
+# masses sum to 1) is "dead". Rule: it is kept, not re-seeded: its mass is held at
+# this floor with its mean and covariance frozen (the ratio of its statistics),
+# so it stays finite and can come back if records arrive for it again.
+DEAD_MASS = 1e-8
+
+
+@dataclasses.dataclass
+class StepwiseEM:
+    """Running state of stepwise EM for one family.
+
+    Attributes
+    ----------
+    family
+        The model family (Gaussian or regression).
+    stats
+        Running sufficient statistics, normalised per record.
+    params
+        m-step of `stats` (what the model predicts with).
+    n_updates
+        t, the number of mini-batches blended so far (the warm-up counts as
+        `warmup / batch_size` of them, so alpha = 1 gives an exact running mean).
+    schedule
+        The step-size schedule.
+    averaging_start
+        With Polyak-Ruppert averaging, the update number from which parameters are
+        averaged (None: no averaging).
+    """
+
+    family: object
+    stats: object
+    params: object
+    n_updates: float
+    schedule: StepSize
+    averaging_start: float | None = None
+    averaged: object | None = None
+    n_averaged: int = 0
+
+    def update(self, batch) -> np.ndarray:
+        """Blend one prepared mini-batch in; return its records' log-likelihoods before the update."""
+        log_norm, resp = responsibilities(self.family.weighted_log_prob(batch, self.params))
+        batch_stats = self.family.suff_stats(batch, resp).scaled(1.0 / batch.n_samples)
+        step = self.schedule(self.n_updates)
+        stats = _hold_dead_components(self.stats.blend(batch_stats, step))
+        self.stats = stats.recentred(stats.data_mean())
+        self.n_updates += 1
+        self.params = self.family.m_step(self.stats)
+        if self.averaging_start is not None and self.n_updates >= self.averaging_start:
+            self._average()
+        return log_norm
+
+    @property
+    def predictive_params(self):
+        """Averaged parameters once averaging has started, else the current ones."""
+        return self.averaged if self.averaged is not None else self.params
+
+    def _average(self) -> None:
+        self.n_averaged += 1
+        if self.averaged is None:
+            self.averaged = self.params
+            return
+        fraction = 1.0 / self.n_averaged
+        fields = self.family.param_fields
+        blended = [
+            getattr(self.averaged, name) + fraction * (getattr(self.params, name) - getattr(self.averaged, name))
+            for name in fields
+        ]
+        self.averaged = self.family.make_params(*blended)
+
+
+def _hold_dead_components(stats):
+    """Scale a dead component's statistics back up to `DEAD_MASS` (its mean/covariance unchanged)."""
+    mass = stats.mass
+    dead = mass < DEAD_MASS
+    if not dead.any():
+        return stats
+    factor = np.where(dead, DEAD_MASS / np.maximum(mass, MASS_FLOOR), 1.0)
+    rescaled = {}
+    for field in stats._additive_fields():
+        value = getattr(stats, field)
+        rescaled[field] = value * factor.reshape((-1,) + (1,) * (value.ndim - 1))
+    return dataclasses.replace(stats, **rescaled)

@@ -1,0 +1,321 @@
+"""Online Gaussian mixture: stepwise EM as a River clusterer."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+from river import base
+
+from streamem._online import OnlineMixture
+from streamem._validation import check_choice, check_positive, frame_values, record_values
+from streamem.families.gaussian import COVARIANCE_TYPES, GaussianFamily, GaussianStats, RecordScorer
+from streamem.gaussian_mixture import GaussianMixture
+from streamem.schedules import StepSize
+from streamem.state import FORMAT_VERSION, check_array, parse_state
+
+__all__ = ["OnlineGMM"]
+
+
+class OnlineGMM(OnlineMixture, base.Clusterer):
+    """Gaussian mixture learned online by stepwise EM, as a River clusterer.
+
+    The model keeps running sufficient statistics (responsibility-weighted counts,
+    first and second moments about a moving shift). The first `warmup` records are
+    fitted by batch EM with k-means++ starts (`streamem.GaussianMixture`); after
+    that, every `batch_size` records form a mini-batch whose statistics are blended
+    in with step `eta_t = (t + t0) ** -alpha` (see `streamem.schedules.StepSize`),
+    and the parameters are the M-step of the blend. `learn_one` only buffers a
+    record, so its cost is a copy plus a share of one vectorised update;
+    `learn_many` feeds the same buffer, so both give the same model.
+
+    Before the warm-up completes, predictions come from a provisional model: the
+    first K records as means, the buffered records' variance, equal weights.
+
+    A component whose weight falls under 1e-8 is kept, not re-seeded: its mean and
+    covariance stay frozen and its mass is held at that floor, so it stays finite
+    and returns if records come back to it.
+
+    Parameters
+    ----------
+    n_components
+        Number of components K.
+    covariance_type
+        ``"full"``, ``"tied"``, ``"diag"`` or ``"spherical"``.
+    batch_size
+        Records per stepwise update.
+    step
+        A `StepSize` schedule; None means `StepSize()` (alpha=0.7, t0=2, no floor).
+        Give it an `eta_min` to track a drifting stream.
+    warmup
+        Records buffered and fitted by batch EM before the first stepwise update.
+    features
+        Feature names, in order. None: the sorted keys of the first record learned.
+        A record with a missing or extra feature, a NaN, an inf or a non-number
+        raises a `ValueError` or `TypeError` naming the feature, and the model is
+        left unchanged.
+    reg_covar
+        Added to every covariance's diagonal after each M-step.
+    averaging
+        Polyak-Ruppert averaging of the parameters, starting this many updates
+        after the warm-up; None to predict with the current parameters.
+    seed
+        Seed of the warm-up's k-means++ starts.
+
+    Attributes
+    ----------
+    weights_ : (K,)
+    means_ : (K, d)
+    covariances_ : shape set by `covariance_type`
+    n_seen : records learned so far
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import streamem as se
+    >>> rng = np.random.default_rng(0)
+    >>> model = se.OnlineGMM(n_components=2, warmup=200, batch_size=50, seed=0)
+    >>> for _ in range(5000):
+    ...     centre = 0.0 if rng.random() < 0.3 else 10.0
+    ...     model.learn_one({"x": centre + rng.normal(), "y": rng.normal()})
+    >>> order = np.argsort(model.means_[:, 0])
+    >>> np.round(model.weights_[order], 1).tolist()
+    [0.3, 0.7]
+    >>> model.predict_one({"x": 0.2, "y": 0.0}) == order[0]
+    True
+
+    References
+    ----------
+    [^1]: Cappé, O. and Moulines, E. (2009). On-line expectation-maximization algorithm
+        for latent data models. JRSS B, 71(3), 593-613.
+    [^2]: Liang, P. and Klein, D. (2009). Online EM for unsupervised models. NAACL.
+    """
+
+    def __init__(
+        self,
+        n_components: int = 2,
+        covariance_type: str = "full",
+        batch_size: int = 128,
+        step: StepSize | None = None,
+        warmup: int = 500,
+        features: tuple | None = None,
+        reg_covar: float = 1e-6,
+        averaging: int | None = None,
+        seed: int | None = None,
+    ):
+        self.n_components = n_components
+        self.covariance_type = covariance_type
+        self.batch_size = batch_size
+        self.step = step
+        self.warmup = warmup
+        self.features = features
+        self.reg_covar = reg_covar
+        self.averaging = averaging
+        self.seed = seed
+        self._check_online_params()
+        check_choice(covariance_type, "covariance_type", COVARIANCE_TYPES)
+        check_positive(reg_covar, "reg_covar", allow_zero=True)
+        self._reset()
+
+    @classmethod
+    def _unit_test_params(cls):
+        yield {"n_components": 2, "warmup": 20, "batch_size": 8, "seed": 42}
+        yield {"n_components": 3, "covariance_type": "diag", "warmup": 30, "batch_size": 5, "averaging": 2, "seed": 1}
+
+    def _reset(self) -> None:
+        super()._reset()
+        self._feature_names = tuple(self.features) if self.features is not None else None
+        self._gaussian = GaussianFamily(self.covariance_type, self.reg_covar)
+        self._rng = np.random.default_rng(self.seed)
+
+    # -- hooks for OnlineMixture ----------------------------------------------------------
+    def _family(self) -> GaussianFamily:
+        return self._gaussian
+
+    def _width(self) -> int:
+        return len(self._feature_names)
+
+    def _prepare(self, rows: np.ndarray, shift):
+        return self._gaussian.prepare(rows, shift)
+
+    def _warm_up_params(self, rows: np.ndarray):
+        batch_model = GaussianMixture(
+            self.n_components,
+            covariance_type=self.covariance_type,
+            reg_covar=self.reg_covar,
+            n_init=2,
+            tol=1e-6,
+            max_iter=300,
+            random_state=self._rng,
+        )
+        return batch_model.fit(rows)._params
+
+    def _provisional_params(self, rows, n_features: int | None = None):
+        K = self.n_components
+        d = len(self._feature_names) if n_features is None else n_features
+        if rows is None or len(rows) == 0:
+            means, variance = np.zeros((K, d)), np.ones(d)
+        else:
+            means = rows[np.arange(K) % len(rows)]
+            variance = rows.var(axis=0) if len(rows) > 1 else np.ones(d)
+            variance = np.where(variance > 0, variance, 1.0)
+        covariances = {
+            "full": np.stack([np.diag(variance)] * K),
+            "tied": np.diag(variance),
+            "diag": np.tile(variance, (K, 1)),
+            "spherical": np.full(K, variance.mean()),
+        }[self.covariance_type]
+        return self._gaussian.make_params(np.full(K, 1.0 / K), means, covariances)
+
+    # -- records ----------------------------------------------------------------------------
+    def _names_for(self, x) -> tuple:
+        if self._feature_names is not None:
+            return self._feature_names
+        if not isinstance(x, dict):
+            raise TypeError(f"a record must be a dict of feature name -> number, got {type(x).__name__}")
+        return tuple(sorted(x, key=str))
+
+    def _score_record(self, x) -> np.ndarray:
+        names = self._names_for(x)
+        row = record_values(x, names)
+        if self._feature_names is None:  # nothing learned yet: standard normals at the origin
+            return RecordScorer(self._provisional_params(None, len(names)))(row)
+        if self._scorer is None:
+            self._scorer = RecordScorer(self._params())
+        return self._scorer(row)
+
+    # -- River API --------------------------------------------------------------------------
+    def learn_one(self, x: dict) -> None:
+        """Learn from one record (buffered; the model updates every `batch_size` records)."""
+        names = self._names_for(x)
+        row = record_values(x, names)
+        self._feature_names = names
+        self._push_row(row)
+
+    def learn_many(self, X: pd.DataFrame) -> None:
+        """Learn from a DataFrame of records, vectorised; same model as a `learn_one` loop."""
+        names = self._feature_names or tuple(sorted(X.columns, key=str))
+        rows = _frame_values(X, names)
+        self._feature_names = names
+        self._push_rows(rows)
+
+    def predict_one(self, x: dict) -> int:
+        """The most responsible component for `x`."""
+        return int(np.argmax(self._score_record(x)))
+
+    def predict_proba_one(self, x: dict) -> dict[int, float]:
+        """Responsibilities of every component for `x`: {k: p}."""
+        weighted = self._score_record(x)
+        proba = np.exp(weighted - weighted.max())
+        proba /= proba.sum()
+        return dict(enumerate(proba.tolist()))
+
+    def score_one(self, x: dict) -> float:
+        """Log-density of `x` under the mixture."""
+        weighted = self._score_record(x)
+        top = weighted.max()
+        return float(top + math.log(np.exp(weighted - top).sum()))
+
+    def predict_many(self, X: pd.DataFrame) -> pd.Series:
+        """The most responsible component of every row, as a Series aligned with X."""
+        return pd.Series(self._e_step_frame(X)[1].argmax(axis=1), index=X.index)
+
+    def predict_proba_many(self, X: pd.DataFrame) -> pd.DataFrame:
+        return pd.DataFrame(np.exp(self._e_step_frame(X)[1]), index=X.index)
+
+    def score_many(self, X: pd.DataFrame) -> pd.Series:
+        return pd.Series(self._e_step_frame(X)[0], index=X.index)
+
+    def _e_step_frame(self, X: pd.DataFrame):
+        names = self._feature_names or tuple(sorted(X.columns, key=str))
+        rows = _frame_values(X, names)
+        params = self._params() if self._feature_names else self._provisional_params(None, len(names))
+        return self._gaussian.e_step(self._gaussian.prepare(rows, params.weights @ params.means), params)
+
+    # -- fitted parameters --------------------------------------------------------------------
+    @property
+    def weights_(self) -> np.ndarray:
+        return self._current().weights
+
+    @property
+    def means_(self) -> np.ndarray:
+        return self._current().means
+
+    @property
+    def covariances_(self) -> np.ndarray:
+        return self._current().covariances
+
+    def _current(self):
+        if self._feature_names is None:
+            raise AttributeError("the model has seen no record yet, so it has no parameters")
+        return self._params()
+
+    # -- state --------------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        """The model's whole state as a JSON-ready dict (statistics, counters, unlearned buffer)."""
+        params = {name: getattr(self, name) for name in self._init_names()}
+        params["step"] = None if self.step is None else self.step._get_params()
+        params["features"] = None if self.features is None else list(self.features)
+        return {
+            "format": "streamem.OnlineGMM",
+            "version": FORMAT_VERSION,
+            "params": params,
+            "features": None if self._feature_names is None else list(self._feature_names),
+            "n_seen": self.n_seen,
+            "buffer": self._buffered_rows(),
+            "engine": self._engine_state(),
+        }
+
+    @classmethod
+    def from_dict(cls, document) -> OnlineGMM:
+        """Rebuild a model from `to_dict()` output (or its JSON text); raises `StateError` if invalid."""
+        state = parse_state(document, "streamem.OnlineGMM")
+        params = dict(state.params)
+        if params.get("step") is not None:
+            params["step"] = StepSize(**params["step"].model_dump())
+        if params.get("features") is not None:
+            params["features"] = tuple(params["features"])
+        model = cls(**params)
+        if state.features is not None:
+            model._feature_names = tuple(state.features)
+        model.n_seen = state.n_seen
+        d = None if state.features is None else len(state.features)
+        if state.buffer and (d is None or any(len(row) != d for row in state.buffer)):
+            from streamem.state import StateError
+
+            raise StateError("model state buffer rows do not match the number of features")
+        if state.engine is not None:
+            if d is None:
+                from streamem.state import StateError
+
+                raise StateError("model state has statistics but no feature names")
+            K = model.n_components
+            second = (K, d * (d + 1) // 2) if model.covariance_type in ("full", "tied") else (K, d)
+            shapes = {"shift": (d,), "mass": (K,), "first": (K, d), "second": second}
+            checked = {
+                name: check_array(state.engine.stats.get(name), shape, f"stats.{name}")
+                for name, shape in shapes.items()
+            }
+            model._restore_engine(state.engine.model_copy(update={"stats": checked}), GaussianStats)
+        # the warm-up buffer is restored after the engine: its capacity depends on warmth
+        model._restore_buffer(state.buffer)
+        return model
+
+    @classmethod
+    def _init_names(cls) -> list[str]:
+        import inspect
+
+        return [name for name in inspect.signature(cls.__init__).parameters if name != "self"]
+
+
+def _frame_values(X: pd.DataFrame, names: tuple) -> np.ndarray:
+    """The model's feature columns of X; a missing or extra column is an error, as in a record."""
+    if isinstance(X, pd.DataFrame):
+        missing = [name for name in names if name not in X.columns]
+        if missing:
+            raise ValueError(f"feature {missing[0]!r} is missing from the DataFrame")
+        extra = [name for name in X.columns if name not in set(names)]
+        if extra:
+            raise ValueError(f"unexpected feature {extra[0]!r}; the model's features are {list(names)}")
+    return frame_values(X, names)

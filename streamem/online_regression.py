@@ -1,0 +1,307 @@
+"""Online mixture of linear regressions: stepwise EM as a River mini-batch regressor."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+import pandas as pd
+from river import base
+
+from streamem._online import OnlineMixture
+from streamem._validation import check_positive, check_target_value, frame_values, record_values
+from streamem.families.regression import RegressionFamily, RegressionStats
+from streamem.regression_mixture import RegressionMixture
+from streamem.schedules import StepSize
+from streamem.state import FORMAT_VERSION, StateError, check_array, parse_state
+
+__all__ = ["OnlineRegressionMixture"]
+
+
+class OnlineRegressionMixture(OnlineMixture, base.MiniBatchRegressor):
+    """Mixture of K linear regressions learned online by stepwise EM, as a River regressor.
+
+    `y | z=k ~ N(b_k . [x, 1], s_k^2)`. The running statistics are each component's
+    weighted normal equations; the M-step is one weighted least-squares solve per
+    component. The first `warmup` records are fitted by batch EM
+    (`streamem.RegressionMixture`), then every `batch_size` records make one
+    stepwise update with step `eta_t = (t + t0) ** -alpha`.
+
+    Features follow River's linear models: a feature missing from a record
+    contributes nothing (it reads as 0), and a new feature extends the model with a
+    zero coefficient (records before it count as 0 for it). NaN, inf, a
+    non-number or a non-numeric target raise a `ValueError` / `TypeError` naming
+    the feature, and the model is left unchanged.
+
+    `predict_one` returns the mixture's conditional mean `sum_k w_k b_k . [x, 1]`;
+    before the warm-up completes, the mean of the targets seen (0 before any).
+
+    Parameters
+    ----------
+    n_components
+        Number of regression lines K.
+    batch_size, step, warmup, averaging, seed
+        As in `OnlineGMM`.
+    reg_noise
+        Added to every noise variance after each M-step.
+
+    Attributes
+    ----------
+    weights_ : (K,)
+    coef_ : (K, d), columns in the order of `feature_names_`
+    intercept_ : (K,)
+    noise_variance_ : (K,)
+    n_seen : records learned so far
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import streamem as se
+    >>> rng = np.random.default_rng(0)
+    >>> model = se.OnlineRegressionMixture(n_components=2, warmup=300, batch_size=50, seed=0)
+    >>> for _ in range(6000):
+    ...     x = rng.uniform(0, 10)
+    ...     slope, intercept, noise = (0.5, 1.0, 0.1) if rng.random() < 0.5 else (1.5, 2.0, 0.2)
+    ...     model.learn_one({"x": x}, slope * x + intercept + rng.normal(0, noise))
+    >>> order = np.argsort(model.coef_[:, 0])
+    >>> np.round(model.coef_[order, 0], 1).tolist(), np.round(model.intercept_[order], 1).tolist()
+    ([0.5, 1.5], [1.0, 2.0])
+    """
+
+    def __init__(
+        self,
+        n_components: int = 2,
+        batch_size: int = 128,
+        step: StepSize | None = None,
+        warmup: int = 500,
+        reg_noise: float = 1e-6,
+        averaging: int | None = None,
+        seed: int | None = None,
+    ):
+        self.n_components = n_components
+        self.batch_size = batch_size
+        self.step = step
+        self.warmup = warmup
+        self.reg_noise = reg_noise
+        self.averaging = averaging
+        self.seed = seed
+        self._check_online_params()
+        check_positive(reg_noise, "reg_noise")
+        self._reset()
+
+    @classmethod
+    def _unit_test_params(cls):
+        yield {"n_components": 2, "warmup": 20, "batch_size": 8, "seed": 42}
+        yield {"n_components": 3, "warmup": 30, "batch_size": 4, "averaging": 3, "seed": 7}
+
+    def _reset(self) -> None:
+        super()._reset()
+        self.feature_names_: list = []
+        self._index: dict = {}
+        self._regression = RegressionFamily(self.reg_noise)
+        self._rng = np.random.default_rng(self.seed)
+
+    # -- hooks for OnlineMixture (buffer rows are [y, x_1, ..., x_d]) ------------------------
+    def _family(self) -> RegressionFamily:
+        return self._regression
+
+    def _width(self) -> int:
+        return 1 + len(self.feature_names_)
+
+    def _prepare(self, rows: np.ndarray, shift):
+        return self._regression.prepare(rows[:, 1:], rows[:, 0], shift)
+
+    def _warm_up_params(self, rows: np.ndarray):
+        batch_model = RegressionMixture(
+            self.n_components,
+            reg_noise=self.reg_noise,
+            n_init=2,
+            tol=1e-6,
+            max_iter=300,
+            init="quantiles",
+            random_state=self._rng,
+        )
+        return batch_model.fit(rows[:, 1:], rows[:, 0])._params
+
+    def _provisional_params(self, rows):
+        K, d = self.n_components, len(self.feature_names_)
+        targets = np.zeros(0) if rows is None else rows[:, 0]
+        centre = float(targets.mean()) if targets.size else 0.0
+        spread = float(targets.var()) if targets.size > 1 else 1.0
+        return self._regression.make_params(
+            np.full(K, 1.0 / K), np.zeros((K, d)), np.full(K, centre), np.full(K, spread if spread > 0 else 1.0)
+        )
+
+    # -- features -------------------------------------------------------------------------------
+    def _learn_features(self, names) -> None:
+        """Extend the model with features it has not seen: zero coefficients and statistics."""
+        new = sorted((name for name in names if name not in self._index), key=str)
+        if not new:
+            return
+        old_d = len(self.feature_names_)
+        for name in new:
+            self._index[name] = len(self.feature_names_)
+            self.feature_names_.append(name)
+        added = len(new)
+        if self._buffer is not None:
+            widened = np.zeros((self._buffer.shape[0], self._buffer.shape[1] + added))
+            widened[:, : self._buffer.shape[1]] = self._buffer
+            self._buffer = widened
+        if self._engine is not None:
+            self._engine.stats = _widen_stats(self._engine.stats, old_d, added)
+            self._engine.params = self._regression.m_step(self._engine.stats)
+            if self._engine.averaged is not None:
+                averaged = self._engine.averaged
+                self._engine.averaged = dataclasses.replace(
+                    averaged, coef=np.hstack([averaged.coef, np.zeros((averaged.coef.shape[0], added))])
+                )
+        self._scorer = None
+
+    def _row(self, x: dict, y) -> list:
+        target = check_target_value(y)
+        _check_record(x)
+        self._learn_features(x)
+        return [target] + [float(x.get(name, 0.0)) for name in self.feature_names_]
+
+    def _features_of(self, x: dict) -> np.ndarray:
+        """`x` in the model's feature order; unknown features are ignored, missing ones read 0."""
+        _check_record(x)
+        return np.array([float(x.get(name, 0.0)) for name in self.feature_names_])
+
+    # -- River API ----------------------------------------------------------------------------
+    def learn_one(self, x: dict, y) -> None:
+        """Learn from one record (buffered; the model updates every `batch_size` records)."""
+        row = self._row(x, y)
+        self._push_row(row)
+
+    def learn_many(self, X: pd.DataFrame, y: pd.Series) -> None:
+        """Learn from a DataFrame and its targets, vectorised; same model as a `learn_one` loop."""
+        features = frame_values(X, X.columns)
+        targets = np.asarray(pd.Series(y), dtype=object)
+        if len(targets) != len(features):
+            raise ValueError(f"y has {len(targets)} values but X has {len(features)} rows")
+        checked = np.array([check_target_value(value) for value in targets], dtype=float)
+        self._learn_features(list(X.columns))
+        rows = np.zeros((len(features), self._width()))
+        rows[:, 0] = checked
+        for column, name in enumerate(X.columns):
+            rows[:, 1 + self._index[name]] = features[:, column]
+        self._push_rows(rows)
+
+    def predict_one(self, x: dict) -> float:
+        """Conditional mean E[y | x] under the mixture."""
+        values = self._features_of(x)
+        params = self._params()
+        return float(params.weights @ (params.coef @ values + params.intercept))
+
+    def predict_many(self, X: pd.DataFrame) -> pd.Series:
+        return pd.Series(self._component_means(X) @ self._params().weights, index=X.index)
+
+    def predict_proba_one(self, x: dict, y) -> dict[int, float]:
+        """Responsibilities p(z=k | x, y): {k: p}."""
+        target = check_target_value(y)
+        params = self._params()
+        residual = target - (params.coef @ self._features_of(x) + params.intercept)
+        with np.errstate(divide="ignore"):
+            weighted = np.log(params.weights) - 0.5 * (
+                math.log(2 * math.pi) + np.log(params.noise_variance) + residual**2 / params.noise_variance
+            )
+        proba = np.exp(weighted - weighted.max())
+        proba /= proba.sum()
+        return dict(enumerate(proba.tolist()))
+
+    def _component_means(self, X: pd.DataFrame) -> np.ndarray:
+        features = frame_values(X, X.columns)
+        aligned = np.zeros((len(features), len(self.feature_names_)))
+        for column, name in enumerate(X.columns):
+            if name in self._index:
+                aligned[:, self._index[name]] = features[:, column]
+        params = self._params()
+        return aligned @ params.coef.T + params.intercept
+
+    # -- fitted parameters ------------------------------------------------------------------------
+    @property
+    def weights_(self) -> np.ndarray:
+        return self._params().weights
+
+    @property
+    def coef_(self) -> np.ndarray:
+        return self._params().coef
+
+    @property
+    def intercept_(self) -> np.ndarray:
+        return self._params().intercept
+
+    @property
+    def noise_variance_(self) -> np.ndarray:
+        return self._params().noise_variance
+
+    # -- state ------------------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        """The model's whole state as a JSON-ready dict (statistics, counters, unlearned buffer)."""
+        params = {
+            "n_components": self.n_components,
+            "batch_size": self.batch_size,
+            "step": None if self.step is None else self.step._get_params(),
+            "warmup": self.warmup,
+            "reg_noise": self.reg_noise,
+            "averaging": self.averaging,
+            "seed": self.seed,
+        }
+        return {
+            "format": "streamem.OnlineRegressionMixture",
+            "version": FORMAT_VERSION,
+            "params": params,
+            "features": list(self.feature_names_),
+            "n_seen": self.n_seen,
+            "buffer": self._buffered_rows(),
+            "engine": self._engine_state(),
+        }
+
+    @classmethod
+    def from_dict(cls, document) -> OnlineRegressionMixture:
+        """Rebuild a model from `to_dict()` output (or its JSON text); raises `StateError` if invalid."""
+        state = parse_state(document, "streamem.OnlineRegressionMixture")
+        params = dict(state.params)
+        if params.get("step") is not None:
+            params["step"] = StepSize(**params["step"].model_dump())
+        model = cls(**params)
+        model._learn_features(state.features or [])
+        model.feature_names_ = list(state.features or [])
+        model._index = {name: i for i, name in enumerate(model.feature_names_)}
+        model.n_seen = state.n_seen
+        d = len(model.feature_names_)
+        if any(len(row) != d + 1 for row in state.buffer):
+            raise StateError("model state buffer rows do not match the number of features")
+        if state.engine is not None:
+            K, p = model.n_components, d + 1
+            shapes = {"shift": (p,), "mass": (K,), "xx": (K, p, p), "xy": (K, p), "yy": (K,)}
+            checked = {
+                name: check_array(state.engine.stats.get(name), shape, f"stats.{name}")
+                for name, shape in shapes.items()
+            }
+            model._restore_engine(state.engine.model_copy(update={"stats": checked}), RegressionStats)
+        model._restore_buffer(state.buffer)
+        return model
+
+
+def _widen_stats(stats: RegressionStats, old_d: int, added: int) -> RegressionStats:
+    """Insert `added` zero features before the intercept column (records so far read 0 there)."""
+    K, p = stats.mass.shape[0], old_d + 1
+    order = list(range(old_d)) + [old_d + added]  # where the old columns land
+    new_p = p + added
+    xx = np.zeros((K, new_p, new_p))
+    xx[np.ix_(range(K), order, order)] = stats.xx
+    xy = np.zeros((K, new_p))
+    xy[:, order] = stats.xy
+    shift = np.zeros(new_p)
+    shift[order] = stats.shift
+    return RegressionStats(shift=shift, mass=stats.mass, xx=xx, xy=xy, yy=stats.yy)
+
+
+def _check_record(x) -> None:
+    """Every value of the record is a finite number (raises naming the feature otherwise)."""
+    if not isinstance(x, dict):
+        raise TypeError(f"a record must be a dict of feature name -> number, got {type(x).__name__}")
+    record_values(x, tuple(x))

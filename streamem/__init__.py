@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from importlib.metadata import PackageNotFoundError, version
 
+from streamem.compare import ConsistencyReport, compare
 from streamem.exceptions import ConvergenceWarning, NotFittedError
 from streamem.gaussian_mixture import GaussianMixture
 from streamem.online_gmm import OnlineGMM
@@ -20,6 +21,8 @@ except PackageNotFoundError:  # running from a source tree that is not installed
     __version__ = "0.0.0"
 
 __all__ = [
+    "ConsistencyReport",
+    "compare",
     "ConvergenceWarning",
     "GaussianMixture",
     "NotFittedError",

@@ -46,7 +46,7 @@ class OnlineGMM(OnlineMixture, base.Clusterer):
     batch_size
         Records per stepwise update.
     step
-        A `StepSize` schedule; None means `StepSize()` (alpha=0.7, t0=2, no floor).
+        A `StepSize` schedule; None means `StepSize()` (alpha=0.8, t0=2, no floor).
         Give it an `eta_min` to track a drifting stream.
     warmup
         Records buffered and fitted by batch EM before the first stepwise update.

@@ -18,9 +18,13 @@ __all__ = ["StepSize"]
 class StepSize(base.Base):
     """The step `eta_t = max(eta_min, (t + t0) ** -alpha)` for update number t = 0, 1, 2, ...
 
-    Defaults and why: `alpha=0.7` sits between the fast-forgetting 0.5 edge and the
-    exact running mean at 1 (with alpha=1 and the warm-up counted, each record
-    weighs the same); 0.6-0.7 is the range both papers recommend for stepwise EM.
+    Defaults and why: `alpha=0.8` sits between the fast-forgetting 0.5 edge and the
+    running mean at 1. Measured on 200k records of a 5-component 4-D mixture
+    (256-record batches), the largest distance of an online mean from batch EM's
+    was 0.043 at alpha=0.7, 0.024 at 0.8, 0.017 at 0.9 and 0.031 at 1.0 (which keeps
+    the early, poorly-fitted batches in its average); alpha=0.6 with Polyak-Ruppert
+    averaging (`averaging=` on the estimators) gave 0.005, the best on a stationary
+    stream, but averaged parameters lag behind a drifting one, so it is opt-in.
     `t0=2` damps the first steps. `eta_min=0` (no floor) suits a stationary stream;
     set e.g. 0.02 to follow regime changes within ~50 mini-batches.
 
@@ -43,7 +47,7 @@ class StepSize(base.Base):
     0.05
     """
 
-    def __init__(self, alpha: float = 0.7, t0: float = 2.0, eta_min: float = 0.0):
+    def __init__(self, alpha: float = 0.8, t0: float = 2.0, eta_min: float = 0.0):
         if not 0.5 < alpha <= 1.0:
             raise ValueError(f"alpha must be in (0.5, 1], got {alpha!r}")
         if not t0 >= 1.0:

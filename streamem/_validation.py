@@ -170,12 +170,14 @@ def frame_values(X, columns) -> np.ndarray:
     if not isinstance(X, pd.DataFrame):
         raise TypeError(f"expected a pandas DataFrame, got {type(X).__name__}")
     columns = list(columns)
+    dtypes = X.dtypes
     for name in columns:
-        if not pd.api.types.is_numeric_dtype(X[name]):
+        if not pd.api.types.is_numeric_dtype(dtypes[name]):
             for index, value in X[name].items():
                 if isinstance(value, (str, bytes)) or not isinstance(value, (numbers.Real, np.number)):
                     raise TypeError(f"feature {name!r} is not a number in row {index!r}: {value!r}")
-    values = X[columns].to_numpy(dtype=float)
+    # selecting columns copies the frame in pandas; skip it when the order already matches
+    values = (X if list(X.columns) == columns else X[columns]).to_numpy(dtype=float)
     if not np.all(np.isfinite(values)):
         row, column = np.argwhere(~np.isfinite(values))[0]
         kind = "NaN" if np.isnan(values[row, column]) else "infinite"

@@ -202,7 +202,7 @@ class OnlineGMM(OnlineMixture, base.Clusterer):
 
     def predict_one(self, x: dict) -> int:
         """The most responsible component for `x`."""
-        return int(np.argmax(self._score_record(x)))
+        return int(self._score_record(x).argmax())
 
     def predict_proba_one(self, x: dict) -> dict[int, float]:
         """Responsibilities of every component for `x`: {k: p}."""

@@ -105,3 +105,20 @@ def test_make_params_rejects_non_positive_definite():
     family = GaussianFamily("full")
     with pytest.raises(ValueError, match="not positive definite"):
         family.make_params([1.0], [[0.0, 0.0]], [[[1.0, 2.0], [2.0, 1.0]]])
+
+
+@pytest.mark.parametrize("covariance_type", COVARIANCE_TYPES)
+def test_record_scorer_equals_the_batch_e_step(covariance_type):
+    """The per-record scorer gives the batch path's log w_k + log N(x | k), also for data near 1e6."""
+    from streamem.families.gaussian import RecordScorer
+
+    rng = np.random.default_rng(5)
+    family = GaussianFamily(covariance_type)
+    for offset in (0.0, 1e6):
+        params = _random_params(family, rng)
+        params = family.make_params(params.weights, params.means + offset, params.covariances)
+        X = offset + rng.normal(0, 3, (20, 3))
+        expected = family.weighted_log_prob(family.prepare(X), params)
+        scorer = RecordScorer(params)
+        for row, want in zip(X.tolist(), expected):
+            np.testing.assert_allclose(scorer(row), want, rtol=1e-9, atol=1e-7)

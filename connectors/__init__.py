@@ -1,0 +1,1 @@
+"""Connectors that turn event streams into streamem models and back (Kafka)."""

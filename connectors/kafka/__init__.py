@@ -1,0 +1,1 @@
+"""Kafka consumer: records in, component assignments, dead letters and weight drift out."""

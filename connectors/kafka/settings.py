@@ -1,0 +1,148 @@
+"""The consumer's configuration: one typed model filled by CLI flags, environment and a config file.
+
+Precedence, highest first: command-line flags, environment variables
+(`STREAMEM_INPUT_TOPIC=...`), the config file (`--config FILE`, TOML or JSON),
+then the defaults below. The CLI's flags are generated from this model's fields,
+so every flag has an environment variable of the same name and vice versa.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+from typing import Annotated, Any, Literal
+
+import tomllib
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
+
+__all__ = ["ConsumerSettings", "load_settings"]
+
+
+class ConsumerSettings(BaseSettings):
+    """Everything `streamem run` needs; see `streamem run --help`."""
+
+    model_config = SettingsConfigDict(env_prefix="STREAMEM_", extra="forbid", validate_default=True)
+
+    # -- where ----------------------------------------------------------------------------------
+    bootstrap_servers: str = Field("localhost:9092", description="Kafka bootstrap servers, host:port[,host:port]")
+    input_topic: str = Field("streamem.input", description="topic of JSON records to learn from")
+    group_id: str = Field("streamem", description="consumer group")
+    instance_id: str = Field(
+        "0", description="this process's name within the group; its model checkpoint is stored under it"
+    )
+    assignments_topic: str | None = Field(None, description="default: <input-topic>.assignments")
+    drift_topic: str | None = Field(None, description="default: <input-topic>.drift")
+    dead_letter_topic: str | None = Field(None, description="default: <input-topic>.dead-letter")
+    state_topic: str | None = Field(None, description="compacted checkpoint topic; default: <input-topic>.state")
+    checkpoint_dir: pathlib.Path | None = Field(
+        None, description="keep checkpoints in this directory instead of the state topic"
+    )
+    client: Literal["kafka-python", "confluent"] = Field("kafka-python", description="Kafka client library")
+
+    # -- what ----------------------------------------------------------------------------------
+    features: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="feature fields, comma-separated: a,b,c"
+    )
+    target: str | None = Field(None, description="target field: learn a mixture of linear regressions on it")
+    n_components: int = Field(3, ge=1, description="mixture components K")
+    covariance_type: Literal["full", "tied", "diag", "spherical"] = Field("full", description="Gaussian covariance")
+    batch_size: int = Field(128, ge=1, description="records per stepwise-EM update")
+    warmup: int = Field(500, ge=1, description="records fitted by batch EM before going stepwise")
+    step_alpha: float = Field(0.8, gt=0.5, le=1.0, description="step-size decay exponent alpha")
+    step_floor: float = Field(0.02, ge=0.0, lt=1.0, description="step floor eta_min: memory ~ 1/floor batches")
+    seed: int | None = Field(0, description="seed of the warm-up's k-means++ starts")
+
+    # -- drift -----------------------------------------------------------------------------------
+    drift_every: int = Field(1000, ge=1, description="publish a drift record every this many input records")
+
+    # -- how -------------------------------------------------------------------------------------
+    max_records: int | None = Field(None, ge=1, description="stop cleanly after this many input records")
+    max_poll_records: int = Field(1024, ge=1, description="records per poll (one checkpoint + commit each)")
+    poll_timeout_ms: int = Field(500, ge=1, description="poll wait when the topic is idle")
+    session_timeout_ms: int = Field(6000, ge=1000, description="group session timeout (a join takes ~half)")
+    heartbeat_interval_ms: int = Field(1000, ge=100, description="group heartbeat interval")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="log level")
+
+    # -- security (passed through to the client) -------------------------------------------------
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field(
+        "PLAINTEXT", description="Kafka security protocol"
+    )
+    sasl_mechanism: str | None = Field(None, description="e.g. PLAIN, SCRAM-SHA-256, SCRAM-SHA-512")
+    sasl_username: str | None = Field(None, description="SASL user name")
+    sasl_password: SecretStr | None = Field(None, description="SASL password (never logged)")
+    ssl_cafile: pathlib.Path | None = Field(None, description="CA certificate file")
+    ssl_certfile: pathlib.Path | None = Field(None, description="client certificate file")
+    ssl_keyfile: pathlib.Path | None = Field(None, description="client private key file")
+
+    @field_validator("features", mode="before")
+    @classmethod
+    def _split_features(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [name.strip() for name in value.split(",") if name.strip()]
+        return value
+
+    @model_validator(mode="after")
+    def _check(self) -> ConsumerSettings:
+        if not self.features:
+            raise ValueError("features must name at least one field (--features a,b,c or STREAMEM_FEATURES)")
+        if self.target is not None and self.target in self.features:
+            raise ValueError(f"target {self.target!r} is also listed among the features")
+        if len(set(self.features)) != len(self.features):
+            raise ValueError(f"features are listed twice: {self.features}")
+        return self
+
+    @property
+    def topics(self) -> dict[str, str]:
+        """The four output topics, defaults filled in."""
+        base = self.input_topic
+        return {
+            "assignments": self.assignments_topic or f"{base}.assignments",
+            "drift": self.drift_topic or f"{base}.drift",
+            "dead_letter": self.dead_letter_topic or f"{base}.dead-letter",
+            "state": self.state_topic or f"{base}.state",
+        }
+
+    @property
+    def checkpoint_key(self) -> str:
+        return f"{self.group_id}/{self.instance_id}"
+
+    def redacted(self) -> dict:
+        """Settings as a dict for logs, with secrets masked."""
+        return self.model_dump(mode="json")  # SecretStr dumps as '**********'
+
+    @classmethod
+    def settings_customise_sources(
+        cls, settings_cls, init_settings, env_settings, dotenv_settings, file_secret_settings
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return init_settings, env_settings, _ConfigFileSource(settings_cls)
+
+
+class _ConfigFileSource(PydanticBaseSettingsSource):
+    """Values from the file named by `_config_file` (set by `load_settings`)."""
+
+    path: pathlib.Path | None = None
+
+    def get_field_value(self, field, field_name):  # pragma: no cover - __call__ does the work
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        path = type(self).path
+        if path is None:
+            return {}
+        text = path.read_text()
+        data = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
+        if not isinstance(data, dict):
+            raise ValueError(f"config file {path} must hold a table/object of settings")
+        return {key.replace("-", "_"): value for key, value in data.items()}
+
+
+def load_settings(flags: dict[str, Any], config_file: pathlib.Path | None = None) -> ConsumerSettings:
+    """Settings from explicit flags, the environment and an optional config file."""
+    if config_file is not None and not config_file.exists():
+        raise FileNotFoundError(f"config file {config_file} does not exist")
+    _ConfigFileSource.path = config_file
+    try:
+        return ConsumerSettings(**flags)
+    finally:
+        _ConfigFileSource.path = None

@@ -2,14 +2,26 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 from river import base
 from scipy.signal import lfilter
 from scipy.stats import chi2
 
-__all__ = ["WeightDriftDetector"]
+__all__ = ["DriftEvent", "WeightDriftDetector"]
 
 _WEIGHT_FLOOR = 1e-3  # a reference weight below this is treated as this (a near-empty component)
+
+
+@dataclasses.dataclass(frozen=True)
+class DriftEvent:
+    """A declared drift: the row it happened at and the detector's view there."""
+
+    index: int
+    weights: list[float]
+    reference_weights: list[float]
+    distance: float
 
 
 class WeightDriftDetector(base.DriftDetector):
@@ -141,8 +153,8 @@ class WeightDriftDetector(base.DriftDetector):
         detections = self.update_many(np.asarray(x, dtype=float)[None, :])
         self._drift_detected = bool(detections)
 
-    def update_many(self, responsibilities: np.ndarray) -> list[int]:
-        """Feed a batch (n, K) of responsibilities; return the row indices where drift was declared.
+    def update_many(self, responsibilities: np.ndarray) -> list[DriftEvent]:
+        """Feed a batch (n, K) of responsibilities; return the drifts declared, one event each.
 
         Gives the same states and detections as calling `update` row by row.
         """
@@ -151,16 +163,18 @@ class WeightDriftDetector(base.DriftDetector):
             raise ValueError(f"responsibilities must have shape (n, {self.n_components}), got {R.shape}")
         if not np.all(np.isfinite(R)):
             raise ValueError("responsibilities contain NaN or infinite values")
-        detections: list[int] = []
+        events: list[DriftEvent] = []
         start = 0
         while start < len(R):
             found = self._scan(R[start:])
             if found is None:
                 break
-            detections.append(start + found)
+            events.append(
+                DriftEvent(start + found, self.weights_.tolist(), self.reference_weights_.tolist(), self.distance)
+            )
             start += found + 1
-        self._drift_detected = bool(detections) and detections[-1] == len(R) - 1
-        return detections
+        self._drift_detected = bool(events) and events[-1].index == len(R) - 1
+        return events
 
     def _scan(self, R: np.ndarray) -> int | None:
         """Run the averages over R; stop at the first drift (re-anchoring there) or at the end."""

@@ -227,6 +227,14 @@ class OnlineGMM(OnlineMixture, base.Clusterer):
     def score_many(self, X: pd.DataFrame) -> pd.Series:
         return pd.Series(self._e_step_frame(X)[0], index=X.index)
 
+    def assign_many(self, X: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+        """Score a batch under the current parameters, before learning it (prequential).
+
+        Returns (responsibilities (n, K), log-density of each record (n,)).
+        """
+        log_likelihood, log_resp = self._e_step_frame(X)
+        return np.exp(log_resp), log_likelihood
+
     def _e_step_frame(self, X: pd.DataFrame):
         names = self._feature_names or tuple(sorted(X.columns, key=str))
         rows = _frame_values(X, names)

@@ -11,6 +11,7 @@ from river import base
 
 from streamem._online import OnlineMixture
 from streamem._validation import check_positive, check_target_value, frame_values, record_values
+from streamem.families.base import responsibilities
 from streamem.families.regression import RegressionFamily, RegressionStats
 from streamem.regression_mixture import RegressionMixture
 from streamem.schedules import StepSize
@@ -210,6 +211,24 @@ class OnlineRegressionMixture(OnlineMixture, base.MiniBatchRegressor):
         proba = np.exp(weighted - weighted.max())
         proba /= proba.sum()
         return dict(enumerate(proba.tolist()))
+
+    def assign_many(self, X: pd.DataFrame, y) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Score a batch under the current parameters, before learning it (prequential).
+
+        Returns (responsibilities p(z=k | x, y) (n, K), log p(y | x) (n,), E[y | x] (n,)).
+        """
+        means = self._component_means(X)
+        target = np.asarray(y, dtype=float)
+        if target.shape != (len(means),) or not np.all(np.isfinite(target)):
+            raise ValueError(f"y must be {len(means)} finite numbers")
+        params = self._params()
+        residual = target[:, None] - means
+        with np.errstate(divide="ignore"):
+            weighted = np.log(params.weights) - 0.5 * (
+                math.log(2 * math.pi) + np.log(params.noise_variance) + residual**2 / params.noise_variance
+            )
+        log_likelihood, resp = responsibilities(weighted)
+        return resp, log_likelihood, means @ params.weights
 
     def _component_means(self, X: pd.DataFrame) -> np.ndarray:
         features = frame_values(X, X.columns)

@@ -1,0 +1,318 @@
+"""A thin source/sink layer over the Kafka client, so the loop does not care which client runs.
+
+kafka-python is the default; confluent-kafka (librdkafka, `pip install streamem[confluent]`)
+is selected with `--client confluent` for more throughput.
+
+The sink's guarantee: `send_all` returns only when the broker has acknowledged
+every record, or raises `DeliveryFailed`; the loop commits nothing past an
+unacknowledged record. A producer whose sends failed is replaced by a new one
+before the batch is sent again (an idempotent producer that lost its producer
+id never recovers on its own, see KAFKA.md).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Protocol
+
+from connectors.kafka.records import InputRecord, OutputRecord
+from connectors.kafka.settings import ConsumerSettings
+
+__all__ = ["DeliveryFailed", "Sink", "Source", "make_sink", "make_source"]
+
+logger = logging.getLogger(__name__)
+
+Partition = tuple[str, int]
+
+
+class DeliveryFailed(RuntimeError):
+    """The broker did not acknowledge every output record, even after a fresh producer."""
+
+
+class Source(Protocol):
+    def poll(self, max_records: int, timeout_ms: int) -> list[InputRecord]: ...
+    def commit(self, offsets: dict[Partition, int]) -> None: ...
+    def lag(self) -> int | None: ...
+    def close(self) -> None: ...
+
+
+class Sink(Protocol):
+    def send_all(self, records: list[OutputRecord]) -> None: ...
+    def close(self) -> None: ...
+
+
+StartOffsets = Callable[[list[Partition]], dict[Partition, int]]
+
+
+def make_source(settings: ConsumerSettings, start_offsets: StartOffsets) -> Source:
+    """A group consumer of the input topic; `start_offsets` says where to resume assigned partitions."""
+    if settings.client == "confluent":
+        return ConfluentSource(settings, start_offsets)
+    return KafkaPythonSource(settings, start_offsets)
+
+
+def make_sink(settings: ConsumerSettings) -> Sink:
+    if settings.client == "confluent":
+        return ConfluentSink(settings)
+    return KafkaPythonSink(settings)
+
+
+def kafka_python_security(settings: ConsumerSettings) -> dict:
+    """Security settings in kafka-python's names (only those that are set)."""
+    options = {"security_protocol": settings.security_protocol}
+    if settings.sasl_mechanism:
+        options["sasl_mechanism"] = settings.sasl_mechanism
+    if settings.sasl_username:
+        options["sasl_plain_username"] = settings.sasl_username
+    if settings.sasl_password:
+        options["sasl_plain_password"] = settings.sasl_password.get_secret_value()
+    for name in ("ssl_cafile", "ssl_certfile", "ssl_keyfile"):
+        if getattr(settings, name):
+            options[name] = str(getattr(settings, name))
+    return options
+
+
+def confluent_security(settings: ConsumerSettings) -> dict:
+    options = {"security.protocol": settings.security_protocol}
+    names = {
+        "sasl_mechanism": "sasl.mechanisms",
+        "sasl_username": "sasl.username",
+        "ssl_cafile": "ssl.ca.location",
+        "ssl_certfile": "ssl.certificate.location",
+        "ssl_keyfile": "ssl.key.location",
+    }
+    for ours, theirs in names.items():
+        if getattr(settings, ours):
+            options[theirs] = str(getattr(settings, ours))
+    if settings.sasl_password:
+        options["sasl.password"] = settings.sasl_password.get_secret_value()
+    return options
+
+
+# -- kafka-python -----------------------------------------------------------------------------
+class KafkaPythonSource:
+    def __init__(self, settings: ConsumerSettings, start_offsets: StartOffsets):
+        from kafka import ConsumerRebalanceListener, KafkaConsumer, TopicPartition
+
+        self._TopicPartition = TopicPartition
+        self._consumer = KafkaConsumer(
+            bootstrap_servers=settings.bootstrap_servers,
+            group_id=settings.group_id,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            session_timeout_ms=settings.session_timeout_ms,
+            heartbeat_interval_ms=settings.heartbeat_interval_ms,
+            max_poll_records=settings.max_poll_records,
+            reconnect_backoff_max_ms=1000,
+            client_id=f"streamem-{settings.instance_id}",
+            **kafka_python_security(settings),
+        )
+        consumer = self._consumer
+
+        class Resume(ConsumerRebalanceListener):
+            def on_partitions_revoked(self, revoked):
+                logger.info("partitions revoked: %s", sorted((tp.topic, tp.partition) for tp in revoked))
+
+            def on_partitions_assigned(self, assigned):
+                partitions = [(tp.topic, tp.partition) for tp in assigned]
+                for (topic, partition), offset in start_offsets(partitions).items():
+                    consumer.seek(TopicPartition(topic, partition), offset)
+                logger.info("partitions assigned: %s", sorted(partitions))
+
+        self._consumer.subscribe([settings.input_topic], listener=Resume())
+
+    def committed(self, partition: Partition) -> int | None:
+        return self._consumer.committed(self._TopicPartition(*partition))
+
+    def poll(self, max_records: int, timeout_ms: int) -> list[InputRecord]:
+        batches = self._consumer.poll(timeout_ms=timeout_ms, max_records=max_records)
+        return [
+            InputRecord(message.topic, message.partition, message.offset, message.key, message.value)
+            for messages in batches.values()
+            for message in messages
+        ]
+
+    def commit(self, offsets: dict[Partition, int]) -> None:
+        from kafka import OffsetAndMetadata
+
+        self._consumer.commit(
+            {self._TopicPartition(*tp): OffsetAndMetadata(offset, "", -1) for tp, offset in offsets.items()}
+        )
+
+    def lag(self) -> int | None:
+        """Records behind the high watermark over assigned partitions (Tansu's end_offsets is wrong, so
+        the fetch high watermark is used)."""
+        total = 0
+        for tp in self._consumer.assignment():
+            high = self._consumer.highwater(tp)
+            if high is None:
+                return None
+            total += max(0, high - self._consumer.position(tp))
+        return total
+
+    def close(self) -> None:
+        self._consumer.close(autocommit=False)
+
+
+class KafkaPythonSink:
+    def __init__(self, settings: ConsumerSettings, attempts: int = 3):
+        self._settings = settings
+        self._attempts = attempts
+        self._producer = self._new_producer()
+
+    def _new_producer(self):
+        from kafka import KafkaProducer
+
+        return KafkaProducer(
+            bootstrap_servers=self._settings.bootstrap_servers,
+            acks="all",
+            linger_ms=5,
+            batch_size=256 * 1024,
+            reconnect_backoff_max_ms=1000,
+            client_id=f"streamem-{self._settings.instance_id}",
+            **kafka_python_security(self._settings),
+        )
+
+    def send_all(self, records: list[OutputRecord]) -> None:
+        for attempt in range(1, self._attempts + 1):
+            futures = [self._producer.send(r.topic, key=r.key, value=r.value) for r in records]
+            self._producer.flush(timeout=30)
+            failures = [f.exception for f in futures if not f.succeeded()]
+            if not failures:
+                return
+            logger.warning(
+                "%d of %d output records not acknowledged (attempt %d/%d): %s; replacing the producer",
+                len(failures),
+                len(records),
+                attempt,
+                self._attempts,
+                failures[0],
+            )
+            self._producer.close(timeout=5)
+            time.sleep(min(5.0, 0.5 * 2**attempt))  # back off before reconnecting to a restarting broker
+            self._producer = self._new_producer()
+        raise DeliveryFailed(f"{len(records)} output records not acknowledged after {self._attempts} attempts")
+
+    def close(self) -> None:
+        self._producer.close(timeout=10)
+
+
+# -- confluent-kafka --------------------------------------------------------------------------
+class ConfluentSource:
+    def __init__(self, settings: ConsumerSettings, start_offsets: StartOffsets):
+        from confluent_kafka import Consumer, TopicPartition
+
+        self._TopicPartition = TopicPartition
+        self._consumer = Consumer(
+            {
+                "bootstrap.servers": settings.bootstrap_servers,
+                "group.id": settings.group_id,
+                "enable.auto.commit": False,
+                "auto.offset.reset": "earliest",
+                "session.timeout.ms": settings.session_timeout_ms,
+                "heartbeat.interval.ms": settings.heartbeat_interval_ms,
+                "client.id": f"streamem-{settings.instance_id}",
+                **confluent_security(settings),
+            }
+        )
+
+        def on_assign(consumer, assigned):
+            partitions = [(tp.topic, tp.partition) for tp in assigned]
+            offsets = start_offsets(partitions)
+            for tp in assigned:
+                if (tp.topic, tp.partition) in offsets:
+                    tp.offset = offsets[(tp.topic, tp.partition)]
+            consumer.assign(assigned)
+            logger.info("partitions assigned: %s", sorted(partitions))
+
+        self._consumer.subscribe([settings.input_topic], on_assign=on_assign)
+
+    def committed(self, partition: Partition) -> int | None:
+        (tp,) = self._consumer.committed([self._TopicPartition(*partition)], timeout=10)
+        return tp.offset if tp.offset >= 0 else None
+
+    def poll(self, max_records: int, timeout_ms: int) -> list[InputRecord]:
+        messages = self._consumer.consume(num_messages=max_records, timeout=timeout_ms / 1000)
+        records = []
+        for message in messages:
+            if message.error():
+                logger.warning("consume error: %s", message.error())
+                continue
+            records.append(
+                InputRecord(message.topic(), message.partition(), message.offset(), message.key(), message.value())
+            )
+        return records
+
+    def commit(self, offsets: dict[Partition, int]) -> None:
+        self._consumer.commit(
+            offsets=[self._TopicPartition(topic, partition, offset) for (topic, partition), offset in offsets.items()],
+            asynchronous=False,
+        )
+
+    def lag(self) -> int | None:
+        total = 0
+        for tp in self._consumer.assignment():
+            _, high = self._consumer.get_watermark_offsets(tp, cached=True)
+            position = self._consumer.position([tp])[0].offset
+            if high < 0 or position < 0:
+                return None
+            total += max(0, high - position)
+        return total
+
+    def close(self) -> None:
+        self._consumer.close()
+
+
+class ConfluentSink:
+    def __init__(self, settings: ConsumerSettings, attempts: int = 3):
+        self._settings = settings
+        self._attempts = attempts
+        self._producer = self._new_producer()
+
+    def _new_producer(self):
+        from confluent_kafka import Producer
+
+        return Producer(
+            {
+                "bootstrap.servers": self._settings.bootstrap_servers,
+                "acks": "all",
+                "enable.idempotence": True,
+                "linger.ms": 5,
+                "client.id": f"streamem-{self._settings.instance_id}",
+                **confluent_security(self._settings),
+            }
+        )
+
+    def send_all(self, records: list[OutputRecord]) -> None:
+        for attempt in range(1, self._attempts + 1):
+            failures: list = []
+
+            def report(error, _message, failures=failures):
+                if error is not None:
+                    failures.append(error)
+
+            for r in records:
+                while True:
+                    try:
+                        self._producer.produce(r.topic, key=r.key, value=r.value, on_delivery=report)
+                        break
+                    except BufferError:  # local queue full: let deliveries drain
+                        self._producer.poll(0.05)
+            remaining = self._producer.flush(30)
+            if not failures and remaining == 0:
+                return
+            logger.warning(
+                "%d of %d output records not acknowledged (attempt %d/%d); replacing the producer",
+                len(failures) + remaining,
+                len(records),
+                attempt,
+                self._attempts,
+            )
+            time.sleep(min(5.0, 0.5 * 2**attempt))
+            self._producer = self._new_producer()
+        raise DeliveryFailed(f"{len(records)} output records not acknowledged after {self._attempts} attempts")
+
+    def close(self) -> None:
+        self._producer.flush(10)

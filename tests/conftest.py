@@ -41,3 +41,12 @@ def well_separated(n: int, rng: np.random.Generator, n_components: int = 3, n_fe
     means = rng.normal(0.0, 10.0, (n_components, n_features))
     labels = rng.integers(n_components, size=n)
     return means[labels] + rng.normal(size=(n, n_features)), labels, means
+
+
+@pytest.fixture(scope="session")
+def broker():
+    """One embedded Tansu broker for the test session; tests use their own topic names."""
+    from connectors.kafka.broker import EmbeddedBroker
+
+    with EmbeddedBroker() as running:
+        yield running

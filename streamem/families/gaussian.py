@@ -16,6 +16,7 @@ taken, so data around 1e6 with unit spread keeps its digits.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import numpy as np
@@ -32,6 +33,15 @@ __all__ = [
 
 COVARIANCE_TYPES = ("full", "tied", "diag", "spherical")
 _LOG_2PI = math.log(2.0 * math.pi)
+
+
+@functools.lru_cache(maxsize=64)
+def _upper_triangle(d: int) -> tuple[np.ndarray, np.ndarray]:
+    """Row and column indices of a d x d upper triangle, cached: the online update needs them per
+    mini-batch and building them cost half of a small model's update."""
+    rows, cols = np.triu_indices(d)
+    rows.flags.writeable = cols.flags.writeable = False
+    return rows, cols
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,7 +92,7 @@ class GaussianStats(SufficientStatistics):
         if self.second.shape[1] == d:  # diagonal moments
             second = self.second + 2.0 * self.first * delta + self.mass[:, None] * delta**2
         else:  # packed upper triangles: u_i u_j + u_i delta_j + delta_i u_j + delta_i delta_j
-            rows, cols = np.triu_indices(d)
+            rows, cols = _upper_triangle(d)
             second = (
                 self.second
                 + self.first[:, rows] * delta[cols]
@@ -155,7 +165,7 @@ class GaussianFamily:
 
     def _squares(self, centred: np.ndarray) -> np.ndarray:
         if self.covariance_type in ("full", "tied"):
-            rows, cols = np.triu_indices(centred.shape[1])
+            rows, cols = _upper_triangle(centred.shape[1])
             return np.multiply(centred[:, rows], centred[:, cols])
         return centred * centred
 
@@ -308,7 +318,7 @@ class GaussianFamily:
 
 def unpack_symmetric(packed: np.ndarray, d: int) -> np.ndarray:
     """(K, d (d + 1) / 2) upper triangles -> (K, d, d) symmetric matrices."""
-    rows, cols = np.triu_indices(d)
+    rows, cols = _upper_triangle(d)
     out = np.empty((packed.shape[0], d, d))
     out[:, rows, cols] = packed
     out[:, cols, rows] = packed
@@ -353,11 +363,12 @@ def _precision_cholesky(
     stack = covariances[None] if kind == "tied" else covariances
     if stack.ndim != 3 or stack.shape[1] != stack.shape[2] or not np.all(np.isfinite(stack)):
         raise ValueError(f"{kind} covariances must be finite square matrices, got shape {covariances.shape}")
-    asymmetric = np.abs(stack - stack.transpose(0, 2, 1)).max(axis=(1, 2)) > 1e-8 * np.maximum(
-        1.0, np.abs(stack).max(axis=(1, 2))
-    )
-    if asymmetric.any():
-        raise ValueError(f"covariance of component {int(np.argmax(asymmetric))} is not symmetric")
+    if repair_floor is None:  # the M-step's matrices are symmetric by construction; a caller's may not be
+        asymmetric = np.abs(stack - stack.transpose(0, 2, 1)).max(axis=(1, 2)) > 1e-8 * np.maximum(
+            1.0, np.abs(stack).max(axis=(1, 2))
+        )
+        if asymmetric.any():
+            raise ValueError(f"covariance of component {int(np.argmax(asymmetric))} is not symmetric")
     try:
         lower = np.linalg.cholesky(stack)
     except np.linalg.LinAlgError:

@@ -1,0 +1,232 @@
+"""The Kafka consumer on the embedded broker: every offset answered once, restarts, crashes, groups."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+
+import numpy as np
+
+from connectors.kafka.checkpoint import TopicStore
+from connectors.kafka.pipeline import run_consumer
+from connectors.kafka.settings import ConsumerSettings
+from connectors.kafka.topics import ensure_topics
+from tests.kafka_helpers import TopicCounter, produce, read_all, unique, wait_for
+
+BAD = {
+    b"not json": "not valid JSON",
+    b"[1, 2, 3]": "not a JSON object",
+    b'{"a": 1.0}': "field 'b' is missing",
+    b'{"a": "1.5", "b": 2.0}': "field 'a' is not a number",
+    b'{"a": NaN, "b": 2.0}': "not finite",
+    b'{"a": 1e400, "b": 2.0}': "not finite",
+    b"": "empty message",
+    b"\xff\xfe\x00": "not valid JSON",
+    b'{"a": true, "b": 2.0}': "field 'a' is not a number",
+}
+
+
+def good_values(n: int, seed: int = 0) -> list[bytes]:
+    rng = np.random.default_rng(seed)
+    centres = np.array([[0.0, 0.0], [8.0, 3.0]])
+    points = centres[rng.integers(2, size=n)] + rng.normal(size=(n, 2))
+    return [json.dumps({"a": a, "b": b, "id": i}).encode() for i, (a, b) in enumerate(points.tolist())]
+
+
+def make_settings(broker, topic: str, **overrides) -> ConsumerSettings:
+    values = dict(
+        bootstrap_servers=broker.bootstrap_servers,
+        input_topic=topic,
+        group_id=f"{topic}-group",
+        features=["a", "b"],
+        n_components=2,
+        warmup=200,
+        batch_size=50,
+        max_poll_records=300,
+        poll_timeout_ms=200,
+        log_level="WARNING",
+    )
+    values.update(overrides)
+    return ConsumerSettings(**values)
+
+
+def outputs(broker, settings):
+    topics = settings.topics
+    return read_all(broker.bootstrap_servers, topics["assignments"]), read_all(
+        broker.bootstrap_servers, topics["dead_letter"]
+    )
+
+
+def offsets_of(records) -> list[tuple[int, int]]:
+    return [(r["source"]["partition"], r["source"]["offset"]) for r in records]
+
+
+def test_every_offset_ends_in_one_assignment_or_one_dead_letter(broker):
+    """Good and every kind of bad record: assignments + dead letters = input, once each, with reasons."""
+    topic = unique("accounting")
+    settings = make_settings(broker, topic, max_records=1000 + len(BAD))
+    ensure_topics(settings, input_partitions=2)
+    values = good_values(1000)
+    for position, bad in zip(range(37, 1000, 97), BAD):
+        values.insert(position, bad)
+    produce(broker.bootstrap_servers, topic, values, keys=[str(i % 5).encode() for i in range(len(values))])
+
+    counters = run_consumer(settings)
+
+    assignments, dead = outputs(broker, settings)
+    every = offsets_of(assignments) + offsets_of(dead)
+    assert len(every) == len(set(every)) == len(values) == counters.records_in
+    assert counters.dead_lettered == len(dead) == len(BAD)
+    by_value = {(d["value"], d["encoding"]): d["error"] for d in dead}
+    for raw, reason in BAD.items():
+        try:
+            stored = (raw.decode("utf-8"), "utf-8")
+        except UnicodeDecodeError:
+            stored = (base64.b64encode(raw).decode(), "base64")  # non-UTF-8 payloads travel as base64
+        assert reason in by_value[stored], (raw, by_value[stored])
+    first = assignments[0]
+    assert set(first) == {"source", "key", "component", "probabilities", "log_likelihood", "n_seen"}
+    assert abs(sum(first["probabilities"]) - 1.0) < 1e-9
+
+
+def test_clean_restart_neither_duplicates_nor_relearns(broker):
+    """Two runs of 600 then 1,200 records (cumulative max) answer each offset exactly once; the model learns each once."""
+    topic = unique("restart")
+    settings = make_settings(broker, topic, max_records=600)
+    ensure_topics(settings, input_partitions=2)
+    produce(broker.bootstrap_servers, topic, good_values(1200), keys=[str(i % 3).encode() for i in range(1200)])
+
+    first = run_consumer(settings)
+    second = run_consumer(settings.model_copy(update={"max_records": 1200}))
+
+    assert first.records_in >= 600 and second.records_in == 1200
+    assignments, dead = outputs(broker, settings)
+    every = offsets_of(assignments)
+    assert len(every) == len(set(every)) == 1200 and not dead
+    checkpoint = TopicStore(settings, sink=None).load()
+    assert checkpoint.model["n_seen"] == 1200
+
+
+def test_checkpoint_directory_option(broker, tmp_path):
+    """With --checkpoint-dir the model state is a JSON file that the next run resumes from."""
+    topic = unique("dir")
+    settings = make_settings(broker, topic, max_records=400, checkpoint_dir=tmp_path)
+    ensure_topics(settings, input_partitions=1)
+    produce(broker.bootstrap_servers, topic, good_values(800))
+    run_consumer(settings)
+    saved = json.loads(next(tmp_path.glob("*.json")).read_text())
+    assert saved["model"]["n_seen"] == 400 and saved["offsets"] == [{"topic": topic, "partition": 0, "offset": 400}]
+    run_consumer(settings.model_copy(update={"max_records": 800}))
+    assert json.loads(next(tmp_path.glob("*.json")).read_text())["model"]["n_seen"] == 800
+
+
+def _start(settings: ConsumerSettings, *extra: str) -> subprocess.Popen:
+    args = [
+        sys.executable,
+        "-m",
+        "streamem",
+        "run",
+        "--bootstrap-servers",
+        settings.bootstrap_servers,
+        "--input-topic",
+        settings.input_topic,
+        "--group-id",
+        settings.group_id,
+        "--features",
+        "a,b",
+        "--n-components",
+        "2",
+        "--warmup",
+        "200",
+        "--batch-size",
+        "50",
+        "--max-poll-records",
+        "200",
+        "--poll-timeout-ms",
+        "200",
+        *extra,
+    ]
+    return subprocess.Popen(args, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+def _lines(process: subprocess.Popen) -> queue.Queue:
+    lines: queue.Queue = queue.Queue()
+
+    def pump():
+        for line in process.stderr:
+            lines.put(line)
+
+    threading.Thread(target=pump, daemon=True).start()
+    return lines
+
+
+def test_kill_9_mid_stream_then_restart_loses_nothing(broker):
+    """SIGKILL mid-stream, restart: every input offset is answered, and the model learned each record once."""
+    topic = unique("crash")
+    total = 20_000
+    settings = make_settings(broker, topic, max_records=total)
+    ensure_topics(settings, input_partitions=2)
+    produce(broker.bootstrap_servers, topic, good_values(total), keys=[str(i % 4).encode() for i in range(total)])
+
+    counter = TopicCounter(broker.bootstrap_servers, settings.topics["assignments"])
+    victim = _start(settings, "--max-records", str(total), "--checkpoint-every", "1000")
+    try:
+        wait_for(lambda: counter.count() >= 3000, 60, "the first process to answer 3,000 records")
+    finally:
+        victim.send_signal(signal.SIGKILL)
+        victim.wait()
+        counter.close()
+    assert victim.returncode == -signal.SIGKILL
+
+    run_consumer(settings)  # resumes from the checkpoint
+
+    assignments, _ = outputs(broker, settings)
+    answered = set(offsets_of(assignments))
+    assert len(answered) == total  # nothing lost
+    # only the tail after the last checkpoint (< 1,000 records + one poll of 200) is answered twice
+    assert len(assignments) - total <= 1200
+    assert TopicStore(settings, sink=None).load().model["n_seen"] == total  # nothing learned twice
+
+
+def test_two_processes_in_a_group_split_the_partitions_and_stop_on_sigterm(broker):
+    """Two consumer processes in one group each own one partition; SIGTERM stops each cleanly (exit 0)."""
+    topic = unique("group")
+    settings = make_settings(broker, topic)
+    ensure_topics(settings, input_partitions=2)
+    processes = [_start(settings, "--instance-id", str(i)) for i in range(2)]
+    logs = [_lines(p) for p in processes]
+    try:
+        owned: dict[int, str] = {}
+
+        def both_assigned_one_partition():
+            for i, lines in enumerate(logs):
+                try:
+                    line = lines.get(timeout=0.2)
+                except queue.Empty:
+                    continue
+                if "partitions assigned" in line:
+                    owned[i] = line.rsplit(":", 1)[1].strip()
+            return len(owned) == 2 and all(text.count("(") == 1 for text in owned.values())
+
+        wait_for(both_assigned_one_partition, 60, "each process to own one partition")
+        produce(broker.bootstrap_servers, topic, good_values(2000), keys=[str(i % 6).encode() for i in range(2000)])
+        counter = TopicCounter(broker.bootstrap_servers, settings.topics["assignments"])
+        wait_for(lambda: counter.count() >= 2000, 60, "all 2,000 records to be answered")
+        counter.close()
+    finally:
+        for process in processes:
+            process.send_signal(signal.SIGTERM)
+        codes = [process.wait(timeout=60) for process in processes]
+    assert codes == [0, 0]
+    stored = [TopicStore(settings.model_copy(update={"instance_id": str(i)}), sink=None).load() for i in range(2)]
+    learned = [{o.partition for o in checkpoint.offsets} for checkpoint in stored]
+    assert learned[0] and learned[1] and not (learned[0] & learned[1])
+    assert sum(checkpoint.model["n_seen"] for checkpoint in stored) == 2000
+    assignments, _ = outputs(broker, settings)
+    assert sorted(set(offsets_of(assignments))) == sorted(offsets_of(assignments))

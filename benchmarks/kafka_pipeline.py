@@ -4,8 +4,9 @@ Both loops poll up to 1024 records, produce one output per input, wait for the
 acknowledgements, and commit offsets per poll; the streamem loop also decodes and
 validates, predicts, learns, feeds the drift detector and stores a checkpoint.
 Rates are measured from the end of the first batch to the end of the last (the
-consumer-group join is excluded). Run: `python benchmarks/kafka_pipeline.py` (not kafka.py: that name would shadow the kafka package); writes the
-"kafka" section of BENCHMARKS.md.
+consumer-group join is excluded). Run: `python benchmarks/kafka_pipeline.py` (not
+kafka.py: that name would shadow the kafka package); writes the "kafka" section of
+BENCHMARKS.md.
 """
 
 from __future__ import annotations

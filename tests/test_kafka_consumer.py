@@ -96,7 +96,7 @@ def test_every_offset_ends_in_one_assignment_or_one_dead_letter(broker):
 
 
 def test_clean_restart_neither_duplicates_nor_relearns(broker):
-    """Two runs of 600 then 1,200 records (cumulative max) answer each offset exactly once; the model learns each once."""
+    """Runs to 600 then 1,200 records (cumulative max) answer each offset exactly once and learn each once."""
     topic = unique("restart")
     settings = make_settings(broker, topic, max_records=600)
     ensure_topics(settings, input_partitions=2)

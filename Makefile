@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m pip install --quiet -e '.[test,confluent]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -28,6 +28,7 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/batch.py
 	$(PY) benchmarks/online.py
+	$(PY) benchmarks/kafka_pipeline.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis build *.egg-info

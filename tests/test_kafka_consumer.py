@@ -12,6 +12,7 @@ import sys
 import threading
 
 import numpy as np
+import pytest
 
 from connectors.kafka.checkpoint import TopicStore
 from connectors.kafka.pipeline import run_consumer
@@ -67,10 +68,11 @@ def offsets_of(records) -> list[tuple[int, int]]:
     return [(r["source"]["partition"], r["source"]["offset"]) for r in records]
 
 
-def test_every_offset_ends_in_one_assignment_or_one_dead_letter(broker):
+@pytest.mark.parametrize("client", ["kafka-python", "confluent"])
+def test_every_offset_ends_in_one_assignment_or_one_dead_letter(broker, client):
     """Good and every kind of bad record: assignments + dead letters = input, once each, with reasons."""
     topic = unique("accounting")
-    settings = make_settings(broker, topic, max_records=1000 + len(BAD))
+    settings = make_settings(broker, topic, max_records=1000 + len(BAD), client=client)
     ensure_topics(settings, input_partitions=2)
     values = good_values(1000)
     for position, bad in zip(range(37, 1000, 97), BAD):

@@ -29,6 +29,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/batch.py
 	$(PY) benchmarks/online.py
 	$(PY) benchmarks/kafka_pipeline.py
+	$(PY) benchmarks/drift.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis build *.egg-info

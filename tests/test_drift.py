@@ -36,9 +36,7 @@ def test_stays_quiet_on_a_stationary_stream():
 
 def test_each_regime_change_is_reported_once():
     """Three regimes: exactly two drifts, one after each change, then the reference re-anchors."""
-    R = hard_stream(
-        regimes(([0.7, 0.3], 6000), ([0.3, 0.7], 6000), ([0.7, 0.3], 6000)), np.random.default_rng(3)
-    )
+    R = hard_stream(regimes(([0.7, 0.3], 6000), ([0.3, 0.7], 6000), ([0.7, 0.3], 6000)), np.random.default_rng(3))
     events = WeightDriftDetector(2).update_many(R)
     assert [6000 <= e.index < 6500 or 12000 <= e.index < 12500 for e in events] == [True, True]
     first = events[0]

@@ -34,8 +34,10 @@ def test_json_config_and_comma_separated_features(tmp_path, monkeypatch):
     settings = load_settings({}, config)
     assert settings.features == ["a", "b", "c"] and settings.input_topic == "events"
     assert settings.topics == {
-        "assignments": "events.assignments", "drift": "events.drift",
-        "dead_letter": "events.dead-letter", "state": "events.state",
+        "assignments": "events.assignments",
+        "drift": "events.drift",
+        "dead_letter": "events.dead-letter",
+        "state": "events.state",
     }
 
 

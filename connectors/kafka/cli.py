@@ -16,7 +16,7 @@ from pydantic import ValidationError
 
 from connectors.kafka.settings import ConsumerSettings, load_settings
 
-__all__ = ["register_demo", "register_run", "settings_flags"]
+__all__ = ["register_demo", "register_produce_demo", "register_run", "settings_flags"]
 
 logger = logging.getLogger(__name__)
 
@@ -56,15 +56,22 @@ def _settings(args) -> ConsumerSettings:
 
 
 def _run(args) -> int:
+    from connectors.kafka.observability import Observability, configure_logging
     from connectors.kafka.pipeline import run_consumer
     from connectors.kafka.topics import ensure_topics
 
     settings = _settings(args)
-    logging.getLogger().setLevel(settings.log_level)
+    configure_logging(settings.log_level, settings.log_format)
     logger.info("settings: %s", settings.redacted())
+    observability = Observability()
+    if settings.http_port is not None:
+        port = observability.serve(settings.http_port)
+        logger.info("serving /metrics, /healthz and /readyz on port %d", port)
     ensure_topics(settings)
-    report = _ProgressLog()
-    counters = run_consumer(settings, on_batch=report)
+    try:
+        counters = run_consumer(settings, on_batch=_ProgressLog(), observability=observability)
+    finally:
+        observability.close()
     print(
         f"records {counters.records_in}: {counters.assigned} assigned, {counters.dead_lettered} dead-lettered, "
         f"{counters.drift_events} drift events"
@@ -113,3 +120,28 @@ def _demo(args) -> int:
     from connectors.kafka.demo import run_demo
 
     return run_demo(records=args.records, bad_records=args.bad_records, client=args.client, seed=args.seed)
+
+
+def register_produce_demo(commands) -> None:
+    parser = commands.add_parser(
+        "produce-demo",
+        help="produce the demo's regime-switching stream to a Kafka topic",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--bootstrap-servers", required=True)
+    parser.add_argument("--topic", default="events")
+    parser.add_argument("--records", type=int, default=90_000)
+    parser.add_argument("--bad-records", type=int, default=25)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.set_defaults(handler=_produce_demo)
+
+
+def _produce_demo(args) -> int:
+    from connectors.kafka.demo import produce_regimes
+
+    changes = produce_regimes(args.bootstrap_servers, args.topic, args.records, args.bad_records, args.seed)
+    print(
+        f"produced {args.records:,} records (+{args.bad_records} malformed) to {args.topic}; "
+        f"regime changes after records {changes}"
+    )
+    return 0

@@ -101,8 +101,13 @@ def run_consumer(
     settings: ConsumerSettings,
     on_batch: Callable[[Progress], None] | None = None,
     stop: threading.Event | None = None,
+    observability=None,
 ) -> Counters:
-    """Run the consumer until `max_records`, a signal, or `stop` is set; returns the counters."""
+    """Run the consumer until `max_records`, a signal, or `stop` is set; returns the counters.
+
+    `observability` (a `connectors.kafka.observability.Observability`) is told each time the
+    loop turns, when the consumer is ready, and what each batch did.
+    """
     stopper = _Stop()
     if stop is not None:
         stopper.event = stop
@@ -126,6 +131,8 @@ def run_consumer(
         )
 
     def start_offsets(assigned: list[Partition]) -> dict[Partition, int]:
+        if observability is not None:
+            observability.ready(bool(assigned))
         # the checkpoint is authoritative for what the model has learned
         return {tp: offsets[tp] for tp in assigned if tp in offsets}
 
@@ -149,6 +156,8 @@ def run_consumer(
     try:
         with stopper.on_signals():
             while not stopper.event.is_set():
+                if observability is not None:
+                    observability.turned()
                 limit = settings.max_poll_records
                 if settings.max_records is not None:
                     limit = min(limit, settings.max_records - counters.records_in)
@@ -168,10 +177,15 @@ def run_consumer(
                         uncommitted[(record.topic, record.partition)] = record.offset + 1
                     offsets.update(uncommitted)
                     unsaved += len(batch)
-                    if on_batch is not None:
+                    if on_batch is not None or observability is not None:
                         weights = model.weights_.tolist() if model.is_warm else []
                         latency = time.monotonic() - began
-                        on_batch(Progress(counters, time.monotonic() - started, weights, drifts, latency, source.lag()))
+                        progress = Progress(
+                            counters, time.monotonic() - started, weights, drifts, latency, source.lag()
+                        )
+                        for report in (on_batch, observability.on_batch if observability else None):
+                            if report is not None:
+                                report(progress)
                 if unsaved >= settings.checkpoint_every or (
                     unsaved and time.monotonic() - last_checkpoint >= settings.checkpoint_interval_s
                 ):
@@ -199,7 +213,12 @@ def _process(batch, decoder, model, detector, settings, topics, counters):
             rows.append(decoder.decode(record.value))
             good.append(i)
         except ValueError as error:
-            logger.warning("dead-lettered %s: %s", record.where(), error)
+            logger.warning(
+                "dead-lettered %s: %s",
+                record.where(),
+                error,
+                extra={"source": schemas.source_of(record), "error": str(error)},
+            )
             outputs[i] = schemas.dead_letter(record, topics["dead_letter"], str(error))
     counters.records_in += len(batch)
     counters.dead_lettered += len(batch) - len(good)

@@ -69,6 +69,10 @@ class ConsumerSettings(BaseSettings):
     session_timeout_ms: int = Field(6000, ge=1000, description="group session timeout (a join takes ~half)")
     heartbeat_interval_ms: int = Field(1000, ge=100, description="group heartbeat interval")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="log level")
+    log_format: Literal["text", "json"] = Field("text", description="log lines as text or one JSON object each")
+    http_port: int | None = Field(
+        None, ge=0, le=65535, description="serve /metrics, /healthz and /readyz on this port (none: off)"
+    )
 
     # -- security (passed through to the client) -------------------------------------------------
     security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field(

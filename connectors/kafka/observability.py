@@ -1,0 +1,146 @@
+"""Operations: Prometheus metrics, liveness/readiness endpoints, and JSON log lines.
+
+One small HTTP server (standard library) serves `/metrics` (Prometheus text
+format, from prometheus-client), `/healthz` (liveness: the consume loop turned
+within `stall_after_s`) and `/readyz` (readiness: the consumer has partitions and
+its checkpoint is loaded).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+__all__ = ["JsonFormatter", "Observability", "configure_logging"]
+
+
+class Observability:
+    """Metrics and health of one consumer process."""
+
+    def __init__(self, stall_after_s: float = 60.0):
+        self.registry = CollectorRegistry()
+        self.records_in = Counter("streamem_records_in", "input records consumed", registry=self.registry)
+        self.assigned = Counter(
+            "streamem_records_assigned", "records answered with an assignment", registry=self.registry
+        )
+        self.dead_lettered = Counter(
+            "streamem_records_dead_lettered", "records sent to the dead-letter topic", registry=self.registry
+        )
+        self.drift_events = Counter("streamem_drift_events", "weight drifts detected", registry=self.registry)
+        self.lag = Gauge("streamem_consumer_lag", "records behind the high watermark", registry=self.registry)
+        self.weights = Gauge("streamem_mixture_weight", "current mixture weight", ["component"], registry=self.registry)
+        self.latency = Histogram(
+            "streamem_batch_latency_seconds",
+            "time to process one poll batch",
+            registry=self.registry,
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+        )
+        self.stall_after_s = stall_after_s
+        self._last_turn = time.monotonic()
+        self._ready = False
+        self._previous = (0, 0, 0, 0)
+        self._server: ThreadingHTTPServer | None = None
+
+    # -- fed by the consume loop ------------------------------------------------------------
+    def turned(self) -> None:
+        """The loop went round once (called every iteration, with or without records)."""
+        self._last_turn = time.monotonic()
+
+    def ready(self, value: bool = True) -> None:
+        self._ready = value
+
+    def on_batch(self, progress) -> None:
+        c = progress.counters
+        now = (c.records_in, c.assigned, c.dead_lettered, c.drift_events)
+        for metric, new, old in zip(
+            (self.records_in, self.assigned, self.dead_lettered, self.drift_events), now, self._previous
+        ):
+            if new > old:
+                metric.inc(new - old)
+        self._previous = now
+        self.latency.observe(progress.batch_latency_s)
+        if progress.lag is not None:
+            self.lag.set(progress.lag)
+        for k, weight in enumerate(progress.weights):
+            self.weights.labels(component=str(k)).set(weight)
+
+    # -- served -------------------------------------------------------------------------------
+    @property
+    def alive(self) -> bool:
+        return time.monotonic() - self._last_turn < self.stall_after_s
+
+    @property
+    def is_ready(self) -> bool:
+        return self._ready and self.alive
+
+    def serve(self, port: int, host: str = "0.0.0.0") -> int:  # noqa: S104 - a container's probe port
+        """Start the HTTP server in a daemon thread; returns the bound port (0 picks a free one)."""
+        observability = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):  # noqa: N802 - the http.server API
+                if self.path == "/metrics":
+                    body, status, kind = generate_latest(observability.registry), 200, CONTENT_TYPE_LATEST
+                elif self.path == "/healthz":
+                    ok = observability.alive
+                    body, status, kind = (b"ok\n" if ok else b"stalled\n"), (200 if ok else 503), "text/plain"
+                elif self.path == "/readyz":
+                    ok = observability.is_ready
+                    body, status, kind = (b"ready\n" if ok else b"not ready\n"), (200 if ok else 503), "text/plain"
+                else:
+                    body, status, kind = b"not found\n", 404, "text/plain"
+                self.send_response(status)
+                self.send_header("Content-Type", kind)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args) -> None:  # probes every few seconds would flood the log
+                pass
+
+        self._server = ThreadingHTTPServer((host, port), Handler)
+        threading.Thread(target=self._server.serve_forever, name="streamem-http", daemon=True).start()
+        return self._server.server_address[1]
+
+    def close(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message, and any `extra={"source": ...}` fields."""
+
+    fields = ("source", "error", "partitions")
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = {
+            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S") + f".{int(record.msecs):03d}Z",
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        for name in self.fields:
+            if hasattr(record, name):
+                line[name] = getattr(record, name)
+        if record.exc_info:
+            line["exception"] = self.formatException(record.exc_info)
+        return json.dumps(line, default=str)
+
+
+def configure_logging(level: str, fmt: str) -> None:
+    """Root logging: `fmt` is "json" (one object per line) or "text"."""
+    handler = logging.StreamHandler()
+    if fmt == "json":
+        handler.setFormatter(JsonFormatter())
+        logging.Formatter.converter = time.gmtime
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)

@@ -1,0 +1,71 @@
+"""Metrics, health endpoints and JSON log lines of a real consumer run."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import urllib.request
+
+from connectors.kafka.observability import JsonFormatter, Observability
+from connectors.kafka.pipeline import run_consumer
+from connectors.kafka.topics import ensure_topics
+from tests.kafka_helpers import produce, unique
+from tests.test_kafka_consumer import good_values, make_settings
+
+
+def _get(port: int, path: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read().decode()
+
+
+def _metric(text: str, name: str) -> float:
+    return float(next(line.split()[-1] for line in text.splitlines() if line.startswith(name + " ")))
+
+
+def test_metrics_health_and_json_logs_of_a_run(broker):
+    """/metrics counts what the run did; /healthz and /readyz answer; dead letters log JSON with their source."""
+    topic = unique("observed")
+    settings = make_settings(broker, topic, max_records=803)
+    ensure_topics(settings, input_partitions=1)
+    produce(broker.bootstrap_servers, topic, good_values(800) + [b"oops", b"{}", b'{"a": "x", "b": 1}'])
+    observability = Observability()
+    port = observability.serve(0, host="127.0.0.1")
+    assert _get(port, "/readyz")[0] == 503  # no partitions yet
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(JsonFormatter())
+    logging.getLogger("connectors").addHandler(handler)
+    try:
+        run_consumer(settings, observability=observability)
+        status, text = _get(port, "/metrics")
+        assert status == 200
+        assert _metric(text, "streamem_records_in_total") == 803
+        assert _metric(text, "streamem_records_assigned_total") == 800
+        assert _metric(text, "streamem_records_dead_lettered_total") == 3
+        assert 'streamem_mixture_weight{component="0"}' in text
+        assert "streamem_batch_latency_seconds_count" in text
+        assert _get(port, "/healthz") == (200, "ok\n")
+        assert _get(port, "/readyz") == (200, "ready\n")
+        assert _get(port, "/nope")[0] == 404
+    finally:
+        logging.getLogger("connectors").removeHandler(handler)
+        observability.close()
+    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    dead = [line for line in lines if line["message"].startswith("dead-lettered")]
+    assert len(dead) == 3
+    assert dead[0]["source"] == {"topic": topic, "partition": 0, "offset": 800}
+    assert dead[0]["level"] == "WARNING" and "not valid JSON" in dead[0]["error"]
+
+
+def test_liveness_fails_when_the_loop_stalls():
+    """/healthz turns 503 when the loop has not turned within stall_after_s."""
+    observability = Observability(stall_after_s=0.0)
+    port = observability.serve(0, host="127.0.0.1")
+    try:
+        assert _get(port, "/healthz") == (503, "stalled\n")
+    finally:
+        observability.close()

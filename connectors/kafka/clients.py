@@ -34,7 +34,8 @@ class DeliveryFailed(RuntimeError):
 
 class Source(Protocol):
     def poll(self, max_records: int, timeout_ms: int) -> list[InputRecord]: ...
-    def commit(self, offsets: dict[Partition, int]) -> None: ...
+    def assigned(self) -> set[Partition]: ...
+    def commit(self, offsets: dict[Partition, int]) -> bool: ...
     def lag(self) -> int | None: ...
     def close(self) -> None: ...
 
@@ -85,13 +86,16 @@ class _ResendingSink:
 
 
 StartOffsets = Callable[[list[Partition]], dict[Partition, int]]
+Revoked = Callable[[list[Partition]], None]
 
 
-def make_source(settings: ConsumerSettings, start_offsets: StartOffsets) -> Source:
-    """A group consumer of the input topic; `start_offsets` says where to resume assigned partitions."""
+def make_source(settings: ConsumerSettings, start_offsets: StartOffsets, revoked: Revoked | None = None) -> Source:
+    """A group consumer of the input topic. On assignment, `start_offsets` says where to resume each
+    partition (others resume from the group's committed offset); `revoked` runs before partitions
+    are taken away, so their progress can be checkpointed and committed first."""
     if settings.client == "confluent":
-        return ConfluentSource(settings, start_offsets)
-    return KafkaPythonSource(settings, start_offsets)
+        return ConfluentSource(settings, start_offsets, revoked)
+    return KafkaPythonSource(settings, start_offsets, revoked)
 
 
 def make_sink(settings: ConsumerSettings) -> Sink:
@@ -134,7 +138,7 @@ def confluent_security(settings: ConsumerSettings) -> dict:
 
 # -- kafka-python -----------------------------------------------------------------------------
 class KafkaPythonSource:
-    def __init__(self, settings: ConsumerSettings, start_offsets: StartOffsets):
+    def __init__(self, settings: ConsumerSettings, start_offsets: StartOffsets, revoked: Revoked | None = None):
         from kafka import ConsumerRebalanceListener, KafkaConsumer, TopicPartition
 
         self._TopicPartition = TopicPartition
@@ -153,8 +157,11 @@ class KafkaPythonSource:
         consumer = self._consumer
 
         class Resume(ConsumerRebalanceListener):
-            def on_partitions_revoked(self, revoked):
-                logger.info("partitions revoked: %s", sorted((tp.topic, tp.partition) for tp in revoked))
+            def on_partitions_revoked(self, lost):
+                partitions = sorted((tp.topic, tp.partition) for tp in lost)
+                logger.info("partitions revoked: %s", partitions)
+                if revoked is not None and partitions:
+                    revoked(partitions)
 
             def on_partitions_assigned(self, assigned):
                 partitions = [(tp.topic, tp.partition) for tp in assigned]
@@ -167,6 +174,9 @@ class KafkaPythonSource:
     def committed(self, partition: Partition) -> int | None:
         return self._consumer.committed(self._TopicPartition(*partition))
 
+    def assigned(self) -> set[Partition]:
+        return {(tp.topic, tp.partition) for tp in self._consumer.assignment()}
+
     def poll(self, max_records: int, timeout_ms: int) -> list[InputRecord]:
         batches = self._consumer.poll(timeout_ms=timeout_ms, max_records=max_records)
         return [
@@ -175,12 +185,20 @@ class KafkaPythonSource:
             for message in messages
         ]
 
-    def commit(self, offsets: dict[Partition, int]) -> None:
+    def commit(self, offsets: dict[Partition, int]) -> bool:
+        """Commit; False when the group is rebalancing (the offsets are then committed later, or by
+        the partition's next owner, which re-answers from the previous commit)."""
         from kafka import OffsetAndMetadata
+        from kafka.errors import CommitFailedError, RebalanceInProgressError
 
-        self._consumer.commit(
-            {self._TopicPartition(*tp): OffsetAndMetadata(offset, "", -1) for tp, offset in offsets.items()}
-        )
+        try:
+            self._consumer.commit(
+                {self._TopicPartition(*tp): OffsetAndMetadata(offset, "", -1) for tp, offset in offsets.items()}
+            )
+        except (CommitFailedError, RebalanceInProgressError) as error:
+            logger.info("commit deferred: %s", error)
+            return False
+        return True
 
     def lag(self) -> int | None:
         """Records behind the high watermark over assigned partitions (Tansu's end_offsets is wrong, so
@@ -231,7 +249,7 @@ class KafkaPythonSink(_ResendingSink):
 
 # -- confluent-kafka --------------------------------------------------------------------------
 class ConfluentSource:
-    def __init__(self, settings: ConsumerSettings, start_offsets: StartOffsets):
+    def __init__(self, settings: ConsumerSettings, start_offsets: StartOffsets, revoked: Revoked | None = None):
         from confluent_kafka import Consumer, TopicPartition
 
         self._TopicPartition = TopicPartition
@@ -257,11 +275,20 @@ class ConfluentSource:
             consumer.assign(assigned)
             logger.info("partitions assigned: %s", sorted(partitions))
 
-        self._consumer.subscribe([settings.input_topic], on_assign=on_assign)
+        def on_revoke(consumer, lost):
+            partitions = sorted((tp.topic, tp.partition) for tp in lost)
+            logger.info("partitions revoked: %s", partitions)
+            if revoked is not None and partitions:
+                revoked(partitions)
+
+        self._consumer.subscribe([settings.input_topic], on_assign=on_assign, on_revoke=on_revoke)
 
     def committed(self, partition: Partition) -> int | None:
         (tp,) = self._consumer.committed([self._TopicPartition(*partition)], timeout=10)
         return tp.offset if tp.offset >= 0 else None
+
+    def assigned(self) -> set[Partition]:
+        return {(tp.topic, tp.partition) for tp in self._consumer.assignment()}
 
     def poll(self, max_records: int, timeout_ms: int) -> list[InputRecord]:
         messages = self._consumer.consume(num_messages=max_records, timeout=timeout_ms / 1000)
@@ -275,11 +302,17 @@ class ConfluentSource:
             )
         return records
 
-    def commit(self, offsets: dict[Partition, int]) -> None:
-        self._consumer.commit(
-            offsets=[self._TopicPartition(topic, partition, offset) for (topic, partition), offset in offsets.items()],
-            asynchronous=False,
-        )
+    def commit(self, offsets: dict[Partition, int]) -> bool:
+        from confluent_kafka import KafkaException
+
+        try:
+            self._consumer.commit(
+                offsets=[self._TopicPartition(t, p, offset) for (t, p), offset in offsets.items()], asynchronous=False
+            )
+        except KafkaException as error:  # e.g. REBALANCE_IN_PROGRESS, ILLEGAL_GENERATION
+            logger.info("commit deferred: %s", error)
+            return False
+        return True
 
     def lag(self) -> int | None:
         total = 0

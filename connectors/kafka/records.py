@@ -17,7 +17,7 @@ from operator import itemgetter
 from typing import NamedTuple
 
 import orjson
-from pydantic import ConfigDict, StrictFloat, StrictInt, TypeAdapter, ValidationError
+from pydantic import ConfigDict, StrictFloat, StrictInt, StrictStr, TypeAdapter, ValidationError
 from typing_extensions import TypedDict
 
 __all__ = [
@@ -58,10 +58,15 @@ class RecordDecoder:
     a third of a `BaseModel`'s cost).
     """
 
-    def __init__(self, features: list[str], target: str | None = None):
+    def __init__(self, features: list[str], target: str | None = None, model_key: str | None = None):
+        """Values come back as features, then the target, then the model key (a string or an integer)."""
         self.fields = list(features) + ([target] if target is not None else [])
         number = StrictFloat | StrictInt  # JSON true/false and "1.5" are not numbers here
-        schema = TypedDict("StreamemRecord", {name: number for name in self.fields})
+        types = {name: number for name in self.fields}
+        if model_key is not None:
+            types[model_key] = StrictStr | StrictInt
+            self.fields.append(model_key)
+        schema = TypedDict("StreamemRecord", types)
         schema.__pydantic_config__ = ConfigDict(extra="ignore", allow_inf_nan=False)
         self._validate = TypeAdapter(schema).validator.validate_json
         pick = itemgetter(*self.fields)
@@ -92,6 +97,8 @@ def _describe(error: ValidationError) -> str:
         return f"field {field!r} is not finite (NaN or infinity)"
     received = first.get("input")
     shown = orjson.dumps(received).decode() if _jsonable(received) else repr(received)
+    if kind in ("string_type", "int_type") or "string" in first["msg"]:
+        return f"field {field!r} is not a string or an integer: {shown}"
     return f"field {field!r} is not a number: {shown}"
 
 
@@ -124,6 +131,7 @@ def assignments(
     log_likelihoods: list[float],
     first_n_seen: int,
     predictions: list[float] | None = None,
+    model_key: str | None = None,
 ) -> list[OutputRecord]:
     """Assignment records for a batch (the hot path: one dict and one `orjson.dumps` a record)."""
     out = []
@@ -139,6 +147,8 @@ def assignments(
         }
         if predictions is not None:
             body["prediction"] = predictions[j]
+        if model_key is not None:
+            body["model_key"] = model_key
         out.append(OutputRecord(topic, record.key, dumps(body)))
     return out
 
@@ -157,9 +167,16 @@ def dead_letter(record: InputRecord, topic: str, error: str) -> OutputRecord:
 
 
 def drift_record(
-    record: InputRecord, topic: str, n_seen: int, weights, reference_weights, distance: float, drift: bool
+    record: InputRecord,
+    topic: str,
+    n_seen: int,
+    weights,
+    reference_weights,
+    distance: float,
+    drift: bool,
+    model_key: str | None = None,
 ) -> OutputRecord:
-    """{"source", "n_seen", "weights", "reference_weights", "distance", "drift"}."""
+    """{"source", "n_seen", "weights", "reference_weights", "distance", "drift"} (+ "model_key")."""
     body = {
         "source": source_of(record),
         "n_seen": n_seen,
@@ -168,4 +185,6 @@ def drift_record(
         "distance": distance,
         "drift": drift,
     }
-    return OutputRecord(topic, None, orjson.dumps(body))
+    if model_key is not None:
+        body["model_key"] = model_key
+    return OutputRecord(topic, None if model_key is None else model_key.encode(), orjson.dumps(body))

@@ -45,6 +45,9 @@ class ConsumerSettings(BaseSettings):
         default_factory=list, description="feature fields, comma-separated: a,b,c"
     )
     target: str | None = Field(None, description="target field: learn a mixture of linear regressions on it")
+    model_key: str | None = Field(
+        None, description="field whose value selects one model per key (key the messages by it too)"
+    )
     n_components: int = Field(3, ge=1, description="mixture components K")
     covariance_type: Literal["full", "tied", "diag", "spherical"] = Field("full", description="Gaussian covariance")
     batch_size: int = Field(128, ge=1, description="records per stepwise-EM update")
@@ -98,6 +101,8 @@ class ConsumerSettings(BaseSettings):
             raise ValueError("features must name at least one field (--features a,b,c or STREAMEM_FEATURES)")
         if self.target is not None and self.target in self.features:
             raise ValueError(f"target {self.target!r} is also listed among the features")
+        if self.model_key is not None and self.model_key in [*self.features, self.target]:
+            raise ValueError(f"model_key {self.model_key!r} is also a feature or the target")
         if len(set(self.features)) != len(self.features):
             raise ValueError(f"features are listed twice: {self.features}")
         return self

@@ -1,0 +1,352 @@
+"""What the consumer learns: one model for the instance, or one model per key.
+
+A learner answers a poll batch (an assignment or a dead letter per record, drift
+records), learns it, and says what to checkpoint. The consume loop
+(`connectors.kafka.pipeline`) drives it the same way in both modes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import numpy as np
+import pandas as pd
+
+import streamem as se
+from connectors.kafka import records as schemas
+from connectors.kafka.checkpoint import CHECKPOINT_VERSION, Checkpoint, ModelCheckpoint, PartitionOffset
+from connectors.kafka.settings import ConsumerSettings
+from streamem.drift import WeightDriftDetector
+from streamem.schedules import StepSize
+
+__all__ = ["Counters", "InstanceLearner", "KeyedLearner", "make_learner"]
+
+logger = logging.getLogger(__name__)
+Partition = tuple[str, int]
+
+
+@dataclasses.dataclass
+class Counters:
+    records_in: int = 0
+    assigned: int = 0
+    dead_lettered: int = 0
+    drift_events: int = 0
+
+
+def make_learner(settings: ConsumerSettings, store):
+    return KeyedLearner(settings, store) if settings.model_key else InstanceLearner(settings, store)
+
+
+def new_model(settings: ConsumerSettings):
+    step = StepSize(alpha=settings.step_alpha, eta_min=settings.step_floor)
+    common = dict(batch_size=settings.batch_size, step=step, warmup=settings.warmup, seed=settings.seed)
+    if settings.target is not None:
+        return se.OnlineRegressionMixture(settings.n_components, **common)
+    return se.OnlineGMM(
+        settings.n_components, covariance_type=settings.covariance_type, features=tuple(settings.features), **common
+    )
+
+
+def _model_type(settings: ConsumerSettings):
+    return se.OnlineRegressionMixture if settings.target is not None else se.OnlineGMM
+
+
+@dataclasses.dataclass
+class _Model:
+    """A model, its drift detector, and for keyed models the offsets it has learned through."""
+
+    model: object
+    detector: WeightDriftDetector
+    learned_through: dict[Partition, int] = dataclasses.field(default_factory=dict)
+    since_drift_record: int = 0
+    dirty: bool = False
+
+
+class _Learner:
+    def __init__(self, settings: ConsumerSettings, store):
+        self.settings = settings
+        self.store = store
+        self.topics = settings.topics
+        self.decoder = schemas.RecordDecoder(settings.features, settings.target, settings.model_key)
+        self.counters = Counters()
+        self.offsets: dict[Partition, int] = {}  # next offset per partition, once learned
+
+    def _decode(self, batch):
+        """Split a batch into decoded rows (with their batch indices) and dead letters."""
+        outputs: list = [None] * len(batch)
+        rows, good = [], []
+        for i, record in enumerate(batch):
+            try:
+                rows.append(self.decoder.decode(record.value))
+                good.append(i)
+            except ValueError as error:
+                logger.warning(
+                    "dead-lettered %s: %s",
+                    record.where(),
+                    error,
+                    extra={"source": schemas.source_of(record), "error": str(error)},
+                )
+                outputs[i] = schemas.dead_letter(record, self.topics["dead_letter"], str(error))
+        self.counters.records_in += len(batch)
+        self.counters.dead_lettered += len(batch) - len(good)
+        return outputs, rows, good
+
+    def _answer(self, state: _Model, records, values: np.ndarray, learn: np.ndarray, model_key=None):
+        """Score the rows with the model as it is (prequential), learn the rows marked in `learn`."""
+        settings, model = self.settings, state.model
+        d = len(settings.features)
+        frame = pd.DataFrame(values[:, :d], columns=settings.features)
+        seen_before, was_warm = model.n_seen, model.is_warm
+        if settings.target is None:
+            resp, log_likelihood = model.assign_many(frame)
+            predictions = None
+            if learn.any():
+                model.learn_many(frame[learn])
+        else:
+            target = pd.Series(values[:, d])
+            resp, log_likelihood, predictions = model.assign_many(frame, target)
+            if learn.any():
+                model.learn_many(frame[learn], target[learn])
+        answered = schemas.assignments(
+            records,
+            self.topics["assignments"],
+            resp.argmax(axis=1).tolist(),
+            resp.tolist(),
+            log_likelihood.tolist(),
+            seen_before,
+            None if predictions is None else predictions.tolist(),
+            model_key,
+        )
+        self.counters.assigned += len(records)
+        drifts = []
+        # answers of the provisional warm-up model say nothing about drift
+        learned = resp[learn] if was_warm else resp[:0]
+        for event in state.detector.update_many(_padded(learned, state.detector.n_components)):
+            self.counters.drift_events += 1
+            record = [r for r, keep in zip(records, learn, strict=True) if keep][event.index]
+            logger.info(
+                "drift at %s%s: weights %s, reference %s",
+                record.where(),
+                f" (model {model_key})" if model_key is not None else "",
+                event.weights,
+                event.reference_weights,
+            )
+            drifts.append(
+                schemas.drift_record(
+                    record,
+                    self.topics["drift"],
+                    model.n_seen,
+                    event.weights,
+                    event.reference_weights,
+                    event.distance,
+                    True,
+                    model_key,
+                )
+            )
+        state.since_drift_record += int(learn.sum())
+        if state.since_drift_record >= settings.drift_every and model.is_warm:  # periodic drift record
+            state.since_drift_record %= settings.drift_every
+            detector = state.detector
+            drifts.append(
+                schemas.drift_record(
+                    records[-1],
+                    self.topics["drift"],
+                    model.n_seen,
+                    detector.weights_.tolist(),
+                    detector.reference_weights_.tolist(),
+                    detector.distance,
+                    False,
+                    model_key,
+                )
+            )
+        state.dirty = True
+        return answered, drifts
+
+
+class InstanceLearner(_Learner):
+    """One model for this consumer instance, checkpointed under `<group>/<instance>` with its offsets."""
+
+    def __init__(self, settings: ConsumerSettings, store):
+        super().__init__(settings, store)
+        raw = store.load(settings.checkpoint_key)
+        if raw is None:
+            self.state = _Model(new_model(settings), WeightDriftDetector(max(2, settings.n_components)))
+            return
+        checkpoint = Checkpoint.parse(raw)
+        self.state = _Model(
+            _model_type(settings).from_dict(checkpoint.model), WeightDriftDetector.from_dict(checkpoint.detector)
+        )
+        self.offsets = {(o.topic, o.partition): o.offset for o in checkpoint.offsets}
+        self.counters = Counters(**checkpoint.counters)
+        self.state.since_drift_record = self.counters.records_in % settings.drift_every
+        logger.info(
+            "resumed from checkpoint %s: %d records learned, offsets %s",
+            settings.checkpoint_key,
+            self.state.model.n_seen,
+            self.offsets,
+        )
+
+    def start_offsets(self, assigned: list[Partition]) -> dict[Partition, int]:
+        # Resume where the model is (its checkpoint, or how far it got before a rebalance),
+        # so it neither skips nor re-learns a record; other partitions start at the commit.
+        return {tp: self.offsets[tp] for tp in assigned if tp in self.offsets}
+
+    def revoked(self, partitions: list[Partition]) -> None:
+        """The instance's model stays: it has learned from every partition it ever held."""
+
+    def process(self, batch):
+        outputs, rows, good = self._decode(batch)
+        drifts = []
+        if good:
+            records = [batch[i] for i in good]
+            answered, drifts = self._answer(
+                self.state, records, np.array(rows, dtype=float), np.ones(len(good), dtype=bool)
+            )
+            for i, output in zip(good, answered, strict=True):
+                outputs[i] = output
+        return outputs + drifts
+
+    def checkpoint_entries(self) -> list[tuple[str, bytes]]:
+        state = self.state
+        document = Checkpoint(
+            version=CHECKPOINT_VERSION,
+            key=self.settings.checkpoint_key,
+            model=state.model.to_dict(),
+            detector=state.detector.to_dict(),
+            offsets=_offset_list(self.offsets),
+            counters=dataclasses.asdict(self.counters),
+        )
+        state.dirty = False
+        return [(self.settings.checkpoint_key, document.dump())]
+
+    def weights(self) -> list[float]:
+        model = self.state.model
+        return model.weights_.tolist() if model.is_warm else []
+
+
+class KeyedLearner(_Learner):
+    """One model per value of the `model_key` field.
+
+    A key's model lives with the partition that holds its records (producers key the
+    messages by the same field). Each model is checkpointed under
+    `<group>/model/<key>` with the next offset of each partition it has learned
+    through. The consumer that takes a partition over reads those checkpoints;
+    records below a model's learned-through offset are answered again but not
+    learned again.
+    """
+
+    def __init__(self, settings: ConsumerSettings, store):
+        super().__init__(settings, store)
+        self.prefix = f"{settings.group_id}/model/"
+        self.models: dict[str, _Model] = {}
+        self.stored: dict[str, bytes] = {}
+        self.stale = True  # stored checkpoints to be re-read before the next batch
+        self.revoked_partitions: set[Partition] = set()
+        raw = store.load(settings.checkpoint_key)
+        if raw is not None:
+            self.counters = Counters(**Checkpoint.parse(raw).counters)
+
+    def revoked(self, partitions: list[Partition]) -> None:
+        self.revoked_partitions |= set(partitions)
+
+    def start_offsets(self, assigned: list[Partition]) -> dict[Partition, int]:
+        """Drop what belongs to partitions that went elsewhere; resume kept ones where their models are.
+
+        A dropped model's learning since its last checkpoint is discarded on purpose: the new owner
+        restores that checkpoint and learns again from the committed offset, so nothing is learned
+        twice. (Runs in the client's rebalance callback, so nothing here may block.)
+        """
+        lost = self.revoked_partitions - set(assigned)
+        self.revoked_partitions = set()
+        for key in [k for k, state in self.models.items() if set(state.learned_through) & lost]:
+            del self.models[key]
+        for tp in lost:
+            self.offsets.pop(tp, None)
+        self.stale = True  # a previous owner may have just checkpointed models of our new partitions
+        return {tp: self.offsets[tp] for tp in assigned if tp in self.offsets}
+
+    def _model(self, key: str) -> _Model:
+        state = self.models.get(key)
+        if state is not None:
+            return state
+        raw = self.stored.get(self.prefix + key)
+        if raw is None:
+            state = _Model(new_model(self.settings), WeightDriftDetector(max(2, self.settings.n_components)))
+        else:
+            document = ModelCheckpoint.parse(raw)
+            state = _Model(
+                _model_type(self.settings).from_dict(document.model),
+                WeightDriftDetector.from_dict(document.detector),
+                {(o.topic, o.partition): o.offset for o in document.learned_through},
+            )
+            logger.info("model %s restored: %d records learned", key, state.model.n_seen)
+        self.models[key] = state
+        return state
+
+    def process(self, batch):
+        if self.stale:
+            self.stored = self.store.load_prefix(self.prefix)
+            self.stale = False
+        outputs, rows, good = self._decode(batch)
+        groups: dict[str, list[int]] = {}
+        for j, values in enumerate(rows):
+            groups.setdefault(str(values[-1]), []).append(j)  # the model key is the last field
+        drifts = []
+        for key, members in groups.items():
+            state = self._model(key)
+            records = [batch[good[j]] for j in members]
+            values = np.array([rows[j][:-1] for j in members], dtype=float)
+            learn = np.array(
+                [r.offset >= state.learned_through.get((r.topic, r.partition), 0) for r in records], dtype=bool
+            )
+            answered, key_drifts = self._answer(state, records, values, learn, model_key=key)
+            drifts.extend(key_drifts)
+            for j, output in zip(members, answered, strict=True):
+                outputs[good[j]] = output
+            for r in records:
+                state.learned_through[(r.topic, r.partition)] = max(
+                    state.learned_through.get((r.topic, r.partition), 0), r.offset + 1
+                )
+        return outputs + drifts
+
+    def checkpoint_entries(self) -> list[tuple[str, bytes]]:
+        entries = []
+        for key, state in self.models.items():
+            if not state.dirty:
+                continue
+            # every record of the model's partitions up to the consumer's position is learned
+            through = {tp: max(offset, self.offsets.get(tp, 0)) for tp, offset in state.learned_through.items()}
+            state.learned_through = through
+            document = ModelCheckpoint(
+                version=CHECKPOINT_VERSION,
+                model_key=key,
+                model=state.model.to_dict(),
+                detector=state.detector.to_dict(),
+                learned_through=_offset_list(through),
+            )
+            entries.append((self.prefix + key, document.dump()))
+            state.dirty = False
+        counters = Checkpoint(
+            version=CHECKPOINT_VERSION,
+            key=self.settings.checkpoint_key,
+            model=None,
+            detector=None,
+            offsets=_offset_list(self.offsets),
+            counters=dataclasses.asdict(self.counters),
+        )
+        return [*entries, (self.settings.checkpoint_key, counters.dump())]
+
+    def weights(self) -> list[float]:
+        return []  # one set per key: see the drift topic
+
+
+def _offset_list(offsets: dict[Partition, int]) -> list[PartitionOffset]:
+    return [PartitionOffset(topic=t, partition=p, offset=o) for (t, p), o in sorted(offsets.items())]
+
+
+def _padded(resp: np.ndarray, width: int) -> np.ndarray:
+    """A one-component model still feeds a two-component detector (the second column stays 0)."""
+    if resp.shape[1] == width:
+        return resp
+    return np.hstack([resp, np.zeros((resp.shape[0], width - resp.shape[1]))])

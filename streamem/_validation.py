@@ -17,15 +17,19 @@ __all__ = [
     "check_target_value",
     "frame_values",
     "record_values",
+    "record_values_with_missing",
 ]
 
 
-def check_array(X, *, name: str = "X", n_features: int | None = None, min_samples: int = 1) -> np.ndarray:
+def check_array(
+    X, *, name: str = "X", n_features: int | None = None, min_samples: int = 1, allow_missing: bool = False
+) -> np.ndarray:
     """Return `X` as a finite float64 array of shape (n_samples, n_features).
 
     Raises a `ValueError` naming the problem: empty input, wrong number of
     dimensions or features, non-numeric entries, NaN or infinite values (with the
-    position of the first one).
+    position of the first one). With `allow_missing`, NaN (or None) marks a missing
+    value; infinities and records with no observed value are still refused.
     """
     try:
         array = np.asarray(X, dtype=np.float64)
@@ -44,7 +48,13 @@ def check_array(X, *, name: str = "X", n_features: int | None = None, min_sample
         raise ValueError(f"{name} has 0 features")
     if n_features is not None and array.shape[1] != n_features:
         raise ValueError(f"{name} has {array.shape[1]} features, but the model was fitted with {n_features}")
-    _check_finite(array, name)
+    if allow_missing:
+        missing = np.isnan(array)
+        _check_finite(np.where(missing, 0.0, array), name)
+        if missing.all(axis=1).any():
+            raise ValueError(f"{name} row {int(np.argmax(missing.all(axis=1)))} has no observed value")
+    else:
+        _check_finite(array, name)
     return np.ascontiguousarray(array)
 
 
@@ -124,6 +134,27 @@ def record_values(x, names, *, allow_missing: bool = False) -> list:
     return row  # every value was finite but their sum overflowed: the record is fine
 
 
+def record_values_with_missing(x, names) -> list:
+    """Like `record_values`, but None or NaN marks a missing feature (returned as NaN)."""
+    if not isinstance(x, dict):
+        raise TypeError(f"a record must be a dict of feature name -> number, got {type(x).__name__}")
+    known = set(names)
+    for name in x:
+        if name not in known:
+            raise ValueError(f"unexpected feature {name!r}; the model's features are {list(names)}")
+    row = []
+    for name in names:
+        value = x.get(name)
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            row.append(math.nan)
+            continue
+        check_feature_value(name, value)
+        row.append(float(value))
+    if all(math.isnan(v) for v in row):
+        raise ValueError("the record has no observed feature")
+    return row
+
+
 def _record_error(x, names, *, allow_missing: bool = False) -> None:
     if not isinstance(x, dict):
         raise TypeError(f"a record must be a dict of feature name -> number, got {type(x).__name__}")
@@ -159,7 +190,7 @@ def check_target_value(y) -> float:
     return float(y)
 
 
-def frame_values(X, columns) -> np.ndarray:
+def frame_values(X, columns, allow_missing: bool = False) -> np.ndarray:
     """The DataFrame columns `columns` as a finite float array; errors name the column and row.
 
     Non-numeric columns are refused value by value: pandas would parse the string
@@ -178,6 +209,16 @@ def frame_values(X, columns) -> np.ndarray:
                     raise TypeError(f"feature {name!r} is not a number in row {index!r}: {value!r}")
     # selecting columns copies the frame in pandas; skip it when the order already matches
     values = (X if list(X.columns) == columns else X[columns]).to_numpy(dtype=float)
+    bad = ~np.isfinite(values)
+    if allow_missing:
+        bad &= ~np.isnan(values)
+    if bad.any():
+        row, column = np.argwhere(bad)[0]
+        kind = "NaN" if np.isnan(values[row, column]) else "infinite"
+        raise ValueError(f"feature {columns[column]!r} is {kind} in row {X.index[row]!r}")
+    if allow_missing and np.isnan(values).all(axis=1).any():
+        raise ValueError(f"row {X.index[int(np.argmax(np.isnan(values).all(axis=1)))]!r} has no observed feature")
+    return np.ascontiguousarray(values)
     if not np.all(np.isfinite(values)):
         row, column = np.argwhere(~np.isfinite(values))[0]
         kind = "NaN" if np.isnan(values[row, column]) else "infinite"

@@ -42,6 +42,10 @@ class GaussianMixture(BatchMixture):
         Added to the diagonal of every covariance, keeping them positive definite.
     weights_init, means_init, covariances_init
         Starting parameters; any that are missing come from `init`.
+    missing
+        ``"error"``: a NaN is an error. ``"marginalize"``: NaN marks a missing feature,
+        integrated out exactly in every E-step (Ghahramani & Jordan 1994); `impute`
+        then fills missing values with their conditional expectation.
     random_state
         Seed (int), a `numpy.random.Generator`, or None.
 
@@ -79,6 +83,7 @@ class GaussianMixture(BatchMixture):
         means_init=None,
         covariances_init=None,
         random_state=None,
+        missing: str = "error",
     ):
         self.n_components = n_components
         self.covariance_type = covariance_type
@@ -91,6 +96,7 @@ class GaussianMixture(BatchMixture):
         self.means_init = means_init
         self.covariances_init = covariances_init
         self.random_state = random_state
+        self.missing = missing
 
     # -- fitting ------------------------------------------------------------------------
     def fit(self, X, y=None) -> GaussianMixture:
@@ -99,7 +105,8 @@ class GaussianMixture(BatchMixture):
         check_choice(self.covariance_type, "covariance_type", COVARIANCE_TYPES)
         check_choice(self.init, "init", INIT_METHODS)
         check_positive(self.reg_covar, "reg_covar", allow_zero=True)
-        X = check_array(X)
+        check_choice(self.missing, "missing", ("error", "marginalize"))
+        X = check_array(X, allow_missing=self.missing == "marginalize")
         n, d = X.shape
         if n < K:
             raise ValueError(f"X has {n} samples, fewer than n_components={K}")
@@ -113,12 +120,15 @@ class GaussianMixture(BatchMixture):
             if start["means"] is not None and start["weights"] is not None and start["covariances"] is not None:
                 return family.make_params(start["weights"], start["means"], start["covariances"])
             if start["means"] is not None:  # responsibilities by nearest given mean
-                distances = ((X[:, None, :] - start["means"][None]) ** 2).sum(axis=2)
+                distances = np.nansum((X[:, None, :] - start["means"][None]) ** 2, axis=2)
                 resp = np.zeros((n, K))
                 resp[np.arange(n), distances.argmin(axis=1)] = 1.0
             else:
-                resp = initial_responsibilities(batch.centred, K, self.init, rng)
-            fitted = family.m_step(family.suff_stats(batch, resp))
+                # k-means++ needs complete rows: missing values start at their feature's mean
+                seeds = np.where(np.isnan(batch.centred), 0.0, batch.centred)
+                resp = initial_responsibilities(seeds, K, self.init, rng)
+            complete = family.prepare(np.where(np.isnan(X), batch.shift, X), batch.shift)
+            fitted = family.m_step(family.suff_stats(complete, resp))
             return family.make_params(
                 fitted.weights if start["weights"] is None else start["weights"],
                 fitted.means if start["means"] is None else start["means"],
@@ -166,7 +176,7 @@ class GaussianMixture(BatchMixture):
     # -- inference ----------------------------------------------------------------------
     def _e_step(self, X):
         self._check_fitted()
-        X = check_array(X, n_features=self.n_features_in_)
+        X = check_array(X, n_features=self.n_features_in_, allow_missing=self.missing == "marginalize")
         family = GaussianFamily(self.covariance_type, self.reg_covar)
         return family.e_step(family.prepare(X, shift=self._reference_point()), self._params)
 
@@ -190,17 +200,25 @@ class GaussianMixture(BatchMixture):
         """Most responsible component of each record, shape (n,)."""
         return self._e_step(X)[1].argmax(axis=1)
 
+    def impute(self, X) -> np.ndarray:
+        """X with every missing value (NaN) replaced by its conditional expectation given the
+        observed values of its record, E[x_m | x_o] = sum_k p(k | x_o) E[x_m | x_o, k]."""
+        from streamem.families.gaussian_missing import conditional_fill
+
+        self._check_fitted()
+        return conditional_fill(check_array(X, n_features=self.n_features_in_, allow_missing=True), self._params)
+
     def _n_parameters(self) -> int:
         return GaussianFamily(self.covariance_type).n_parameters(self.n_components, self.n_features_in_)
 
     def bic(self, X) -> float:
         """Bayesian information criterion (lower is better), as scikit-learn computes it."""
-        n = check_array(X).shape[0]
+        n = len(np.asarray(X))
         return -2.0 * self.score(X) * n + self._n_parameters() * np.log(n)
 
     def aic(self, X) -> float:
         """Akaike information criterion (lower is better)."""
-        n = check_array(X).shape[0]
+        n = len(np.asarray(X))
         return -2.0 * self.score(X) * n + 2.0 * self._n_parameters()
 
     def sample(self, n_samples: int = 1) -> tuple[np.ndarray, np.ndarray]:

@@ -9,7 +9,13 @@ import pandas as pd
 from river import base
 
 from streamem._online import OnlineMixture
-from streamem._validation import check_choice, check_positive, frame_values, record_values
+from streamem._validation import (
+    check_choice,
+    check_positive,
+    frame_values,
+    record_values,
+    record_values_with_missing,
+)
 from streamem.families.gaussian import COVARIANCE_TYPES, GaussianFamily, GaussianStats, RecordScorer
 from streamem.gaussian_mixture import GaussianMixture
 from streamem.schedules import StepSize
@@ -62,6 +68,10 @@ class OnlineGMM(OnlineMixture, base.Clusterer):
         after the warm-up; None to predict with the current parameters.
     seed
         Seed of the warm-up's k-means++ starts.
+    missing
+        ``"error"``: a missing feature is an error. ``"marginalize"``: a feature that is
+        None or NaN is integrated out exactly, in learning (conditional expectations
+        in the statistics) and in predictions; `impute_one` fills it in.
 
     Attributes
     ----------
@@ -103,6 +113,7 @@ class OnlineGMM(OnlineMixture, base.Clusterer):
         reg_covar: float = 1e-6,
         averaging: int | None = None,
         seed: int | None = None,
+        missing: str = "error",
     ):
         self.n_components = n_components
         self.covariance_type = covariance_type
@@ -113,8 +124,10 @@ class OnlineGMM(OnlineMixture, base.Clusterer):
         self.reg_covar = reg_covar
         self.averaging = averaging
         self.seed = seed
+        self.missing = missing
         self._check_online_params()
         check_choice(covariance_type, "covariance_type", COVARIANCE_TYPES)
+        check_choice(missing, "missing", ("error", "marginalize"))
         check_positive(reg_covar, "reg_covar", allow_zero=True)
         self._reset()
 
@@ -122,6 +135,7 @@ class OnlineGMM(OnlineMixture, base.Clusterer):
     def _unit_test_params(cls):
         yield {"n_components": 2, "warmup": 20, "batch_size": 8, "seed": 42}
         yield {"n_components": 3, "covariance_type": "diag", "warmup": 30, "batch_size": 5, "averaging": 2, "seed": 1}
+        yield {"n_components": 2, "warmup": 20, "batch_size": 8, "seed": 3, "missing": "marginalize"}
 
     def _reset(self) -> None:
         super()._reset()
@@ -148,6 +162,7 @@ class OnlineGMM(OnlineMixture, base.Clusterer):
             tol=1e-6,
             max_iter=300,
             random_state=self._rng,
+            missing=self.missing,
         )
         return batch_model.fit(rows)._params
 
@@ -157,8 +172,11 @@ class OnlineGMM(OnlineMixture, base.Clusterer):
         if rows is None or len(rows) == 0:
             means, variance = np.zeros((K, d)), np.ones(d)
         else:
+            centre = np.nanmean(rows, axis=0)
+            centre = np.where(np.isnan(centre), 0.0, centre)
             means = rows[np.arange(K) % len(rows)]
-            variance = rows.var(axis=0) if len(rows) > 1 else np.ones(d)
+            means = np.where(np.isnan(means), centre, means)
+            variance = np.nanvar(rows, axis=0) if len(rows) > 1 else np.ones(d)
             variance = np.where(variance > 0, variance, 1.0)
         covariances = {
             "full": np.stack([np.diag(variance)] * K),
@@ -176,27 +194,46 @@ class OnlineGMM(OnlineMixture, base.Clusterer):
             raise TypeError(f"a record must be a dict of feature name -> number, got {type(x).__name__}")
         return tuple(sorted(x, key=str))
 
+    def _row(self, x, names) -> list:
+        if self.missing == "marginalize":
+            return record_values_with_missing(x, names)
+        return record_values(x, names)
+
     def _score_record(self, x) -> np.ndarray:
+        """log w_k + log p(x_o | k) for the record's observed features, shape (K,)."""
         names = self._names_for(x)
-        row = record_values(x, names)
+        row = self._row(x, names)
+        params = self._params() if self._feature_names is not None else self._provisional_params(None, len(names))
+        if any(value != value for value in row):  # NaN: marginalise the missing features
+            log_norm, log_resp = self._gaussian.e_step(self._gaussian.prepare(np.array([row])), params)
+            return log_resp[0] + log_norm[0]
         if self._feature_names is None:  # nothing learned yet: standard normals at the origin
-            return RecordScorer(self._provisional_params(None, len(names)))(row)
+            return RecordScorer(params)(row)
         if self._scorer is None:
-            self._scorer = RecordScorer(self._params())
+            self._scorer = RecordScorer(params)
         return self._scorer(row)
+
+    def impute_one(self, x: dict) -> dict:
+        """The record with each missing feature (None or NaN) set to E[x_m | x_o] under the mixture."""
+        from streamem.families.gaussian_missing import conditional_fill
+
+        names = self._names_for(x)
+        row = record_values_with_missing(x, names)
+        params = self._params() if self._feature_names is not None else self._provisional_params(None, len(names))
+        return dict(zip(names, conditional_fill(np.array([row]), params)[0].tolist(), strict=True))
 
     # -- River API --------------------------------------------------------------------------
     def learn_one(self, x: dict) -> None:
         """Learn from one record (buffered; the model updates every `batch_size` records)."""
         names = self._names_for(x)
-        row = record_values(x, names)
+        row = self._row(x, names)
         self._feature_names = names
         self._push_row(row)
 
     def learn_many(self, X: pd.DataFrame) -> None:
         """Learn from a DataFrame of records, vectorised; same model as a `learn_one` loop."""
         names = self._feature_names or tuple(sorted(X.columns, key=str))
-        rows = _frame_values(X, names)
+        rows = _frame_values(X, names, self.missing == "marginalize")
         self._feature_names = names
         self._push_rows(rows)
 
@@ -237,7 +274,7 @@ class OnlineGMM(OnlineMixture, base.Clusterer):
 
     def _e_step_frame(self, X: pd.DataFrame):
         names = self._feature_names or tuple(sorted(X.columns, key=str))
-        rows = _frame_values(X, names)
+        rows = _frame_values(X, names, self.missing == "marginalize")
         params = self._params() if self._feature_names else self._provisional_params(None, len(names))
         return self._gaussian.e_step(self._gaussian.prepare(rows, params.weights @ params.means), params)
 
@@ -317,7 +354,7 @@ class OnlineGMM(OnlineMixture, base.Clusterer):
         return [name for name in inspect.signature(cls.__init__).parameters if name != "self"]
 
 
-def _frame_values(X: pd.DataFrame, names: tuple) -> np.ndarray:
+def _frame_values(X: pd.DataFrame, names: tuple, allow_missing: bool = False) -> np.ndarray:
     """The model's feature columns of X; a missing or extra column is an error, as in a record."""
     if isinstance(X, pd.DataFrame):
         missing = [name for name in names if name not in X.columns]
@@ -326,4 +363,4 @@ def _frame_values(X: pd.DataFrame, names: tuple) -> np.ndarray:
         extra = [name for name in X.columns if name not in set(names)]
         if extra:
             raise ValueError(f"unexpected feature {extra[0]!r}; the model's features are {list(names)}")
-    return frame_values(X, names)
+    return frame_values(X, names, allow_missing=allow_missing)

@@ -154,11 +154,17 @@ BAD_RECORDS = [
 @pytest.mark.parametrize(("cls", "params"), ESTIMATORS)
 @pytest.mark.parametrize(("record", "error", "message"), BAD_RECORDS)
 def test_bad_record_raises_and_leaves_the_model_unchanged(cls, params, record, error, message):
-    """NaN, inf, strings, None or a non-dict raise an error naming the feature; the state is untouched."""
+    """NaN, inf, strings, None or a non-dict raise an error naming the feature; the state is untouched.
+    (With missing="marginalize", a None or NaN feature is a missing value, learned instead.)"""
     X, y = _stream(60)
     model = cls(**params)
     _learn_many(model, X, y)
     before = json.dumps(model.to_dict())
+    marks_missing = isinstance(record, dict) and any(v is None or v != v for v in record.values())
+    if params.get("missing") == "marginalize" and marks_missing:
+        _learn(model, record, 1.0)
+        assert model.n_seen == 61
+        return
     with pytest.raises(error, match=message):
         _learn(model, record, 1.0)
     assert json.dumps(model.to_dict()) == before
@@ -171,8 +177,8 @@ def test_bad_dataframe_row_names_its_row_and_changes_nothing(cls, params):
     model = cls(**params)
     before = json.dumps(model.to_dict())
     bad = X.copy()
-    bad.loc[17, "b"] = np.nan
-    with pytest.raises(ValueError, match="feature 'b' is NaN in row 17"):
+    bad.loc[17, "b"] = np.inf
+    with pytest.raises(ValueError, match="feature 'b' is infinite in row 17"):
         _learn_many(model, bad, y)
     stringy = X.astype(object)
     stringy.loc[3, "c"] = "oops"

@@ -61,6 +61,9 @@ def accumulate(family, batch, params, chunk_size: int | None = None):
     responsibilities are only (n, K), so the statistics are then one matrix
     product over the whole batch rather than one per chunk.
     """
+    if getattr(batch, "has_missing", False):  # missing features: the family's marginalising E-step
+        log_norm, _, stats = family.expected_stats(batch, params)
+        return stats, float(log_norm.sum())
     n = batch.n_samples
     size = chunk_size or n
     resp = np.empty((n, params.weights.shape[0]))

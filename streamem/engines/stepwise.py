@@ -13,7 +13,7 @@ import dataclasses
 
 import numpy as np
 
-from streamem.families.base import MASS_FLOOR, responsibilities
+from streamem.families.base import MASS_FLOOR
 from streamem.schedules import StepSize
 
 __all__ = ["StepwiseEM"]
@@ -58,8 +58,8 @@ class StepwiseEM:
 
     def update(self, batch) -> np.ndarray:
         """Blend one prepared mini-batch in; return its records' log-likelihoods before the update."""
-        log_norm, resp = responsibilities(self.family.weighted_log_prob(batch, self.params))
-        batch_stats = self.family.suff_stats(batch, resp).scaled(1.0 / batch.n_samples)
+        log_norm, _, batch_stats = self.family.expected_stats(batch, self.params)
+        batch_stats = batch_stats.scaled(1.0 / batch.n_samples)
         step = self.schedule(self.n_updates)
         stats = _hold_dead_components(self.stats.blend(batch_stats, step))
         self.stats = stats.recentred(stats.data_mean())

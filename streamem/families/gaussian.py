@@ -21,7 +21,7 @@ import math
 
 import numpy as np
 
-from streamem.families.base import MASS_FLOOR, SufficientStatistics, log_responsibilities
+from streamem.families.base import MASS_FLOOR, SufficientStatistics, log_responsibilities, responsibilities
 
 __all__ = [
     "COVARIANCE_TYPES",
@@ -57,6 +57,7 @@ class GaussianBatch:
     centred: np.ndarray
     shift: np.ndarray
     squares: np.ndarray | None = None
+    has_missing: bool = False  # NaN marks a missing feature (marginalised in the E-step)
 
     @property
     def n_samples(self) -> int:
@@ -64,7 +65,7 @@ class GaussianBatch:
 
     def __getitem__(self, rows: slice) -> GaussianBatch:
         squares = None if self.squares is None else self.squares[rows]
-        return GaussianBatch(self.centred[rows], self.shift, squares)
+        return GaussianBatch(self.centred[rows], self.shift, squares, self.has_missing)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -158,10 +159,13 @@ class GaussianFamily:
         With `cache_squares`, the products behind the second moments are computed
         now, once, for a batch that will be passed over many times.
         """
-        shift = X.mean(axis=0) if shift is None else np.asarray(shift, dtype=float)
+        has_missing = bool(np.isnan(X).any())
+        if shift is None:
+            shift = np.nanmean(X, axis=0) if has_missing else X.mean(axis=0)
+        shift = np.asarray(shift, dtype=float)
         centred = X - shift
-        squares = self._squares(centred) if cache_squares else None
-        return GaussianBatch(centred=centred, shift=shift, squares=squares)
+        squares = self._squares(centred) if cache_squares and not has_missing else None
+        return GaussianBatch(centred=centred, shift=shift, squares=squares, has_missing=has_missing)
 
     def _squares(self, centred: np.ndarray) -> np.ndarray:
         if self.covariance_type in ("full", "tied"):
@@ -248,7 +252,25 @@ class GaussianFamily:
 
     def e_step(self, batch: GaussianBatch, params: GaussianParams) -> tuple[np.ndarray, np.ndarray]:
         """Per-record log-likelihood (n,) and log responsibilities (n, K)."""
+        if batch.has_missing:
+            from streamem.families.gaussian_missing import missing_e_step
+
+            log_norm, resp, _ = missing_e_step(batch.centred + batch.shift, batch.shift, params)
+            with np.errstate(divide="ignore"):
+                return log_norm, np.log(resp)
         return log_responsibilities(self.weighted_log_prob(batch, params))
+
+    def expected_stats(self, batch: GaussianBatch, params: GaussianParams):
+        """E-step and expected statistics in one: (log-likelihood (n,), responsibilities (n, K), stats).
+
+        Missing features (NaN) are marginalised exactly (see `gaussian_missing`).
+        """
+        if batch.has_missing:
+            from streamem.families.gaussian_missing import missing_e_step
+
+            return missing_e_step(batch.centred + batch.shift, batch.shift, params)
+        log_norm, resp = responsibilities(self.weighted_log_prob(batch, params))
+        return log_norm, resp, self.suff_stats(batch, resp)
 
     # -- statistics and M-step ----------------------------------------------------------
     def suff_stats(self, batch: GaussianBatch, resp: np.ndarray) -> GaussianStats:

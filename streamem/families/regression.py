@@ -13,7 +13,7 @@ import math
 
 import numpy as np
 
-from streamem.families.base import MASS_FLOOR, SufficientStatistics, log_responsibilities
+from streamem.families.base import MASS_FLOOR, SufficientStatistics, log_responsibilities, responsibilities
 
 __all__ = ["RegressionBatch", "RegressionFamily", "RegressionParams", "RegressionStats"]
 
@@ -157,6 +157,11 @@ class RegressionFamily:
     def e_step(self, batch: RegressionBatch, params: RegressionParams) -> tuple[np.ndarray, np.ndarray]:
         """Per-record log-likelihood (n,) and log responsibilities (n, K)."""
         return log_responsibilities(self.weighted_log_prob(batch, params))
+
+    def expected_stats(self, batch: RegressionBatch, params: RegressionParams):
+        """E-step and expected statistics in one: (log-likelihood (n,), responsibilities (n, K), stats)."""
+        log_norm, resp = responsibilities(self.weighted_log_prob(batch, params))
+        return log_norm, resp, self.suff_stats(batch, resp)
 
     def suff_stats(self, batch: RegressionBatch, resp: np.ndarray) -> RegressionStats:
         design, target = batch.design, batch.target

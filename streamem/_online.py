@@ -115,8 +115,7 @@ class OnlineMixture:
             warnings.simplefilter("ignore", ConvergenceWarning)
             params = self._warm_up_params(rows)
         batch = self._prepare(rows, None)
-        resp = np.exp(family.e_step(batch, params)[1])
-        stats = family.suff_stats(batch, resp).scaled(1.0 / rows.shape[0])
+        stats = family.expected_stats(batch, params)[2].scaled(1.0 / rows.shape[0])
         averaging = None if self.averaging is None else rows.shape[0] / self.batch_size + self.averaging
         self._engine = StepwiseEM(
             family=family,

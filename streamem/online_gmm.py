@@ -205,7 +205,8 @@ class OnlineGMM(OnlineMixture, base.Clusterer):
         row = self._row(x, names)
         params = self._params() if self._feature_names is not None else self._provisional_params(None, len(names))
         if any(value != value for value in row):  # NaN: marginalise the missing features
-            log_norm, log_resp = self._gaussian.e_step(self._gaussian.prepare(np.array([row])), params)
+            batch = self._gaussian.prepare(np.array([row]), params.weights @ params.means)
+            log_norm, log_resp = self._gaussian.e_step(batch, params)
             return log_resp[0] + log_norm[0]
         if self._feature_names is None:  # nothing learned yet: standard normals at the origin
             return RecordScorer(params)(row)

@@ -160,8 +160,12 @@ class GaussianFamily:
         now, once, for a batch that will be passed over many times.
         """
         has_missing = bool(np.isnan(X).any())
-        if shift is None:
-            shift = np.nanmean(X, axis=0) if has_missing else X.mean(axis=0)
+        if shift is None and has_missing:
+            observed = ~np.isnan(X)
+            counts = observed.sum(axis=0)  # a column with no observed value is centred at 0
+            shift = np.where(observed, X, 0.0).sum(axis=0) / np.maximum(counts, 1)
+        elif shift is None:
+            shift = X.mean(axis=0)
         shift = np.asarray(shift, dtype=float)
         centred = X - shift
         squares = self._squares(centred) if cache_squares and not has_missing else None

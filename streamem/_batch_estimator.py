@@ -45,6 +45,7 @@ class BatchMixture:
             n_features=n_features,
             rng=as_generator(self.random_state),
         )
+        self._stats = result.stats  # the E-step statistics behind the final parameters
         self.converged_ = result.converged
         self.n_iter_ = result.n_iter
         self.log_likelihoods_ = list(result.log_likelihoods)

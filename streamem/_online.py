@@ -128,6 +128,22 @@ class OnlineMixture:
         )
         logger.info("%s warmed up on %d records", type(self).__name__, rows.shape[0])
 
+    def _start_from_statistics(self, stats) -> None:
+        """Start stepwise from given statistics, counted as a warm-up of `warmup` records."""
+        family = self._family()
+        averaging = None if self.averaging is None else self.warmup / self.batch_size + self.averaging
+        self._engine = StepwiseEM(
+            family=family,
+            stats=stats,
+            params=family.m_step(stats),
+            n_updates=self.warmup / self.batch_size,
+            schedule=self._schedule,
+            averaging_start=averaging,
+        )
+        self._buffer = None
+        self._count = 0
+        self._scorer = None
+
     def _params(self):
         """Parameters to predict with: warm model, or the provisional one during warm-up."""
         if self._engine is not None:

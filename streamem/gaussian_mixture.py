@@ -70,6 +70,8 @@ class GaussianMixture(BatchMixture):
     [0, 1]
     """
 
+    _family_fields = ("weights", "means", "covariances")
+
     def __init__(
         self,
         n_components: int = 1,

@@ -19,7 +19,8 @@ from streamem._validation import (
 from streamem.families.gaussian import COVARIANCE_TYPES, GaussianFamily, GaussianStats, RecordScorer
 from streamem.gaussian_mixture import GaussianMixture
 from streamem.schedules import StepSize
-from streamem.state import FORMAT_VERSION, check_array, parse_state
+from streamem.state import FORMAT_VERSION, parse_fit, parse_state
+from streamem.state import checked_statistics as _checked_statistics
 
 __all__ = ["OnlineGMM"]
 
@@ -92,7 +93,7 @@ class OnlineGMM(OnlineMixture, base.Clusterer):
     >>> order = np.argsort(model.means_[:, 0])
     >>> np.round(model.weights_[order], 1).tolist()
     [0.3, 0.7]
-    >>> model.predict_one({"x": 0.2, "y": 0.0}) == order[0]
+    >>> model.predict_one({"x": 0.2, "y": 0.0}) == int(order[0])
     True
 
     References
@@ -336,16 +337,46 @@ class OnlineGMM(OnlineMixture, base.Clusterer):
                 from streamem.state import StateError
 
                 raise StateError("model state has statistics but no feature names")
-            K = model.n_components
-            second = (K, d * (d + 1) // 2) if model.covariance_type in ("full", "tied") else (K, d)
-            shapes = {"shift": (d,), "mass": (K,), "first": (K, d), "second": second}
-            checked = {
-                name: check_array(state.engine.stats.get(name), shape, f"stats.{name}")
-                for name, shape in shapes.items()
-            }
+            checked = _checked_statistics(state.engine.stats, model._statistics_shapes(d))
             model._restore_engine(state.engine.model_copy(update={"stats": checked}), GaussianStats)
         # the warm-up buffer is restored after the engine: its capacity depends on warmth
         model._restore_buffer(state.buffer)
+        return model
+
+    def _statistics_shapes(self, d: int) -> dict[str, tuple[int, ...]]:
+        K = self.n_components
+        second = (K, d * (d + 1) // 2) if self.covariance_type in ("full", "tied") else (K, d)
+        return {"shift": (d,), "mass": (K,), "first": (K, d), "second": second}
+
+    @classmethod
+    def from_fit(cls, document, **params) -> OnlineGMM:
+        """Continue online from a `streamem fit` result (model.json as a path, JSON text or dict).
+
+        The fit's normalised statistics become the running statistics, as if its records had
+        been the warm-up; `params` set the online model's other arguments (batch_size, step, ...).
+
+        Examples
+        --------
+        >>> import numpy as np, streamem as se
+        >>> from streamem.report import fit_document
+        >>> X = np.random.default_rng(0).normal(size=(500, 2))
+        >>> batch = se.GaussianMixture(1).fit(X)
+        >>> online = se.OnlineGMM.from_fit(fit_document(batch, ["a", "b"], X), batch_size=50)
+        >>> online.is_warm, np.allclose(online.means_, batch.means_)
+        (True, True)
+        """
+        fit = parse_fit(document, "gaussian")
+        model = cls(
+            n_components=fit.n_components,
+            covariance_type=fit.covariance_type,
+            features=tuple(fit.features),
+            missing=fit.missing or "error",
+            **params,
+        )
+        model._feature_names = tuple(fit.features)
+        model.n_seen = fit.n_samples
+        checked = _checked_statistics(fit.statistics, model._statistics_shapes(len(fit.features)))
+        model._start_from_statistics(GaussianStats(**checked))
         return model
 
     @classmethod

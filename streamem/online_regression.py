@@ -15,7 +15,8 @@ from streamem.families.base import responsibilities
 from streamem.families.regression import RegressionFamily, RegressionStats
 from streamem.regression_mixture import RegressionMixture
 from streamem.schedules import StepSize
-from streamem.state import FORMAT_VERSION, StateError, check_array, parse_state
+from streamem.state import FORMAT_VERSION, StateError, parse_fit, parse_state
+from streamem.state import checked_statistics as _checked_statistics
 
 __all__ = ["OnlineRegressionMixture"]
 
@@ -278,6 +279,20 @@ class OnlineRegressionMixture(OnlineMixture, base.MiniBatchRegressor):
             "engine": self._engine_state(),
         }
 
+    def _statistics_shapes(self, d: int) -> dict[str, tuple[int, ...]]:
+        return _statistics_shapes_for(self.n_components, d)
+
+    @classmethod
+    def from_fit(cls, document, **params) -> OnlineRegressionMixture:
+        """Continue online from a `streamem fit --target ...` result (model.json as a path, JSON or dict)."""
+        fit = parse_fit(document, "regression")
+        model = cls(n_components=fit.n_components, **params)
+        model._learn_features(fit.features)
+        model.n_seen = fit.n_samples
+        checked = _checked_statistics(fit.statistics, model._statistics_shapes(len(fit.features)))
+        model._start_from_statistics(RegressionStats(**checked))
+        return model
+
     @classmethod
     def from_dict(cls, document) -> OnlineRegressionMixture:
         """Rebuild a model from `to_dict()` output (or its JSON text); raises `StateError` if invalid."""
@@ -294,15 +309,15 @@ class OnlineRegressionMixture(OnlineMixture, base.MiniBatchRegressor):
         if any(len(row) != d + 1 for row in state.buffer):
             raise StateError("model state buffer rows do not match the number of features")
         if state.engine is not None:
-            K, p = model.n_components, d + 1
-            shapes = {"shift": (p,), "mass": (K,), "xx": (K, p, p), "xy": (K, p), "yy": (K,)}
-            checked = {
-                name: check_array(state.engine.stats.get(name), shape, f"stats.{name}")
-                for name, shape in shapes.items()
-            }
+            checked = _checked_statistics(state.engine.stats, model._statistics_shapes(d))
             model._restore_engine(state.engine.model_copy(update={"stats": checked}), RegressionStats)
         model._restore_buffer(state.buffer)
         return model
+
+
+def _statistics_shapes_for(K: int, d: int) -> dict[str, tuple[int, ...]]:
+    p = d + 1
+    return {"shift": (p,), "mass": (K,), "xx": (K, p, p), "xy": (K, p), "yy": (K,)}
 
 
 def _widen_stats(stats: RegressionStats, old_d: int, added: int) -> RegressionStats:

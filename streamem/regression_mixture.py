@@ -53,6 +53,8 @@ class RegressionMixture(BatchMixture):
     ([0.5, 1.5], [1.0, 2.0])
     """
 
+    _family_fields = ("weights", "coef", "intercept", "noise_variance")
+
     def __init__(
         self,
         n_components: int = 1,

@@ -13,7 +13,7 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-__all__ = ["FORMAT_VERSION", "StateError", "OnlineStateDocument", "parse_state"]
+__all__ = ["FORMAT_VERSION", "FitDocument", "OnlineStateDocument", "StateError", "parse_fit", "parse_state"]
 
 FORMAT_VERSION = 1
 
@@ -83,3 +83,43 @@ def check_array(value, shape: tuple[int, ...], name: str) -> np.ndarray:
     if not np.all(np.isfinite(array)):
         raise StateError(f"model state field {name!r} contains non-finite values")
     return array
+
+
+class FitDocument(BaseModel):
+    """`streamem fit`'s model.json, as far as an online model needs it."""
+
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False, frozen=True)
+    format: Literal["streamem.fit"]
+    version: Literal[1]
+    family: Literal["gaussian", "regression"]
+    features: list[str] = Field(min_length=1)
+    n_components: int = Field(ge=1)
+    n_samples: int = Field(ge=1)
+    covariance_type: Literal["full", "tied", "diag", "spherical"] | None = None
+    missing: Literal["error", "marginalize"] | None = None
+    statistics: dict[str, list]
+
+
+def parse_fit(document, family: str) -> FitDocument:
+    """Validate a fit document (a path to model.json, its JSON text, or a dict) of the given family."""
+    import pathlib
+
+    if isinstance(document, pathlib.Path) or (isinstance(document, str) and not document.lstrip().startswith("{")):
+        document = pathlib.Path(document).read_text()
+    if isinstance(document, (str, bytes)):
+        try:
+            document = json.loads(document)
+        except json.JSONDecodeError as error:
+            raise StateError(f"fit document is not valid JSON: {error}") from None
+    try:
+        fit = FitDocument.model_validate(document)
+    except ValidationError as error:
+        raise StateError(f"invalid fit document: {error}") from None
+    if fit.family != family:
+        raise StateError(f"the fit is of a {fit.family} mixture, not a {family} mixture")
+    return fit
+
+
+def checked_statistics(stats: dict, shapes: dict[str, tuple[int, ...]]) -> dict[str, np.ndarray]:
+    """Statistics from a document as finite arrays of the expected shapes (or StateError)."""
+    return {name: check_array(stats.get(name), shape, f"stats.{name}") for name, shape in shapes.items()}

@@ -38,6 +38,7 @@ def test_json_config_and_comma_separated_features(tmp_path, monkeypatch):
         "drift": "events.drift",
         "dead_letter": "events.dead-letter",
         "state": "events.state",
+        "statistics": "events.statistics",
     }
 
 

@@ -67,6 +67,7 @@ class Checkpoint(_Document):
     detector: dict | None
     offsets: list[PartitionOffset]
     counters: dict[str, int]
+    replica: dict | None = None  # with --replicate: the replica's log position and de-duplication table
 
 
 class ModelCheckpoint(_Document):

@@ -36,13 +36,12 @@ def register_run(commands) -> None:
     parser.add_argument("--config", type=pathlib.Path, help="TOML or JSON file of settings")
     for flag, name in settings_flags().items():
         field = ConsumerSettings.model_fields[name]
-        parser.add_argument(
-            flag,
-            dest=name,
-            default=argparse.SUPPRESS,
-            metavar=name.upper(),
-            help=f"{field.description} [env STREAMEM_{name.upper()}]",
-        )
+        text = f"{field.description} [env STREAMEM_{name.upper()}]"
+        if field.annotation is bool:  # --replicate / --no-replicate
+            kind = dict(action=argparse.BooleanOptionalAction)
+        else:
+            kind = dict(metavar=name.upper())
+        parser.add_argument(flag, dest=name, default=argparse.SUPPRESS, help=text, **kind)
     parser.set_defaults(handler=_run)
 
 

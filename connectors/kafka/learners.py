@@ -35,6 +35,10 @@ class Counters:
 
 
 def make_learner(settings: ConsumerSettings, store):
+    if settings.replicate:
+        from connectors.kafka.replication import ReplicatedLearner
+
+        return ReplicatedLearner(settings, store)
     return KeyedLearner(settings, store) if settings.model_key else InstanceLearner(settings, store)
 
 
@@ -64,6 +68,17 @@ class _Model:
 
 
 class _Learner:
+    """Common parts; subclasses answer, learn and say what to checkpoint."""
+
+    def finish(self) -> None:
+        """Called before the last checkpoint of a clean stop."""
+
+    def idle(self) -> None:
+        """Called when a poll brought no records."""
+
+    def close(self) -> None:
+        """Release the learner's own clients, if any."""
+
     def __init__(self, settings: ConsumerSettings, store):
         self.settings = settings
         self.store = store

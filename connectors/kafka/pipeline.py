@@ -105,7 +105,7 @@ def run_consumer(
             owned = source.assigned()  # a partition lost in a rebalance is its new owner's to commit
             for tp in [tp for tp in uncommitted if tp not in owned]:
                 del uncommitted[tp]
-            if source.commit(dict(uncommitted)):  # 3. offsets committed (or retried next time)
+            if not uncommitted or source.commit(dict(uncommitted)):  # 3. committed (or retried next time)
                 uncommitted.clear()
             unsaved = 0
         last_checkpoint = time.monotonic()
@@ -132,6 +132,8 @@ def run_consumer(
                     if limit <= 0:
                         break
                 batch = source.poll(limit, settings.poll_timeout_ms)
+                if not batch:
+                    learner.idle()
                 if batch:
                     began = time.monotonic()
                     outputs = learner.process(batch)
@@ -153,10 +155,13 @@ def run_consumer(
                     unsaved and time.monotonic() - last_checkpoint >= settings.checkpoint_interval_s
                 ):
                     checkpoint()
+            learner.finish()
+            unsaved = max(unsaved, 1)  # the last checkpoint also records what finish() applied
             checkpoint()  # a clean stop leaves nothing uncommitted
     finally:
         source.close()
         sink.close()
+        learner.close()
     logger.info(
         "stopped after %d records: %d assigned, %d dead-lettered, %d drift events",
         counters.records_in,

@@ -48,6 +48,10 @@ class ConsumerSettings(BaseSettings):
     model_key: str | None = Field(
         None, description="field whose value selects one model per key (key the messages by it too)"
     )
+    replicate: bool = Field(
+        False, description="one global model over every consumer of the group, replicated via the statistics topic"
+    )
+    statistics_topic: str | None = Field(None, description="default: <input-topic>.statistics (one partition)")
     n_components: int = Field(3, ge=1, description="mixture components K")
     covariance_type: Literal["full", "tied", "diag", "spherical"] = Field("full", description="Gaussian covariance")
     batch_size: int = Field(128, ge=1, description="records per stepwise-EM update")
@@ -101,6 +105,8 @@ class ConsumerSettings(BaseSettings):
             raise ValueError("features must name at least one field (--features a,b,c or STREAMEM_FEATURES)")
         if self.target is not None and self.target in self.features:
             raise ValueError(f"target {self.target!r} is also listed among the features")
+        if self.replicate and (self.model_key is not None or self.target is not None):
+            raise ValueError("replicate works with one Gaussian mixture: not with model_key or target")
         if self.model_key is not None and self.model_key in [*self.features, self.target]:
             raise ValueError(f"model_key {self.model_key!r} is also a feature or the target")
         if len(set(self.features)) != len(self.features):
@@ -109,13 +115,14 @@ class ConsumerSettings(BaseSettings):
 
     @property
     def topics(self) -> dict[str, str]:
-        """The four output topics, defaults filled in."""
+        """The output topics, defaults filled in."""
         base = self.input_topic
         return {
             "assignments": self.assignments_topic or f"{base}.assignments",
             "drift": self.drift_topic or f"{base}.drift",
             "dead_letter": self.dead_letter_topic or f"{base}.dead-letter",
             "state": self.state_topic or f"{base}.state",
+            "statistics": self.statistics_topic or f"{base}.statistics",
         }
 
     @property

@@ -37,6 +37,8 @@ def ensure_topics(settings: ConsumerSettings, input_partitions: int | None = Non
             topics["dead_letter"]: (1, {}),
             topics["state"]: (1, {"cleanup.policy": "compact"}),
         }
+        if settings.replicate:  # the replicated log: one partition, so every replica reads one order
+            wanted[topics["statistics"]] = (1, {})
         if input_partitions is not None:
             wanted[settings.input_topic] = (input_partitions, {})
         missing = [

@@ -59,7 +59,11 @@ class StepwiseEM:
     def update(self, batch) -> np.ndarray:
         """Blend one prepared mini-batch in; return its records' log-likelihoods before the update."""
         log_norm, _, batch_stats = self.family.expected_stats(batch, self.params)
-        batch_stats = batch_stats.scaled(1.0 / batch.n_samples)
+        self.apply(batch_stats.scaled(1.0 / batch.n_samples))
+        return log_norm
+
+    def apply(self, batch_stats) -> None:
+        """Blend in one mini-batch's per-record statistics (computed here, or by another replica)."""
         step = self.schedule(self.n_updates)
         stats = _hold_dead_components(self.stats.blend(batch_stats, step))
         self.stats = stats.recentred(stats.data_mean())
@@ -67,7 +71,6 @@ class StepwiseEM:
         self.params = self.family.m_step(self.stats)
         if self.averaging_start is not None and self.n_updates >= self.averaging_start:
             self._average()
-        return log_norm
 
     @property
     def predictive_params(self):

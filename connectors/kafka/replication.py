@@ -1,0 +1,285 @@
+"""One global model over many consumers: a replicated state machine on a Kafka log.
+
+Every replica (a consumer process with `--replicate`) answers its records with the
+model as it stands, then publishes each mini-batch's expected sufficient
+statistics, normalised per record and tagged with the input offsets they cover,
+to the single-partition statistics topic. A replica changes its model only by
+applying that log in order, its own messages included, so all replicas that have
+read the log to the same offset hold the same model (statistics add; see
+DESIGN.md). Rules that make the replay deterministic:
+
+- the first "init" message in the log (a warm-up fit of `warmup` records) starts
+  the model; a later init (another replica warmed up at the same time) is applied
+  as an ordinary update;
+- a message whose input offsets were all applied before is skipped, so records
+  answered again after a crash are not learned twice.
+
+A replica's checkpoint holds the model, the log offset it has applied through and
+the applied input offsets; it is also stored under `<group>/replica`, from which
+a new replica starts before reading the rest of the log.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import numpy as np
+import orjson
+import pandas as pd
+
+from connectors.kafka import records as schemas
+from connectors.kafka.checkpoint import CHECKPOINT_VERSION, Checkpoint
+from connectors.kafka.learners import Counters, _Learner, _Model, _offset_list, new_model
+from connectors.kafka.settings import ConsumerSettings
+from streamem.drift import WeightDriftDetector
+from streamem.families.gaussian import GaussianStats
+from streamem.gaussian_mixture import GaussianMixture
+
+__all__ = ["ReplicatedLearner"]
+
+logger = logging.getLogger(__name__)
+Partition = tuple[str, int]
+
+
+class ReplicatedLearner(_Learner):
+    """The learner of `--replicate`: answers with the replicated model, publishes statistics, applies the log."""
+
+    def __init__(self, settings: ConsumerSettings, store):
+        super().__init__(settings, store)
+        self.log_topic = settings.topics["statistics"]
+        self.shared_key = f"{settings.group_id}/replica"
+        self.state = _Model(new_model(settings), WeightDriftDetector(max(2, settings.n_components)))
+        self.log_offset = 0  # next statistics message to apply
+        self.applied: dict[Partition, int] = {}  # input offsets learned through, per partition
+        self.warmup_rows: list[np.ndarray] = []
+        self.warmup_sources: list = []
+        self.init_sent = False  # our warm-up is on its way through the log
+        self.sequence = 0
+        own = store.load(settings.checkpoint_key)
+        if own is not None:
+            checkpoint = Checkpoint.parse(own)
+            self.offsets = {(o.topic, o.partition): o.offset for o in checkpoint.offsets}
+            self.counters = Counters(**checkpoint.counters)
+            self.state.detector = WeightDriftDetector.from_dict(checkpoint.detector)
+        shared = store.load(self.shared_key)
+        candidates = [Checkpoint.parse(raw).replica for raw in (own, shared) if raw is not None]
+        candidates = [c for c in candidates if c]
+        if candidates:  # the most advanced replica state (every replica's state at an offset is the same)
+            self._restore(max(candidates, key=lambda c: c["log_offset"]))
+        self.log = _LogReader(settings, self.log_topic, self.log_offset)
+
+    def _restore(self, replica: dict) -> None:
+        self.state.model = type(self.state.model).from_dict(replica["model"])
+        self.log_offset = int(replica["log_offset"])
+        self.applied = {(t, int(p)): int(o) for t, p, o in replica["applied"]}
+        logger.info(
+            "replica restored at statistics offset %d (%d records learned)", self.log_offset, self.state.model.n_seen
+        )
+
+    # -- the consumer side -------------------------------------------------------------------
+    def start_offsets(self, assigned: list[Partition]) -> dict[Partition, int]:
+        return {tp: self.offsets[tp] for tp in assigned if tp in self.offsets}
+
+    def revoked(self, partitions: list[Partition]) -> None:
+        """The replicated model is global: nothing to drop."""
+
+    def process(self, batch):
+        self.catch_up()
+        outputs, rows, good = self._decode(batch)
+        if not good:
+            return outputs
+        records = [batch[i] for i in good]
+        values = np.array(rows, dtype=float)
+        model = self.state.model
+        frame = pd.DataFrame(values, columns=self.settings.features)
+        resp, log_likelihood = model.assign_many(frame)
+        answered = schemas.assignments(
+            records,
+            self.topics["assignments"],
+            resp.argmax(axis=1).tolist(),
+            resp.tolist(),
+            log_likelihood.tolist(),
+            model.n_seen,
+        )
+        for i, output in zip(good, answered, strict=True):
+            outputs[i] = output
+        self.counters.assigned += len(good)
+        drifts = []
+        if model.is_warm:
+            for event in self.state.detector.update_many(resp):
+                self.counters.drift_events += 1
+                drifts.append(
+                    schemas.drift_record(
+                        records[event.index],
+                        self.topics["drift"],
+                        model.n_seen,
+                        event.weights,
+                        event.reference_weights,
+                        event.distance,
+                        True,
+                    )
+                )
+        return outputs + drifts + self._publish(records, values)
+
+    def _publish(self, records, values: np.ndarray) -> list[schemas.OutputRecord]:
+        """Statistics messages for these records: mini-batches once the model is warm, else warm-up."""
+        model = self.state.model
+        if not model.is_warm:
+            # Until an init has come back through the log, records wait here; once the model is
+            # warm they are published as ordinary updates.
+            self.warmup_rows.append(values)
+            self.warmup_sources.extend(records)
+            buffered = np.vstack(self.warmup_rows)
+            if self.init_sent or len(buffered) < self.settings.warmup:
+                return []
+            self.warmup_rows, waiting = [], self.warmup_sources
+            self.warmup_sources = []
+            self.init_sent = True
+            return [self._message("init", self._warmup_statistics(buffered), _merge(_sources(waiting)), len(buffered))]
+        messages = []
+        if self.warmup_rows:  # records that waited for the model to warm up
+            waiting, rows = self.warmup_sources, np.vstack(self.warmup_rows)
+            self.warmup_rows, self.warmup_sources = [], []
+            return self._publish(waiting, rows) + self._publish(records, values)
+        family = model._family()
+        size = self.settings.batch_size
+        for start in range(0, len(values), size):
+            chunk = values[start : start + size]
+            batch = family.prepare(chunk, model._engine.stats.shift)
+            stats = family.expected_stats(batch, model._engine.params)[2].scaled(1.0 / len(chunk))
+            messages.append(self._message("update", stats, _merge(_sources(records[start : start + size])), len(chunk)))
+        return messages
+
+    def _warmup_statistics(self, rows: np.ndarray) -> GaussianStats:
+        settings = self.settings
+        fit = GaussianMixture(
+            settings.n_components, covariance_type=settings.covariance_type, n_init=2, random_state=settings.seed
+        ).fit(rows)
+        return fit._stats.scaled(1.0 / len(rows))
+
+    def _message(self, kind: str, stats: GaussianStats, sources: list[dict], count: int) -> schemas.OutputRecord:
+        self.sequence += 1
+        body = {
+            "kind": kind,
+            "origin": self.settings.instance_id,
+            "sequence": self.sequence,
+            "count": count,
+            "sources": sources,
+            "statistics": {name: value.tolist() for name, value in stats.to_arrays().items()},
+        }
+        return schemas.OutputRecord(self.log_topic, self.settings.instance_id.encode(), orjson.dumps(body))
+
+    # -- the replica side ---------------------------------------------------------------------
+    def catch_up(self, to_end: bool = False) -> None:
+        """Apply the statistics log from where this replica is (to its end, with `to_end`)."""
+        for offset, value in self.log.read(to_end=to_end):
+            self._apply(value)
+            self.log_offset = offset + 1
+
+    def _apply(self, value: bytes) -> None:
+        message = orjson.loads(value)
+        ranges = [(s["topic"], s["partition"], s["from"], s["to"]) for s in message["sources"]]
+        if ranges and all(to <= self.applied.get((t, p), 0) for t, p, _, to in ranges):
+            return  # already learned: these records were published again after a crash
+        model = self.state.model
+        if not model._feature_names:
+            model._feature_names = tuple(self.settings.features)
+        stats = GaussianStats(**{k: np.asarray(v, dtype=float) for k, v in message["statistics"].items()})
+        if message["kind"] == "init" and not model.is_warm:
+            model._start_from_statistics(stats)
+        else:
+            model._engine.apply(stats)
+            model._scorer = None
+        model.n_seen += int(message["count"])
+        for t, p, _, to in ranges:
+            self.applied[(t, p)] = max(self.applied.get((t, p), 0), to)
+
+    def idle(self) -> None:
+        self.catch_up()
+
+    def finish(self) -> None:
+        """Before the last checkpoint: apply the log to its end, so stopped replicas agree."""
+        self.catch_up(to_end=True)
+
+    def checkpoint_entries(self) -> list[tuple[str, bytes]]:
+        self.catch_up()
+        replica = None
+        if self.state.model.is_warm:
+            replica = {
+                "log_offset": self.log_offset,
+                "applied": [[t, p, o] for (t, p), o in sorted(self.applied.items())],
+                "model": self.state.model.to_dict(),
+            }
+        document = Checkpoint(
+            version=CHECKPOINT_VERSION,
+            key=self.settings.checkpoint_key,
+            model=None,
+            detector=self.state.detector.to_dict(),
+            offsets=_offset_list(self.offsets),
+            counters={k: int(v) for k, v in vars(self.counters).items()},
+            replica=replica,
+        )
+        entries = [(self.settings.checkpoint_key, document.dump())]
+        if replica is not None:
+            entries.append((self.shared_key, document.model_copy(update={"key": self.shared_key}).dump()))
+        return entries
+
+    def weights(self) -> list[float]:
+        model = self.state.model
+        return model.weights_.tolist() if model.is_warm else []
+
+    def close(self) -> None:
+        self.log.close()
+
+
+def _sources(records) -> list[dict]:
+    return [{"topic": r.topic, "partition": r.partition, "from": r.offset, "to": r.offset + 1} for r in records]
+
+
+def _merge(sources: list[dict]) -> list[dict]:
+    """One [from, to) range per input partition (records of a partition arrive in offset order)."""
+    ranges: dict[tuple[str, int], list[int]] = {}
+    for s in sources:
+        key = (s["topic"], s["partition"])
+        low, high = ranges.get(key, [s["from"], s["to"]])
+        ranges[key] = [min(low, s["from"]), max(high, s["to"])]
+    return [{"topic": t, "partition": p, "from": lo, "to": hi} for (t, p), (lo, hi) in sorted(ranges.items())]
+
+
+class _LogReader:
+    """Reads the single-partition statistics topic in order, from a given offset."""
+
+    def __init__(self, settings: ConsumerSettings, topic: str, offset: int):
+        from kafka import KafkaConsumer, TopicPartition
+
+        from connectors.kafka.clients import kafka_python_security
+
+        self.partition = TopicPartition(topic, 0)
+        self.consumer = KafkaConsumer(
+            bootstrap_servers=settings.bootstrap_servers,
+            group_id=None,
+            enable_auto_commit=False,
+            **kafka_python_security(settings),
+        )
+        self.consumer.assign([self.partition])
+        self.consumer.seek(self.partition, offset)
+
+    def read(self, to_end: bool = False, timeout_s: float = 30.0):
+        """Messages as (offset, value): what is there now, or everything up to the end with `to_end`."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            batches = self.consumer.poll(timeout_ms=200 if to_end else 0)
+            for message in batches.get(self.partition, []):
+                yield message.offset, message.value
+            if not to_end:
+                return
+            high = self.consumer.highwater(self.partition)
+            if high is not None and self.consumer.position(self.partition) >= high and not batches:
+                return
+            if time.monotonic() > deadline:
+                logger.warning("statistics log not read to its end within %.0fs", timeout_s)
+                return
+
+    def close(self) -> None:
+        self.consumer.close()

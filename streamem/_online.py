@@ -17,6 +17,7 @@ from streamem._validation import check_n_components, check_positive
 from streamem.engines.stepwise import StepwiseEM
 from streamem.exceptions import ConvergenceWarning
 from streamem.schedules import StepSize
+from streamem.state import FORMAT_VERSION, StateError, checked_statistics, parse_state
 
 __all__ = ["OnlineMixture"]
 
@@ -151,6 +152,54 @@ class OnlineMixture:
         return self._provisional_params(self._buffer[: self._count] if self._buffer is not None else None)
 
     # -- state as JSON ------------------------------------------------------------------
+    # Subclasses provide: _stats_type, _statistics_shapes(d), _feature_list(), _set_features(names)
+    # and _row_width(d) (the buffer's columns for d features).
+
+    def to_dict(self) -> dict:
+        """The model's whole state as a JSON-ready dict (statistics, counters, unlearned buffer)."""
+        import inspect
+
+        params = {
+            name: getattr(self, name) for name in inspect.signature(type(self).__init__).parameters if name != "self"
+        }
+        params["step"] = None if self.step is None else self.step._get_params()
+        if params.get("features") is not None:
+            params["features"] = list(params["features"])
+        return {
+            "format": f"streamem.{type(self).__name__}",
+            "version": FORMAT_VERSION,
+            "params": params,
+            "features": self._feature_list(),
+            "n_seen": self.n_seen,
+            "buffer": self._buffered_rows(),
+            "engine": self._engine_state(),
+        }
+
+    @classmethod
+    def from_dict(cls, document):
+        """Rebuild a model from `to_dict()` output (or its JSON text); raises `StateError` if invalid."""
+        state = parse_state(document, f"streamem.{cls.__name__}")
+        params = dict(state.params)
+        if params.get("step") is not None:
+            params["step"] = StepSize(**params["step"].model_dump())
+        if params.get("features") is not None:
+            params["features"] = tuple(params["features"])
+        model = cls(**params)
+        if state.features is not None:
+            model._set_features(state.features)
+        model.n_seen = state.n_seen
+        d = None if state.features is None else len(state.features)
+        if state.buffer and (d is None or any(len(row) != model._row_width(d) for row in state.buffer)):
+            raise StateError("model state buffer rows do not match the number of features")
+        if state.engine is not None:
+            if d is None:
+                raise StateError("model state has statistics but no feature names")
+            checked = checked_statistics(state.engine.stats, model._statistics_shapes(d))
+            model._restore_engine(state.engine.model_copy(update={"stats": checked}), model._stats_type)
+        # the warm-up buffer is restored after the engine: its capacity depends on warmth
+        model._restore_buffer(state.buffer)
+        return model
+
     def _engine_state(self) -> dict | None:
         if self._engine is None:
             return None

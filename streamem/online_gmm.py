@@ -19,8 +19,8 @@ from streamem._validation import (
 from streamem.families.gaussian import COVARIANCE_TYPES, GaussianFamily, GaussianStats, RecordScorer
 from streamem.gaussian_mixture import GaussianMixture
 from streamem.schedules import StepSize
-from streamem.state import FORMAT_VERSION, parse_fit, parse_state
 from streamem.state import checked_statistics as _checked_statistics
+from streamem.state import parse_fit
 
 __all__ = ["OnlineGMM"]
 
@@ -299,49 +299,16 @@ class OnlineGMM(OnlineMixture, base.Clusterer):
         return self._params()
 
     # -- state --------------------------------------------------------------------------------
-    def to_dict(self) -> dict:
-        """The model's whole state as a JSON-ready dict (statistics, counters, unlearned buffer)."""
-        params = {name: getattr(self, name) for name in self._init_names()}
-        params["step"] = None if self.step is None else self.step._get_params()
-        params["features"] = None if self.features is None else list(self.features)
-        return {
-            "format": "streamem.OnlineGMM",
-            "version": FORMAT_VERSION,
-            "params": params,
-            "features": None if self._feature_names is None else list(self._feature_names),
-            "n_seen": self.n_seen,
-            "buffer": self._buffered_rows(),
-            "engine": self._engine_state(),
-        }
+    _stats_type = GaussianStats
 
-    @classmethod
-    def from_dict(cls, document) -> OnlineGMM:
-        """Rebuild a model from `to_dict()` output (or its JSON text); raises `StateError` if invalid."""
-        state = parse_state(document, "streamem.OnlineGMM")
-        params = dict(state.params)
-        if params.get("step") is not None:
-            params["step"] = StepSize(**params["step"].model_dump())
-        if params.get("features") is not None:
-            params["features"] = tuple(params["features"])
-        model = cls(**params)
-        if state.features is not None:
-            model._feature_names = tuple(state.features)
-        model.n_seen = state.n_seen
-        d = None if state.features is None else len(state.features)
-        if state.buffer and (d is None or any(len(row) != d for row in state.buffer)):
-            from streamem.state import StateError
+    def _feature_list(self) -> list | None:
+        return None if self._feature_names is None else list(self._feature_names)
 
-            raise StateError("model state buffer rows do not match the number of features")
-        if state.engine is not None:
-            if d is None:
-                from streamem.state import StateError
+    def _set_features(self, names) -> None:
+        self._feature_names = tuple(names)
 
-                raise StateError("model state has statistics but no feature names")
-            checked = _checked_statistics(state.engine.stats, model._statistics_shapes(d))
-            model._restore_engine(state.engine.model_copy(update={"stats": checked}), GaussianStats)
-        # the warm-up buffer is restored after the engine: its capacity depends on warmth
-        model._restore_buffer(state.buffer)
-        return model
+    def _row_width(self, d: int) -> int:
+        return d
 
     def _statistics_shapes(self, d: int) -> dict[str, tuple[int, ...]]:
         K = self.n_components
@@ -378,13 +345,6 @@ class OnlineGMM(OnlineMixture, base.Clusterer):
         checked = _checked_statistics(fit.statistics, model._statistics_shapes(len(fit.features)))
         model._start_from_statistics(GaussianStats(**checked))
         return model
-
-    @classmethod
-    def _init_names(cls) -> list[str]:
-        import inspect
-
-        return [name for name in inspect.signature(cls.__init__).parameters if name != "self"]
-
 
 def _frame_values(X: pd.DataFrame, names: tuple, allow_missing: bool = False) -> np.ndarray:
     """The model's feature columns of X; a missing or extra column is an error, as in a record."""

@@ -15,8 +15,8 @@ from streamem.families.base import responsibilities
 from streamem.families.regression import RegressionFamily, RegressionStats
 from streamem.regression_mixture import RegressionMixture
 from streamem.schedules import StepSize
-from streamem.state import FORMAT_VERSION, StateError, parse_fit, parse_state
 from streamem.state import checked_statistics as _checked_statistics
+from streamem.state import parse_fit
 
 __all__ = ["OnlineRegressionMixture"]
 
@@ -258,26 +258,20 @@ class OnlineRegressionMixture(OnlineMixture, base.MiniBatchRegressor):
         return self._params().noise_variance
 
     # -- state ------------------------------------------------------------------------------------
-    def to_dict(self) -> dict:
-        """The model's whole state as a JSON-ready dict (statistics, counters, unlearned buffer)."""
-        params = {
-            "n_components": self.n_components,
-            "batch_size": self.batch_size,
-            "step": None if self.step is None else self.step._get_params(),
-            "warmup": self.warmup,
-            "reg_noise": self.reg_noise,
-            "averaging": self.averaging,
-            "seed": self.seed,
-        }
-        return {
-            "format": "streamem.OnlineRegressionMixture",
-            "version": FORMAT_VERSION,
-            "params": params,
-            "features": list(self.feature_names_),
-            "n_seen": self.n_seen,
-            "buffer": self._buffered_rows(),
-            "engine": self._engine_state(),
-        }
+    _stats_type = RegressionStats
+
+    def _feature_list(self) -> list:
+        return list(self.feature_names_)
+
+    def _set_features(self, names) -> None:
+        self.feature_names_ = []
+        self._index = {}
+        self._learn_features(names)
+        self.feature_names_ = list(names)  # keep the stored order
+        self._index = {name: i for i, name in enumerate(self.feature_names_)}
+
+    def _row_width(self, d: int) -> int:
+        return d + 1  # the target, then the features
 
     def _statistics_shapes(self, d: int) -> dict[str, tuple[int, ...]]:
         return _statistics_shapes_for(self.n_components, d)
@@ -291,27 +285,6 @@ class OnlineRegressionMixture(OnlineMixture, base.MiniBatchRegressor):
         model.n_seen = fit.n_samples
         checked = _checked_statistics(fit.statistics, model._statistics_shapes(len(fit.features)))
         model._start_from_statistics(RegressionStats(**checked))
-        return model
-
-    @classmethod
-    def from_dict(cls, document) -> OnlineRegressionMixture:
-        """Rebuild a model from `to_dict()` output (or its JSON text); raises `StateError` if invalid."""
-        state = parse_state(document, "streamem.OnlineRegressionMixture")
-        params = dict(state.params)
-        if params.get("step") is not None:
-            params["step"] = StepSize(**params["step"].model_dump())
-        model = cls(**params)
-        model._learn_features(state.features or [])
-        model.feature_names_ = list(state.features or [])
-        model._index = {name: i for i, name in enumerate(model.feature_names_)}
-        model.n_seen = state.n_seen
-        d = len(model.feature_names_)
-        if any(len(row) != d + 1 for row in state.buffer):
-            raise StateError("model state buffer rows do not match the number of features")
-        if state.engine is not None:
-            checked = _checked_statistics(state.engine.stats, model._statistics_shapes(d))
-            model._restore_engine(state.engine.model_copy(update={"stats": checked}), RegressionStats)
-        model._restore_buffer(state.buffer)
         return model
 
 

@@ -106,31 +106,25 @@ def check_choice(value, name: str, choices) -> None:
         raise ValueError(f"{name} must be one of {options}, got {value!r}")
 
 
-def record_values(x, names, *, allow_missing: bool = False) -> list:
+def record_values(x, names) -> list:
     """The values of features `names` from a dict record, each a finite number.
 
     Fast path: one `math.fsum` over the values raises on a non-number and returns a
     non-finite total for NaN or inf, so a good record costs one pass. Anything
     else goes to `_record_error`, which names the first faulty feature.
-
-    With `allow_missing`, absent features read as 0.0 and extra features are
-    allowed (the caller extends its feature list first).
     """
-    if allow_missing:
-        row = [x.get(name, 0.0) for name in names]
-    else:
-        try:
-            row = [x[name] for name in names]
-        except (KeyError, TypeError):
-            _record_error(x, names)
-        if len(x) != len(row):
-            _record_error(x, names)
+    try:
+        row = [x[name] for name in names]
+    except (KeyError, TypeError):
+        _record_error(x, names)
+    if len(x) != len(row):
+        _record_error(x, names)
     try:
         if math.isfinite(math.fsum(row)):
             return row
     except (TypeError, ValueError, OverflowError):
         pass
-    _record_error(x, names, allow_missing=allow_missing)
+    _record_error(x, names)
     return row  # every value was finite but their sum overflowed: the record is fine
 
 
@@ -155,20 +149,18 @@ def record_values_with_missing(x, names) -> list:
     return row
 
 
-def _record_error(x, names, *, allow_missing: bool = False) -> None:
+def _record_error(x, names) -> None:
     if not isinstance(x, dict):
         raise TypeError(f"a record must be a dict of feature name -> number, got {type(x).__name__}")
-    if not allow_missing:
-        for name in names:
-            if name not in x:
-                raise ValueError(f"feature {name!r} is missing from the record")
-        known = set(names)
-        for name in x:
-            if name not in known:
-                raise ValueError(f"unexpected feature {name!r}; the model's features are {list(names)}")
     for name in names:
-        value = x.get(name, 0.0)
-        check_feature_value(name, value)
+        if name not in x:
+            raise ValueError(f"feature {name!r} is missing from the record")
+    known = set(names)
+    for name in x:
+        if name not in known:
+            raise ValueError(f"unexpected feature {name!r}; the model's features are {list(names)}")
+    for name in names:
+        check_feature_value(name, x[name])
 
 
 def check_feature_value(name, value) -> None:
@@ -218,9 +210,4 @@ def frame_values(X, columns, allow_missing: bool = False) -> np.ndarray:
         raise ValueError(f"feature {columns[column]!r} is {kind} in row {X.index[row]!r}")
     if allow_missing and np.isnan(values).all(axis=1).any():
         raise ValueError(f"row {X.index[int(np.argmax(np.isnan(values).all(axis=1)))]!r} has no observed feature")
-    return np.ascontiguousarray(values)
-    if not np.all(np.isfinite(values)):
-        row, column = np.argwhere(~np.isfinite(values))[0]
-        kind = "NaN" if np.isnan(values[row, column]) else "infinite"
-        raise ValueError(f"feature {columns[column]!r} is {kind} in row {X.index[row]!r}")
     return np.ascontiguousarray(values)

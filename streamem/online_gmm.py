@@ -346,6 +346,7 @@ class OnlineGMM(OnlineMixture, base.Clusterer):
         model._start_from_statistics(GaussianStats(**checked))
         return model
 
+
 def _frame_values(X: pd.DataFrame, names: tuple, allow_missing: bool = False) -> np.ndarray:
     """The model's feature columns of X; a missing or extra column is an error, as in a record."""
     if isinstance(X, pd.DataFrame):

@@ -60,7 +60,3 @@ class StepSize(base.Base):
 
     def __call__(self, t: float) -> float:
         return max(self.eta_min, (t + self.t0) ** -self.alpha)
-
-    def memory(self) -> float:
-        """Mini-batches it takes for old statistics to fade to 1/e under the floor (inf without one)."""
-        return float("inf") if self.eta_min == 0 else 1.0 / self.eta_min

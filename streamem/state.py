@@ -17,8 +17,6 @@ __all__ = ["FORMAT_VERSION", "FitDocument", "OnlineStateDocument", "StateError",
 
 FORMAT_VERSION = 1
 
-FiniteFloat = float  # finiteness is enforced by the models' allow_inf_nan=False
-
 
 class StateError(ValueError):
     """A model-state document that cannot be loaded."""

@@ -171,9 +171,6 @@ class KafkaPythonSource:
 
         self._consumer.subscribe([settings.input_topic], listener=Resume())
 
-    def committed(self, partition: Partition) -> int | None:
-        return self._consumer.committed(self._TopicPartition(*partition))
-
     def assigned(self) -> set[Partition]:
         return {(tp.topic, tp.partition) for tp in self._consumer.assignment()}
 
@@ -282,10 +279,6 @@ class ConfluentSource:
                 revoked(partitions)
 
         self._consumer.subscribe([settings.input_topic], on_assign=on_assign, on_revoke=on_revoke)
-
-    def committed(self, partition: Partition) -> int | None:
-        (tp,) = self._consumer.committed([self._TopicPartition(*partition)], timeout=10)
-        return tp.offset if tp.offset >= 0 else None
 
     def assigned(self) -> set[Partition]:
         return {(tp.topic, tp.partition) for tp in self._consumer.assignment()}

@@ -60,10 +60,6 @@ class SufficientStatistics:
             **{name: keep * getattr(self, name) + step_size * getattr(batch, name) for name in self._additive_fields()},
         )
 
-    @property
-    def total_mass(self) -> float:
-        return float(self.mass.sum())  # type: ignore[attr-defined]
-
     def to_arrays(self) -> dict[str, np.ndarray]:
         return {f.name: np.asarray(getattr(self, f.name)) for f in dataclasses.fields(self)}
 
@@ -74,15 +70,29 @@ def _additive_field_names(cls) -> tuple[str, ...]:
 
 
 class Family(Protocol):
-    """The three operations a model family provides (plus bookkeeping)."""
+    """What a model family provides; the engines use nothing else.
 
-    def e_step(self, batch, params) -> tuple[np.ndarray, np.ndarray]:
-        """Return (log_norm (n,), log_resp (n, K)) for a prepared batch."""
+    `prepare` centres records on a shift; the E-step is `weighted_log_prob` (log w_k +
+    log p(x | k), (n, K)), `e_step` (log-likelihood (n,), log responsibilities) and
+    `expected_stats` (both, plus the batch's statistics; it also handles missing
+    features where the family can); the M-step turns statistics into parameters.
+    """
 
-    def suff_stats(self, batch, resp: np.ndarray) -> SufficientStatistics:
-        """Expected sufficient statistics of a batch given responsibilities (n, K)."""
+    param_fields: tuple[str, ...]
+
+    def prepare(self, *data, shift=None): ...
+
+    def weighted_log_prob(self, batch, params) -> np.ndarray: ...
+
+    def e_step(self, batch, params) -> tuple[np.ndarray, np.ndarray]: ...
+
+    def expected_stats(self, batch, params) -> tuple[np.ndarray, np.ndarray, SufficientStatistics]: ...
+
+    def suff_stats(self, batch, resp: np.ndarray) -> SufficientStatistics: ...
 
     def m_step(self, stats: SufficientStatistics): ...
+
+    def make_params(self, *fields): ...
 
 
 def log_responsibilities(weighted_log_prob: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -286,19 +286,6 @@ class GaussianFamily:
         second = resp.T @ squares
         return GaussianStats(shift=batch.shift, mass=mass, first=first, second=second)
 
-    def empty_stats(self, n_components: int, n_features: int, shift: np.ndarray) -> GaussianStats:
-        second_shape = (
-            (n_components, n_features * (n_features + 1) // 2)
-            if self.covariance_type in ("full", "tied")
-            else (n_components, n_features)
-        )
-        return GaussianStats(
-            shift=np.asarray(shift, dtype=float),
-            mass=np.zeros(n_components),
-            first=np.zeros((n_components, n_features)),
-            second=np.zeros(second_shape),
-        )
-
     def m_step(self, stats: GaussianStats) -> GaussianParams:
         """Maximum-likelihood parameters from statistics, plus `reg_covar` on the diagonal."""
         mass = stats.mass + MASS_FLOOR

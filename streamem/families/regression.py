@@ -175,16 +175,6 @@ class RegressionFamily:
             yy=resp.T @ (target * target),
         )
 
-    def empty_stats(self, n_components: int, n_features: int, shift: np.ndarray) -> RegressionStats:
-        p = n_features + 1
-        return RegressionStats(
-            shift=np.asarray(shift, dtype=float),
-            mass=np.zeros(n_components),
-            xx=np.zeros((n_components, p, p)),
-            xy=np.zeros((n_components, p)),
-            yy=np.zeros(n_components),
-        )
-
     def m_step(self, stats: RegressionStats) -> RegressionParams:
         """Weighted least squares per component from the normal equations."""
         mass = stats.mass + MASS_FLOOR

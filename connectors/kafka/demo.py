@@ -94,7 +94,8 @@ def run_demo(records: int = 90_000, bad_records: int = 25, client: str = "kafka-
         )
         print("outputs (JSON, on the embedded broker, gone when it stops):", file=out)
         for kind, name in topics.items():
-            print(f"  {kind:<12} {name}", file=out)
+            if kind != "statistics" or settings.replicate:
+                print(f"  {kind:<12} {name}", file=out)
         _show_samples(broker.bootstrap_servers, topics, out, middle=records // 2)
     return 0
 

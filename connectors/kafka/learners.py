@@ -151,7 +151,7 @@ class _Learner:
                 schemas.drift_record(
                     record,
                     self.topics["drift"],
-                    model.n_seen,
+                    seen_before + event.index + 1,  # records learned up to the one where the drift showed
                     event.weights,
                     event.reference_weights,
                     event.distance,

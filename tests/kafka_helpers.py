@@ -66,9 +66,14 @@ class TopicCounter:
     """Counts a topic's messages as they arrive; `count()` blocks up to 200 ms on a poll."""
 
     def __init__(self, bootstrap: str, topic: str):
-        self.consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False)
+        self.consumer = KafkaConsumer(
+            bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False, auto_offset_reset="earliest"
+        )
         partitions = self.consumer.partitions_for_topic(topic) or {0}
-        self.consumer.assign([TopicPartition(topic, p) for p in partitions])
+        assigned = [TopicPartition(topic, p) for p in partitions]
+        self.consumer.assign(assigned)
+        # from the start: "latest" is wrong on Tansu (KAFKA.md), and records may predate this counter
+        self.consumer.seek_to_beginning(*assigned)
         self.seen = 0
 
     def count(self) -> int:

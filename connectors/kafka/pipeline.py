@@ -134,7 +134,7 @@ def run_consumer(
                 batch = source.poll(limit, settings.poll_timeout_ms)
                 if not batch:
                     learner.idle()
-                if batch:
+                else:
                     began = time.monotonic()
                     outputs = learner.process(batch)
                     sink.send(outputs)

@@ -68,7 +68,25 @@ class _Model:
 
 
 class _Learner:
-    """Common parts; subclasses answer, learn and say what to checkpoint."""
+    """Common parts; subclasses answer, learn and say what to checkpoint.
+
+    `process(batch)` returns one output per input record, in order (an assignment or
+    a dead letter), then any others (drift records, statistics messages).
+    """
+
+    forgets_lost = False  # whether the offsets of partitions lost in a rebalance are dropped
+
+    def submit(self, batch) -> None:
+        """Hand a batch over; `collect` answers it (in this process, only then)."""
+        self._submitted = batch
+
+    def collect(self) -> list:
+        batch, self._submitted = self._submitted, None
+        return self.process(batch)
+
+    def advance(self, offsets: dict[Partition, int]) -> None:
+        """Record the next offset of each partition, once a batch is learned."""
+        self.offsets.update(offsets)
 
     def finish(self) -> None:
         """Called before the last checkpoint of a clean stop."""
@@ -87,25 +105,22 @@ class _Learner:
         self.counters = Counters()
         self.offsets: dict[Partition, int] = {}  # next offset per partition, once learned
 
-    def _decode(self, batch):
-        """Split a batch into decoded rows (with their batch indices) and dead letters."""
+    def _decode(self, batch) -> tuple[list, schemas.DecodedBatch]:
+        """Decode a batch; the invalid records' dead letters go in their places in the outputs."""
         outputs: list = [None] * len(batch)
-        rows, good = [], []
-        for i, record in enumerate(batch):
-            try:
-                rows.append(self.decoder.decode(record.value))
-                good.append(i)
-            except ValueError as error:
-                logger.warning(
-                    "dead-lettered %s: %s",
-                    record.where(),
-                    error,
-                    extra={"source": schemas.source_of(record), "error": str(error)},
-                )
-                outputs[i] = schemas.dead_letter(record, self.topics["dead_letter"], str(error))
+        decoded = self.decoder.decode_batch([record.value for record in batch])
+        for i, error in decoded.errors:
+            record = batch[i]
+            logger.warning(
+                "dead-lettered %s: %s",
+                record.where(),
+                error,
+                extra={"source": schemas.source_of(record), "error": error},
+            )
+            outputs[i] = schemas.dead_letter(record, self.topics["dead_letter"], error)
         self.counters.records_in += len(batch)
-        self.counters.dead_lettered += len(batch) - len(good)
-        return outputs, rows, good
+        self.counters.dead_lettered += len(decoded.errors)
+        return outputs, decoded
 
     def _answer(self, state: _Model, records, values: np.ndarray, learn: np.ndarray, model_key=None):
         """Score the rows with the model as it is (prequential), learn the rows marked in `learn`."""
@@ -116,27 +131,30 @@ class _Learner:
         if settings.target is None:
             resp, log_likelihood = model.assign_many(frame)
             predictions = None
-            if learn.any():
+            if learn.all():
+                model.learn_many(frame)
+            elif learn.any():
                 model.learn_many(frame[learn])
         else:
             target = pd.Series(values[:, d])
             resp, log_likelihood, predictions = model.assign_many(frame, target)
-            if learn.any():
+            if learn.all():
+                model.learn_many(frame, target)
+            elif learn.any():
                 model.learn_many(frame[learn], target[learn])
         answered = schemas.assignments(
             records,
             self.topics["assignments"],
-            resp.argmax(axis=1).tolist(),
-            resp.tolist(),
-            log_likelihood.tolist(),
+            resp,
+            log_likelihood,
             seen_before,
-            None if predictions is None else predictions.tolist(),
+            predictions,
             model_key,
         )
         self.counters.assigned += len(records)
         drifts = []
         # answers of the provisional warm-up model say nothing about drift
-        learned = resp[learn] if was_warm else resp[:0]
+        learned = (resp if learn.all() else resp[learn]) if was_warm else resp[:0]
         for event in state.detector.update_many(_padded(learned, state.detector.n_components)):
             self.counters.drift_events += 1
             record = [r for r, keep in zip(records, learn, strict=True) if keep][event.index]
@@ -211,14 +229,12 @@ class InstanceLearner(_Learner):
         """The instance's model stays: it has learned from every partition it ever held."""
 
     def process(self, batch):
-        outputs, rows, good = self._decode(batch)
+        outputs, decoded = self._decode(batch)
         drifts = []
-        if good:
-            records = [batch[i] for i in good]
-            answered, drifts = self._answer(
-                self.state, records, np.array(rows, dtype=float), np.ones(len(good), dtype=bool)
-            )
-            for i, output in zip(good, answered, strict=True):
+        if decoded.good:
+            records = batch if not decoded.errors else [batch[i] for i in decoded.good]
+            answered, drifts = self._answer(self.state, records, decoded.values, np.ones(len(records), dtype=bool))
+            for i, output in zip(decoded.good, answered, strict=True):
                 outputs[i] = output
         return outputs + drifts
 
@@ -250,6 +266,8 @@ class KeyedLearner(_Learner):
     records below a model's learned-through offset are answered again but not
     learned again.
     """
+
+    forgets_lost = True
 
     def __init__(self, settings: ConsumerSettings, store):
         super().__init__(settings, store)
@@ -303,22 +321,21 @@ class KeyedLearner(_Learner):
         if self.stale:
             self.stored = self.store.load_prefix(self.prefix)
             self.stale = False
-        outputs, rows, good = self._decode(batch)
+        outputs, decoded = self._decode(batch)
         groups: dict[str, list[int]] = {}
-        for j, values in enumerate(rows):
-            groups.setdefault(str(values[-1]), []).append(j)  # the model key is the last field
+        for j, key in enumerate(decoded.keys):
+            groups.setdefault(str(key), []).append(j)
         drifts = []
         for key, members in groups.items():
             state = self._model(key)
-            records = [batch[good[j]] for j in members]
-            values = np.array([rows[j][:-1] for j in members], dtype=float)
+            records = [batch[decoded.good[j]] for j in members]
             learn = np.array(
                 [r.offset >= state.learned_through.get((r.topic, r.partition), 0) for r in records], dtype=bool
             )
-            answered, key_drifts = self._answer(state, records, values, learn, model_key=key)
+            answered, key_drifts = self._answer(state, records, decoded.values[members], learn, model_key=key)
             drifts.extend(key_drifts)
             for j, output in zip(members, answered, strict=True):
-                outputs[good[j]] = output
+                outputs[decoded.good[j]] = output
             for r in records:
                 state.learned_through[(r.topic, r.partition)] = max(
                     state.learned_through.get((r.topic, r.partition), 0), r.offset + 1

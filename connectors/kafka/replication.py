@@ -86,25 +86,24 @@ class ReplicatedLearner(_Learner):
 
     def process(self, batch):
         self.catch_up()
-        outputs, rows, good = self._decode(batch)
-        if not good:
+        outputs, decoded = self._decode(batch)
+        if not decoded.good:
             return outputs
-        records = [batch[i] for i in good]
-        values = np.array(rows, dtype=float)
+        records = batch if not decoded.errors else [batch[i] for i in decoded.good]
+        values = decoded.values
         model = self.state.model
         frame = pd.DataFrame(values, columns=self.settings.features)
         resp, log_likelihood = model.assign_many(frame)
         answered = schemas.assignments(
             records,
             self.topics["assignments"],
-            resp.argmax(axis=1).tolist(),
-            resp.tolist(),
-            log_likelihood.tolist(),
+            resp,
+            log_likelihood,
             model.n_seen,
         )
-        for i, output in zip(good, answered, strict=True):
+        for i, output in zip(decoded.good, answered, strict=True):
             outputs[i] = output
-        self.counters.assigned += len(good)
+        self.counters.assigned += len(records)
         drifts = []
         if model.is_warm:
             for event in self.state.detector.update_many(resp):

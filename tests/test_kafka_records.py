@@ -1,0 +1,105 @@
+"""Record decoding and the assignment records' bytes (no broker needed)."""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from connectors.kafka.records import InputRecord, RecordDecoder, assignments
+
+BAD = [
+    b"not json",
+    b"[1, 2]",
+    b'{"a": 1.0}',
+    b'{"a": "1.5", "b": 2.0}',
+    b'{"a": NaN, "b": 2.0}',
+    b'{"a": true, "b": 2.0}',
+    b'{"a": null, "b": 2.0}',
+    b"",
+    None,
+    b"\xff\xfe",
+    b'{"a": 1' + b"0" * 400 + b', "b": 2}',  # an integer beyond the float range
+]
+
+finite = st.floats(allow_nan=False, allow_infinity=False, width=64)
+good = st.builds(lambda a, b: json.dumps({"a": a, "b": b, "other": "x"}).encode(), finite, finite)
+value = st.one_of(good, st.sampled_from(BAD))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(value, min_size=1, max_size=30))
+def test_a_batch_decodes_as_its_records_do_one_by_one(values):
+    decoder = RecordDecoder(["a", "b"])
+    decoded = decoder.decode_batch(values)
+    expected_rows, expected_good, expected_errors = [], [], []
+    for i, raw in enumerate(values):
+        try:
+            expected_rows.append(decoder.decode(raw))
+            expected_good.append(i)
+        except ValueError as error:
+            expected_errors.append((i, str(error)))
+    assert decoded.good == expected_good
+    assert decoded.errors == expected_errors
+    assert decoded.values.shape == (len(expected_good), 2)
+    np.testing.assert_array_equal(decoded.values, np.array(expected_rows, dtype=float).reshape(-1, 2))
+
+
+def test_an_integer_too_large_for_a_float_is_a_bad_record_not_a_crash():
+    decoded = RecordDecoder(["a", "b"]).decode_batch([b'{"a": 1, "b": 2}', BAD[-1]])
+    assert decoded.good == [0]
+    assert decoded.errors == [(1, "field 'a' is not finite (too large for a float)")]
+
+
+def test_model_keys_come_back_beside_the_numbers():
+    decoder = RecordDecoder(["a"], target="y", model_key="site")
+    decoded = decoder.decode_batch([b'{"a": 1, "y": 2.5, "site": "north"}', b'{"a": 3, "y": 4, "site": 7}'])
+    assert decoded.keys == ["north", 7]
+    np.testing.assert_array_equal(decoded.values, [[1.0, 2.5], [3.0, 4.0]])
+    assert decoder.decode_batch([b'{"a": 1, "y": 2, "site": 1.5}']).errors[0][1].startswith("field 'site'")
+
+
+def test_assignment_records_hold_every_field_as_json():
+    records = [
+        InputRecord('in"put', 3, 41, None, b"{}"),
+        InputRecord('in"put', 3, 42, "clé".encode(), b"{}"),
+        InputRecord('in"put', 4, 7, b"\xff\x00", b"{}"),
+    ]
+    resp = np.array([[0.25, 0.75], [0.9, 0.1], [0.5, 0.5]])
+    log_likelihood = np.array([-1.5, float("nan"), 1e-300])
+    outputs = assignments(records, "out", resp, log_likelihood, 100, np.array([1.0, 2.0, -3.5]), 'k"%s')
+    bodies = [json.loads(o.value) for o in outputs]
+    assert [o.topic for o in outputs] == ["out"] * 3
+    assert [o.key for o in outputs] == [r.key for r in records]
+    assert bodies[0] == {
+        "source": {"topic": 'in"put', "partition": 3, "offset": 41},
+        "key": None,
+        "component": 1,
+        "probabilities": [0.25, 0.75],
+        "log_likelihood": -1.5,
+        "n_seen": 100,
+        "prediction": 1.0,
+        "model_key": 'k"%s',
+    }
+    assert bodies[1]["key"] == "clé" and bodies[1]["log_likelihood"] is None  # NaN is not JSON: null
+    assert bodies[2]["key"] == base64.b64encode(b"\xff\x00").decode()
+    assert bodies[2]["log_likelihood"] == 1e-300 and bodies[2]["n_seen"] == 102
+    assert [b["component"] for b in bodies] == [1, 0, 0]
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_assignment_numbers_round_trip_exactly(k):
+    rng = np.random.default_rng(k)
+    resp = rng.dirichlet(np.ones(k), size=50)
+    log_likelihood = rng.normal(scale=1e3, size=50)
+    records = [InputRecord("t", 0, i, None, b"{}") for i in range(50)]
+    bodies = [json.loads(o.value) for o in assignments(records, "out", resp, log_likelihood, 0)]
+    assert np.array_equal([b["probabilities"] for b in bodies], resp)
+    assert np.array_equal([b["log_likelihood"] for b in bodies], log_likelihood)
+    assert all("prediction" not in b and "model_key" not in b for b in bodies)
+    assert not any(math.isnan(p) for b in bodies for p in b["probabilities"])

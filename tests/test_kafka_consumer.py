@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import multiprocessing
 import os
 import queue
 import signal
@@ -15,6 +16,7 @@ import numpy as np
 import pytest
 
 from connectors.kafka.checkpoint import Checkpoint, TopicStore
+from connectors.kafka.model_process import LearnerFailed
 from connectors.kafka.pipeline import run_consumer
 from connectors.kafka.settings import ConsumerSettings
 from connectors.kafka.topics import ensure_topics
@@ -235,3 +237,64 @@ def test_two_processes_in_a_group_split_the_partitions_and_stop_on_sigterm(broke
     assert sum(checkpoint.model["n_seen"] for checkpoint in stored) == 2000
     assignments, _ = outputs(broker, settings)
     assert sorted(set(offsets_of(assignments))) == sorted(offsets_of(assignments))
+
+
+def test_the_model_process_learns_exactly_what_the_model_in_process_learns(broker):
+    """Same records through a model process and through the model in the consumer: same answers, same model.
+
+    Poll batches may split differently in the two runs, so scores may differ in the last digits; the
+    model (learned in fixed mini-batches of batch_size) and the accounting must not.
+    """
+    topic = unique("same")
+    values = good_values(900)
+    for position, bad in zip(range(50, 900, 83), BAD):
+        values.insert(position, bad)
+    runs = {}
+    for model_process in (False, True):
+        settings = make_settings(
+            broker,
+            topic,
+            group_id=f"{topic}-{model_process}",
+            assignments_topic=f"{topic}.assignments-{model_process}",
+            dead_letter_topic=f"{topic}.dead-{model_process}",
+            state_topic=f"{topic}.state-{model_process}",
+            max_records=len(values),
+            model_process=model_process,
+        )
+        if not model_process:
+            ensure_topics(settings, input_partitions=1)
+            produce(broker.bootstrap_servers, topic, values)
+        counters = run_consumer(settings)
+        assignments, dead = outputs(broker, settings)
+        runs[model_process] = (counters, assignments, dead, stored_checkpoint(settings))
+    (c0, a0, d0, s0), (c1, a1, d1, s1) = runs[False], runs[True]
+    assert c0 == c1 and c1.dead_lettered == len(BAD)
+    assert {a["source"]["offset"]: a["n_seen"] for a in a0} == {a["source"]["offset"]: a["n_seen"] for a in a1}
+    reasons = [sorted((d["source"]["offset"], d["error"]) for d in dead) for dead in (d0, d1)]
+    assert reasons[0] == reasons[1]
+    assert s0.model == s1.model and s0.detector == s1.detector and s0.offsets == s1.offsets
+
+
+def test_a_dead_model_process_stops_the_consumer_and_a_restart_loses_nothing(broker):
+    """kill -9 of the model process: the consumer raises LearnerFailed, commits nothing more; a restart answers all."""
+    topic = unique("model-killed")
+    settings = make_settings(broker, topic, max_records=1500, checkpoint_every=300)
+    ensure_topics(settings, input_partitions=1)
+    produce(broker.bootstrap_servers, topic, good_values(1500))
+    batches = []
+
+    def kill_the_model_after_two_batches(progress):
+        batches.append(progress.counters.records_in)
+        if len(batches) == 2:
+            (model,) = [p for p in multiprocessing.active_children() if p.name == "streamem-model"]
+            os.kill(model.pid, signal.SIGKILL)
+
+    with pytest.raises(LearnerFailed, match="exit code -9"):
+        run_consumer(settings, on_batch=kill_the_model_after_two_batches)
+    assert not [p for p in multiprocessing.active_children() if p.name == "streamem-model"]
+
+    counters = run_consumer(settings)
+    assert counters.records_in == 1500
+    assignments, _ = outputs(broker, settings)
+    assert set(offsets_of(assignments)) == {(0, offset) for offset in range(1500)}
+    assert stored_checkpoint(settings).model["n_seen"] == 1500

@@ -11,6 +11,11 @@ carries its source offset, so downstream can drop duplicates).
 
 Prediction is prequential per poll batch: a batch is scored with the parameters
 in force before it, then learned.
+
+By default the learner runs in a child process (`connectors.kafka.model_process`):
+the loop hands it batch N+1, sends the answers to batch N while the model works,
+then collects. Offsets count as learned when a batch is collected; its answers go
+out before the next checkpoint, so the order above is unchanged.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable
+from typing import NamedTuple
 
 from connectors.kafka import records as schemas
 from connectors.kafka.checkpoint import make_store
@@ -44,6 +50,13 @@ class Progress:
     drifts: list[schemas.OutputRecord]
     batch_latency_s: float
     lag: int | None
+
+
+class _Answered(NamedTuple):
+    batch: list
+    outputs: list
+    next_offsets: dict
+    polled_at: float
 
 
 class _Stop:
@@ -90,12 +103,24 @@ def run_consumer(
         stopper.event = stop
     sink = make_sink(settings)
     store = make_store(settings, sink)
-    learner = make_learner(settings, store)
+    try:
+        if settings.model_process:
+            from connectors.kafka.model_process import LearnerProcess
+
+            learner = LearnerProcess(settings)
+        else:
+            learner = make_learner(settings, store)
+    except BaseException:
+        sink.close()
+        raise
     counters = learner.counters
     uncommitted: dict[Partition, int] = {}
-    unsaved = 0
+    unsaved = 0  # records whose answers were sent since the last checkpoint
+    polled = counters.records_in  # input records so far, with those of the checkpoint resumed from
     last_checkpoint = time.monotonic()
     source = None
+    drift_topic = settings.topics["drift"]
+    started = time.monotonic()
 
     def checkpoint() -> None:
         nonlocal unsaved, last_checkpoint
@@ -110,6 +135,19 @@ def run_consumer(
             unsaved = 0
         last_checkpoint = time.monotonic()
 
+    def publish(answered: _Answered) -> None:
+        nonlocal unsaved
+        sink.send(answered.outputs)
+        uncommitted.update(answered.next_offsets)
+        unsaved += len(answered.batch)
+        if on_batch is not None or observability is not None:
+            drifts = [o for o in answered.outputs[len(answered.batch) :] if o.topic == drift_topic]
+            latency = time.monotonic() - answered.polled_at
+            progress = Progress(counters, time.monotonic() - started, learner.weights(), drifts, latency, source.lag())
+            for report in (on_batch, observability.on_batch if observability else None):
+                if report is not None:
+                    report(progress)
+
     # Rebalance callbacks run on the client's IO thread, where nothing may block: they only keep books.
     def on_assigned(partitions: list[Partition]) -> dict[Partition, int]:
         if observability is not None:
@@ -119,47 +157,52 @@ def run_consumer(
     def on_revoked(partitions: list[Partition]) -> None:
         learner.revoked(partitions)
 
-    source = make_source(settings, on_assigned, on_revoked)
-    started = time.monotonic()
+    held: _Answered | None = None  # a batch answered and learned whose outputs are not sent yet
     try:
+        source = make_source(settings, on_assigned, on_revoked)
         with stopper.on_signals():
             while not stopper.event.is_set():
                 if observability is not None:
                     observability.turned()
                 limit = settings.max_poll_records
                 if settings.max_records is not None:
-                    limit = min(limit, settings.max_records - counters.records_in)
+                    limit = min(limit, settings.max_records - polled)
                     if limit <= 0:
                         break
-                batch = source.poll(limit, settings.poll_timeout_ms)
-                if not batch:
+                # With answers in hand, take only records already fetched: on a quiet topic the
+                # answers then go out at once instead of after a poll timeout.
+                batch = source.poll(limit, 0 if held else settings.poll_timeout_ms)
+                polled_at = time.monotonic()
+                if batch:
+                    learner.submit(batch)  # a model process works on it while the answers before it go out
+                    polled += len(batch)
+                elif held is None:
                     learner.idle()
-                else:
-                    began = time.monotonic()
-                    outputs = learner.process(batch)
-                    sink.send(outputs)
-                    for record in batch:
-                        uncommitted[(record.topic, record.partition)] = record.offset + 1
-                    learner.offsets.update(uncommitted)
-                    unsaved += len(batch)
-                    if on_batch is not None or observability is not None:
-                        drifts = [o for o in outputs if o.topic == settings.topics["drift"]]
-                        latency = time.monotonic() - began
-                        progress = Progress(
-                            counters, time.monotonic() - started, learner.weights(), drifts, latency, source.lag()
-                        )
-                        for report in (on_batch, observability.on_batch if observability else None):
-                            if report is not None:
-                                report(progress)
-                if unsaved >= settings.checkpoint_every or (
-                    unsaved and time.monotonic() - last_checkpoint >= settings.checkpoint_interval_s
+                if held is not None:
+                    publish(held)
+                    held = None
+                if batch:
+                    outputs = learner.collect()
+                    next_offsets = {(r.topic, r.partition): r.offset + 1 for r in batch}
+                    learner.advance(next_offsets)  # before the next poll, whose rebalance may ask for it
+                    held = _Answered(batch, outputs, next_offsets, polled_at)
+                waiting = unsaved + (len(held.batch) if held else 0)
+                if waiting >= settings.checkpoint_every or (
+                    waiting and time.monotonic() - last_checkpoint >= settings.checkpoint_interval_s
                 ):
+                    if held is not None:
+                        publish(held)
+                        held = None
                     checkpoint()
+            if held is not None:
+                publish(held)
+                held = None
             learner.finish()
             unsaved = max(unsaved, 1)  # the last checkpoint also records what finish() applied
             checkpoint()  # a clean stop leaves nothing uncommitted
     finally:
-        source.close()
+        if source is not None:
+            source.close()
         sink.close()
         learner.close()
     logger.info(

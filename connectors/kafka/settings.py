@@ -66,6 +66,9 @@ class ConsumerSettings(BaseSettings):
     # -- how -------------------------------------------------------------------------------------
     max_records: int | None = Field(None, ge=1, description="stop cleanly after this many input records")
     max_poll_records: int = Field(1024, ge=1, description="records per poll")
+    model_process: bool = Field(
+        True, description="run the model in a child process, beside the Kafka client (a second core)"
+    )
     checkpoint_every: int = Field(
         10_000, ge=1, description="flush outputs, store a checkpoint and commit at least every this many records"
     )

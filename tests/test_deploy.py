@@ -96,6 +96,9 @@ def test_kubernetes_manifests_are_consistent():
         if ref:
             assert ref["key"] in secrets[ref["name"]]["stringData"]
     assert "resources" in container and "limits" in container["resources"]
+    # a read-only root still needs a writable /tmp: the model process's fork server puts its socket there
+    if container["securityContext"].get("readOnlyRootFilesystem"):
+        assert "/tmp" in [mount["mountPath"] for mount in container["volumeMounts"]]
 
 
 def test_dockerfile_runs_streamem_as_non_root():

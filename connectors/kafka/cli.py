@@ -55,6 +55,8 @@ def _settings(args) -> ConsumerSettings:
 
 
 def _run(args) -> int:
+    from connectors.kafka.clients import DeliveryFailed
+    from connectors.kafka.model_process import LearnerFailed
     from connectors.kafka.observability import Observability, configure_logging
     from connectors.kafka.pipeline import run_consumer
     from connectors.kafka.topics import ensure_topics
@@ -69,6 +71,9 @@ def _run(args) -> int:
     ensure_topics(settings)
     try:
         counters = run_consumer(settings, on_batch=_ProgressLog(), observability=observability)
+    except (DeliveryFailed, LearnerFailed) as error:  # nothing was committed past the failure
+        logger.error("stopped: %s", error)
+        return 1
     finally:
         observability.close()
     print(

@@ -18,6 +18,7 @@ child exits when the consumer closes it or dies (its end of the pipe closes).
 from __future__ import annotations
 
 import dataclasses
+import gc
 import logging
 import logging.handlers
 import multiprocessing
@@ -191,6 +192,9 @@ def _serve(settings: ConsumerSettings, connection, logs, level: int) -> None:
         connection.send(("error", traceback.format_exc()))
         return
     connection.send(("ok", (dict(learner.offsets), dataclasses.asdict(learner.counters), learner.forgets_lost)))
+    # Everything alive now (modules, the learner) lives as long as the process: spare the
+    # collector from walking it again on every full collection (a fifth of the model's time).
+    gc.freeze()
     try:
         while True:
             try:

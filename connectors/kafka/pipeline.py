@@ -121,6 +121,7 @@ def run_consumer(
     source = None
     drift_topic = settings.topics["drift"]
     started = time.monotonic()
+    lag, lag_at = None, -float("inf")  # records behind the end of the input, and when last asked
 
     def checkpoint() -> None:
         nonlocal unsaved, last_checkpoint
@@ -136,14 +137,16 @@ def run_consumer(
         last_checkpoint = time.monotonic()
 
     def publish(answered: _Answered) -> None:
-        nonlocal unsaved
+        nonlocal unsaved, lag, lag_at
         sink.send(answered.outputs)
         uncommitted.update(answered.next_offsets)
         unsaved += len(answered.batch)
         if on_batch is not None or observability is not None:
             drifts = [o for o in answered.outputs[len(answered.batch) :] if o.topic == drift_topic]
-            latency = time.monotonic() - answered.polled_at
-            progress = Progress(counters, time.monotonic() - started, learner.weights(), drifts, latency, source.lag())
+            now = time.monotonic()
+            if now - lag_at >= 1.0:  # the lag costs a client call per partition: once a second is enough
+                lag, lag_at = source.lag(), now
+            progress = Progress(counters, now - started, learner.weights(), drifts, now - answered.polled_at, lag)
             for report in (on_batch, observability.on_batch if observability else None):
                 if report is not None:
                     report(progress)

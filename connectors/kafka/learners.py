@@ -76,14 +76,6 @@ class _Learner:
 
     forgets_lost = False  # whether the offsets of partitions lost in a rebalance are dropped
 
-    def submit(self, batch) -> None:
-        """Hand a batch over; `collect` answers it (in this process, only then)."""
-        self._submitted = batch
-
-    def collect(self) -> list:
-        batch, self._submitted = self._submitted, None
-        return self.process(batch)
-
     def advance(self, offsets: dict[Partition, int]) -> None:
         """Record the next offset of each partition, once a batch is learned."""
         self.offsets.update(offsets)

@@ -1,18 +1,18 @@
-"""The learner in a process of its own, so the model works while the consumer does Kafka I/O.
+"""The consume loop's handle on its `Answerer`, which runs in a child process by default.
 
-Why: in one process, the model's work (decoding, scoring, learning, encoding answers)
-and the Kafka client's Python code (kafka-python sends and fetches in Python) take
-turns under one interpreter lock, so every microsecond of model work is a
-microsecond less of Kafka work. In a child process the model answers batch N+1
-while the consumer sends the answers to batch N, on a second core.
+Why a child: kafka-python is Python code, so in one process polling, producing and
+the model's work take turns under one interpreter lock. With the answerer (the
+model, the producer, the checkpoint store) in a child, the loop polls batch N+1
+while the child answers, learns and sends batch N, on a second core.
 
-`LearnerProcess` stands in for a learner (`connectors.kafka.learners`): the loop
-`submit`s a batch, does its Kafka work, then `collect`s the answers. Calls that only
-keep books (the rebalance callbacks, the offsets learned through) are answered
-here, from the same books the learner keeps, and forwarded with the next request,
-so a rebalance callback never waits for the model. The child ignores SIGINT and
-SIGTERM: the consumer decides when it stops (after its last checkpoint), and the
-child exits when the consumer closes it or dies (its end of the pipe closes).
+`AnswererHandle` offers the same calls either way (`--no-model-process` keeps the
+answerer in this process). Calls that only keep books (the rebalance callbacks,
+the offsets learned through) are answered here, from the same books the learner
+keeps, and forwarded with the next request, so a rebalance callback never waits
+for the model and the learner sees every call in the order the loop made it. The
+child ignores SIGINT and SIGTERM: the loop decides when to stop (after its last
+checkpoint), and the child exits when the loop closes it or dies (its end of the
+pipe closes).
 """
 
 from __future__ import annotations
@@ -26,31 +26,127 @@ import signal
 import threading
 import traceback
 
+from connectors.kafka.answerer import Answerer, Report
 from connectors.kafka.learners import Counters, Partition
-from connectors.kafka.records import InputRecord, OutputRecord
+from connectors.kafka.records import InputRecord
 from connectors.kafka.settings import ConsumerSettings
 
-__all__ = ["LearnerFailed", "LearnerProcess"]
-
-logger = logging.getLogger(__name__)
+__all__ = ["AnswererHandle", "LearnerFailed"]
 
 # A fork server forks each child from a clean process that has the model code imported
 # already: starting a child takes milliseconds, and nothing of the consumer's threads
 # (the Kafka clients') is copied into it.
 _CONTEXT = multiprocessing.get_context("forkserver")
-_CONTEXT.set_forkserver_preload(["connectors.kafka.learners"])
+_CONTEXT.set_forkserver_preload(["connectors.kafka.answerer"])
 
 
 class LearnerFailed(RuntimeError):
     """The model process raised an error or died; the consumer stops without committing past it."""
 
 
-class LearnerProcess:
-    """A learner (instance, keyed or replicated, as the settings say) running in a child process."""
+class AnswererHandle:
+    """Hands batches to an `Answerer` (in a child process, or in this one) and keeps the offset books."""
+
+    def __init__(self, settings: ConsumerSettings, in_child: bool = True):
+        self._transport = _Child(settings) if in_child else _InProcess(settings)
+        offsets, counters, self._forgets_lost = self._transport.ready()
+        self.offsets: dict[Partition, int] = offsets
+        self.counters = Counters(**counters)
+        self.weights: list[float] = []
+        self._revoked: set[Partition] = set()
+        self._deferred: list[tuple[str, tuple]] = []
+
+    # -- answered here, forwarded with the next request ------------------------------------
+    def revoked(self, partitions: list[Partition]) -> None:
+        self._revoked |= set(partitions)
+        self._deferred.append(("revoked", (partitions,)))
+
+    def start_offsets(self, assigned: list[Partition]) -> dict[Partition, int]:
+        """Where to resume each assigned partition: the rule of the learner behind this handle."""
+        if self._forgets_lost:
+            for tp in self._revoked - set(assigned):
+                self.offsets.pop(tp, None)
+        self._revoked = set()
+        self._deferred.append(("start_offsets", (assigned,)))
+        return {tp: self.offsets[tp] for tp in assigned if tp in self.offsets}
+
+    def advance(self, offsets: dict[Partition, int]) -> None:
+        """The batch just submitted is learned through these offsets once it is answered."""
+        self.offsets.update(offsets)
+        self._deferred.append(("advance", (offsets,)))
+
+    # -- requests ------------------------------------------------------------------------------
+    def submit(self, batch: list[InputRecord]) -> None:
+        """Start answering, learning and sending `batch`; `collect` waits for it."""
+        self._request("process", batch)
+
+    def collect(self) -> Report:
+        report = self._transport.receive()
+        for name, value in report.counters.items():  # in place: the loop holds on to this object
+            setattr(self.counters, name, value)
+        self.weights = report.weights
+        return report
+
+    def checkpoint(self) -> None:
+        """Every answer sent so far acknowledged, then the checkpoint stored."""
+        self._call("checkpoint")
+
+    def idle(self) -> None:
+        self._call("idle")
+
+    def finish(self) -> None:
+        self._call("finish")
+
+    def close(self) -> None:
+        self._transport.close()
+
+    def _call(self, name: str) -> None:
+        self._request(name)
+        self._transport.receive()
+
+    def _request(self, name: str, *args) -> None:
+        calls, self._deferred = [*self._deferred, (name, args)], []
+        self._transport.send(calls)
+
+
+def _run(answerer: Answerer, calls: list[tuple[str, tuple]]):
+    result = None
+    for name, args in calls:
+        result = getattr(answerer, name)(*args)
+    return result
+
+
+def _books(answerer: Answerer) -> tuple:
+    learner = answerer.learner
+    return dict(learner.offsets), dataclasses.asdict(learner.counters), learner.forgets_lost
+
+
+class _InProcess:
+    """The answerer in this process: a request runs at once, its result waits for `receive`."""
+
+    def __init__(self, settings: ConsumerSettings):
+        self.answerer = Answerer(settings)
+        self.result = None
+
+    def ready(self) -> tuple:
+        return _books(self.answerer)
+
+    def send(self, calls) -> None:
+        self.result = _run(self.answerer, calls)
+
+    def receive(self):
+        result, self.result = self.result, None
+        return result
+
+    def close(self) -> None:
+        self.answerer.close()
+
+
+class _Child:
+    """The answerer in a child process, over a pipe; its log records come back over another."""
 
     def __init__(self, settings: ConsumerSettings):
         self._connection, child = _CONTEXT.Pipe()
-        # The child's log records come back here, to this process's handlers and level.
         self._logs, child_logs = _CONTEXT.Pipe(duplex=False)
         self._log_thread = threading.Thread(
             target=_relay_logs, args=(self._logs,), name="streamem-model-logs", daemon=True
@@ -63,89 +159,24 @@ class LearnerProcess:
         self._process.start()
         child.close()
         child_logs.close()
-        self._deferred: list[tuple[str, tuple]] = []
         self._waiting = True
+
+    def ready(self) -> tuple:
         try:
-            offsets, counters, self._forgets_lost = self._receive()
+            return self.receive()
         except BaseException:
             self.close()
             raise
-        self.offsets: dict[Partition, int] = offsets
-        self.counters = Counters(**counters)
-        self._revoked: set[Partition] = set()
-        self._weights: list[float] = []
 
-    # -- answered here, forwarded with the next request ------------------------------------
-    def revoked(self, partitions: list[Partition]) -> None:
-        self._revoked |= set(partitions)
-        self._deferred.append(("revoked", (partitions,)))
-
-    def start_offsets(self, assigned: list[Partition]) -> dict[Partition, int]:
-        """Where to resume each assigned partition: the rule of the learner in the child."""
-        if self._forgets_lost:
-            for tp in self._revoked - set(assigned):
-                self.offsets.pop(tp, None)
-        self._revoked = set()
-        self._deferred.append(("start_offsets", (assigned,)))
-        return {tp: self.offsets[tp] for tp in assigned if tp in self.offsets}
-
-    def advance(self, offsets: dict[Partition, int]) -> None:
-        self.offsets.update(offsets)
-        self._deferred.append(("advance", (offsets,)))
-
-    def weights(self) -> list[float]:
-        """The weights after the last collected batch."""
-        return self._weights
-
-    # -- requests ------------------------------------------------------------------------------
-    def submit(self, batch: list[InputRecord]) -> None:
-        """Start answering and learning `batch` (sent as columns: a sixth of the pickling cost)."""
-        self._send(("process", (tuple(zip(*batch)),)))
-
-    def collect(self) -> list[OutputRecord]:
-        """The outputs of the submitted batch, as `learner.process` returns them."""
-        (topics, keys, values), counters, self._weights = self._receive()
-        for name, value in counters.items():  # in place: the loop holds on to this object
-            setattr(self.counters, name, value)
-        return list(map(OutputRecord, topics, keys, values))
-
-    def checkpoint_entries(self) -> list[tuple[str, bytes]]:
-        return self._call("checkpoint_entries")
-
-    def idle(self) -> None:
-        self._call("idle")
-
-    def finish(self) -> None:
-        self._call("finish")
-
-    def close(self) -> None:
-        """Stop the child (it closes the learner's own clients first)."""
-        try:
-            if not self._waiting:
-                self._connection.send(None)
-        except (BrokenPipeError, OSError):
-            pass
-        self._process.join(timeout=10)
-        if self._process.is_alive():
-            self._process.kill()
-            self._process.join()
-        self._connection.close()
-        self._log_thread.join(timeout=10)  # ends when the child's end of the log pipe closes
-        self._logs.close()
-
-    def _call(self, name: str):
-        self._send((name, ()))
-        return self._receive()
-
-    def _send(self, request: tuple[str, tuple]) -> None:
-        calls, self._deferred = [*self._deferred, request], []
+    def send(self, calls) -> None:
+        calls = [(name, (_columns(*args),)) if name == "process" else (name, args) for name, args in calls]
         try:
             self._connection.send(calls)
         except (BrokenPipeError, OSError):
             raise self._died() from None
         self._waiting = True
 
-    def _receive(self):
+    def receive(self):
         try:
             status, value = self._connection.recv()
         except (EOFError, OSError):
@@ -155,9 +186,33 @@ class LearnerProcess:
             raise LearnerFailed(f"the model process failed:\n{value}")
         return value
 
+    def close(self) -> None:
+        """Stop the child (it closes its Kafka clients first)."""
+        try:
+            if not self._waiting:
+                self._connection.send(None)
+        except (BrokenPipeError, OSError):
+            pass
+        self._process.join(timeout=30)
+        if self._process.is_alive():
+            self._process.kill()
+            self._process.join()
+        self._connection.close()
+        self._log_thread.join(timeout=10)  # ends when the child's end of the log pipe closes
+        self._logs.close()
+
     def _died(self) -> LearnerFailed:
         self._process.join(timeout=5)
         return LearnerFailed(f"the model process exited (exit code {self._process.exitcode})")
+
+
+def _columns(batch: list[InputRecord]) -> tuple:
+    """A batch as five columns: pickled in a sixth of the time its records take."""
+    return tuple(zip(*batch))
+
+
+def _records(columns: tuple) -> list[InputRecord]:
+    return list(map(InputRecord, *columns))
 
 
 def _relay_logs(logs) -> None:
@@ -177,23 +232,20 @@ class _PipeHandler(logging.handlers.QueueHandler):
 
 
 def _serve(settings: ConsumerSettings, connection, logs, level: int) -> None:
-    """The child: build the learner, then run the calls it is sent until told to stop."""
-    from connectors.kafka.checkpoint import make_store
-    from connectors.kafka.learners import make_learner
-
+    """The child: build the answerer, then run the calls it is sent until told to stop."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     root = logging.getLogger()
     root.handlers[:] = [_PipeHandler(logs)]
     root.setLevel(level)
     try:
-        learner = make_learner(settings, make_store(settings, sink=None))  # the consumer stores checkpoints
+        answerer = Answerer(settings)
     except Exception:
         connection.send(("error", traceback.format_exc()))
         return
-    connection.send(("ok", (dict(learner.offsets), dataclasses.asdict(learner.counters), learner.forgets_lost)))
-    # Everything alive now (modules, the learner) lives as long as the process: spare the
-    # collector from walking it again on every full collection (a fifth of the model's time).
+    connection.send(("ok", _books(answerer)))
+    # Everything alive now (modules, the model, the clients) lives as long as the process: spare
+    # the collector from walking it again on every full collection (a fifth of the model's time).
     gc.freeze()
     try:
         while True:
@@ -203,20 +255,10 @@ def _serve(settings: ConsumerSettings, connection, logs, level: int) -> None:
                 return
             if calls is None:
                 return
+            calls = [(name, (_records(*args),)) if name == "process" else (name, args) for name, args in calls]
             try:
-                result = None
-                for name, args in calls:
-                    result = _run(learner, name, args)
-                connection.send(("ok", result))
+                connection.send(("ok", _run(answerer, calls)))
             except Exception:
                 connection.send(("error", traceback.format_exc()))
     finally:
-        learner.close()
-
-
-def _run(learner, name: str, args: tuple):
-    if name == "process":
-        outputs = learner.process(list(map(InputRecord, *args[0])))
-        columns = ([o.topic for o in outputs], [o.key for o in outputs], [o.value for o in outputs])
-        return columns, dataclasses.asdict(learner.counters), learner.weights()
-    return getattr(learner, name)(*args)
+        answerer.close()

@@ -1,4 +1,10 @@
-"""The consumer loop: poll -> decode -> predict, learn -> produce -> checkpoint -> commit.
+"""The consume loop: poll -> hand the batch to the answerer -> checkpoint -> commit.
+
+The loop owns the input side (polling, offsets, commits); an `Answerer`
+(`connectors.kafka.answerer`) owns the output side: it decodes and validates,
+predicts, learns, sends the answers, and stores checkpoints. By default the
+answerer runs in a child process (`connectors.kafka.model_process`): the loop
+polls batch N+1 while batch N is answered.
 
 Guarantee: at-least-once. Every input offset ends in exactly one assignment or
 one dead-letter record. Every `checkpoint_every` records or `checkpoint_interval_s`
@@ -11,11 +17,6 @@ carries its source offset, so downstream can drop duplicates).
 
 Prediction is prequential per poll batch: a batch is scored with the parameters
 in force before it, then learned.
-
-By default the learner runs in a child process (`connectors.kafka.model_process`):
-the loop hands it batch N+1, sends the answers to batch N while the model works,
-then collects. Offsets count as learned when a batch is collected; its answers go
-out before the next checkpoint, so the order above is unchanged.
 """
 
 from __future__ import annotations
@@ -30,9 +31,9 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 from connectors.kafka import records as schemas
-from connectors.kafka.checkpoint import make_store
-from connectors.kafka.clients import Partition, make_sink, make_source
-from connectors.kafka.learners import Counters, make_learner
+from connectors.kafka.clients import Partition, make_source
+from connectors.kafka.learners import Counters
+from connectors.kafka.model_process import AnswererHandle
 from connectors.kafka.settings import ConsumerSettings
 
 __all__ = ["Counters", "Progress", "run_consumer"]
@@ -52,9 +53,8 @@ class Progress:
     lag: int | None
 
 
-class _Answered(NamedTuple):
+class _Submitted(NamedTuple):
     batch: list
-    outputs: list
     next_offsets: dict
     polled_at: float
 
@@ -101,33 +101,20 @@ def run_consumer(
     stopper = _Stop()
     if stop is not None:
         stopper.event = stop
-    sink = make_sink(settings)
-    store = make_store(settings, sink)
-    try:
-        if settings.model_process:
-            from connectors.kafka.model_process import LearnerProcess
-
-            learner = LearnerProcess(settings)
-        else:
-            learner = make_learner(settings, store)
-    except BaseException:
-        sink.close()
-        raise
-    counters = learner.counters
+    answerer = AnswererHandle(settings, in_child=settings.model_process)
+    counters = answerer.counters
     uncommitted: dict[Partition, int] = {}
-    unsaved = 0  # records whose answers were sent since the last checkpoint
+    unsaved = 0  # records answered since the last checkpoint
     polled = counters.records_in  # input records so far, with those of the checkpoint resumed from
     last_checkpoint = time.monotonic()
     source = None
-    drift_topic = settings.topics["drift"]
     started = time.monotonic()
     lag, lag_at = None, -float("inf")  # records behind the end of the input, and when last asked
 
     def checkpoint() -> None:
         nonlocal unsaved, last_checkpoint
         if unsaved:
-            sink.flush()  # 1. every output acknowledged
-            store.save_all(learner.checkpoint_entries())  # 2. checkpoint stored
+            answerer.checkpoint()  # 1. every output acknowledged, 2. checkpoint stored
             owned = source.assigned()  # a partition lost in a rebalance is its new owner's to commit
             for tp in [tp for tp in uncommitted if tp not in owned]:
                 del uncommitted[tp]
@@ -136,31 +123,30 @@ def run_consumer(
             unsaved = 0
         last_checkpoint = time.monotonic()
 
-    def publish(answered: _Answered) -> None:
+    def collect(submitted: _Submitted) -> None:
         nonlocal unsaved, lag, lag_at
-        sink.send(answered.outputs)
-        uncommitted.update(answered.next_offsets)
-        unsaved += len(answered.batch)
+        report = answerer.collect()
+        uncommitted.update(submitted.next_offsets)
+        unsaved += len(submitted.batch)
         if on_batch is not None or observability is not None:
-            drifts = [o for o in answered.outputs[len(answered.batch) :] if o.topic == drift_topic]
             now = time.monotonic()
             if now - lag_at >= 1.0:  # the lag costs a client call per partition: once a second is enough
                 lag, lag_at = source.lag(), now
-            progress = Progress(counters, now - started, learner.weights(), drifts, now - answered.polled_at, lag)
-            for report in (on_batch, observability.on_batch if observability else None):
-                if report is not None:
-                    report(progress)
+            progress = Progress(counters, now - started, report.weights, report.drifts, now - submitted.polled_at, lag)
+            for callback in (on_batch, observability.on_batch if observability else None):
+                if callback is not None:
+                    callback(progress)
 
     # Rebalance callbacks run on the client's IO thread, where nothing may block: they only keep books.
     def on_assigned(partitions: list[Partition]) -> dict[Partition, int]:
         if observability is not None:
             observability.ready(bool(partitions))
-        return learner.start_offsets(partitions)
+        return answerer.start_offsets(partitions)
 
     def on_revoked(partitions: list[Partition]) -> None:
-        learner.revoked(partitions)
+        answerer.revoked(partitions)
 
-    held: _Answered | None = None  # a batch answered and learned whose outputs are not sent yet
+    submitted: _Submitted | None = None  # the batch the answerer is working on
     try:
         source = make_source(settings, on_assigned, on_revoked)
         with stopper.on_signals():
@@ -172,42 +158,41 @@ def run_consumer(
                     limit = min(limit, settings.max_records - polled)
                     if limit <= 0:
                         break
-                # With answers in hand, take only records already fetched: on a quiet topic the
-                # answers then go out at once instead of after a poll timeout.
-                batch = source.poll(limit, 0 if held else settings.poll_timeout_ms)
+                # While a batch is being answered, take only records already fetched: on a quiet
+                # topic its answers are then collected at once instead of after a poll timeout.
+                batch = source.poll(limit, 0 if submitted else settings.poll_timeout_ms)
                 polled_at = time.monotonic()
+                if submitted is not None:
+                    collect(submitted)
+                elif not batch:
+                    answerer.idle()
+                submitted = None
                 if batch:
-                    learner.submit(batch)  # a model process works on it while the answers before it go out
                     polled += len(batch)
-                elif held is None:
-                    learner.idle()
-                if held is not None:
-                    publish(held)
-                    held = None
-                if batch:
-                    outputs = learner.collect()
                     next_offsets = {(r.topic, r.partition): r.offset + 1 for r in batch}
-                    learner.advance(next_offsets)  # before the next poll, whose rebalance may ask for it
-                    held = _Answered(batch, outputs, next_offsets, polled_at)
-                waiting = unsaved + (len(held.batch) if held else 0)
+                    answerer.submit(batch)  # answered while the next poll runs
+                    answerer.advance(next_offsets)  # before that poll, whose rebalance may ask for it
+                    submitted = _Submitted(batch, next_offsets, polled_at)
+                waiting = unsaved + (len(submitted.batch) if submitted else 0)
                 if waiting >= settings.checkpoint_every or (
                     waiting and time.monotonic() - last_checkpoint >= settings.checkpoint_interval_s
                 ):
-                    if held is not None:
-                        publish(held)
-                        held = None
+                    if submitted is not None:
+                        collect(submitted)
+                        submitted = None
                     checkpoint()
-            if held is not None:
-                publish(held)
-                held = None
-            learner.finish()
+            if submitted is not None:
+                collect(submitted)
+                submitted = None
+            answerer.finish()
             unsaved = max(unsaved, 1)  # the last checkpoint also records what finish() applied
             checkpoint()  # a clean stop leaves nothing uncommitted
     finally:
-        if source is not None:
-            source.close()
-        sink.close()
-        learner.close()
+        try:
+            if source is not None:
+                source.close()
+        finally:
+            answerer.close()
     logger.info(
         "stopped after %d records: %d assigned, %d dead-lettered, %d drift events",
         counters.records_in,

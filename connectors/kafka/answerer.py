@@ -1,0 +1,77 @@
+"""The output side of the consumer: answer and learn each batch, send the answers, store checkpoints.
+
+An `Answerer` owns the learner, the producer of every output topic and the
+checkpoint store. The consume loop (`connectors.kafka.pipeline`) owns the input
+side: it polls, hands batches over and commits offsets once a checkpoint is
+stored. An answerer runs in a child process by default (`connectors.kafka.model_process`),
+so producing and learning run beside the polling, each under its own interpreter lock.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple
+
+from connectors.kafka.checkpoint import make_store
+from connectors.kafka.clients import make_sink
+from connectors.kafka.learners import make_learner
+from connectors.kafka.records import InputRecord, OutputRecord
+from connectors.kafka.settings import ConsumerSettings
+
+__all__ = ["Answerer", "Report"]
+
+
+class Report(NamedTuple):
+    """What a batch did, for progress output and metrics."""
+
+    counters: dict[str, int]
+    weights: list[float]
+    drifts: list[OutputRecord]
+
+
+class Answerer:
+    """The learner (instance, keyed or replicated, as the settings say), its sink and checkpoint store."""
+
+    def __init__(self, settings: ConsumerSettings):
+        self.sink = make_sink(settings)
+        try:
+            self.store = make_store(settings, self.sink)
+            self.learner = make_learner(settings, self.store)
+        except BaseException:
+            self.sink.close()
+            raise
+        self.drift_topic = settings.topics["drift"]
+
+    def process(self, batch: list[InputRecord]) -> Report:
+        """Answer, learn and send; the answers are acknowledged by the next `checkpoint`."""
+        outputs = self.learner.process(batch)
+        self.sink.send(outputs)
+        drifts = [o for o in outputs[len(batch) :] if o.topic == self.drift_topic]
+        return Report(dataclasses.asdict(self.learner.counters), self.learner.weights(), drifts)
+
+    def checkpoint(self) -> None:
+        """Every answer acknowledged (or `DeliveryFailed`), then the checkpoint stored."""
+        self.sink.flush()
+        self.store.save_all(self.learner.checkpoint_entries())
+
+    # -- the learner's books, in the order the loop kept them -------------------------------------
+    def revoked(self, partitions) -> None:
+        self.learner.revoked(partitions)
+
+    def start_offsets(self, assigned) -> dict:
+        return self.learner.start_offsets(assigned)
+
+    def advance(self, offsets) -> None:
+        self.learner.advance(offsets)
+
+    def idle(self) -> None:
+        self.learner.idle()
+
+    def finish(self) -> None:
+        self.learner.finish()
+
+    def close(self) -> None:
+        try:
+            self.sink.close()
+        finally:
+            self.learner.close()

@@ -59,13 +59,14 @@ class StepwiseEM:
     def update(self, batch) -> np.ndarray:
         """Blend one prepared mini-batch in; return its records' log-likelihoods before the update."""
         log_norm, _, batch_stats = self.family.expected_stats(batch, self.params)
-        self.apply(batch_stats.scaled(1.0 / batch.n_samples))
+        self.apply(batch_stats, 1.0 / batch.n_samples)
         return log_norm
 
-    def apply(self, batch_stats) -> None:
-        """Blend in one mini-batch's per-record statistics (computed here, or by another replica)."""
+    def apply(self, batch_stats, batch_scale: float = 1.0) -> None:
+        """Blend in one mini-batch's per-record statistics (computed here, or by another replica);
+        `batch_scale` makes per-record statistics of sums on the way."""
         step = self.schedule(self.n_updates)
-        stats = _hold_dead_components(self.stats.blend(batch_stats, step))
+        stats = _hold_dead_components(self.stats.blend(batch_stats, step, batch_scale))
         self.stats = stats.recentred(stats.data_mean())
         self.n_updates += 1
         self.params = self.family.m_step(self.stats)

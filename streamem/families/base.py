@@ -48,17 +48,18 @@ class SufficientStatistics:
 
     def scaled(self, factor: float) -> SufficientStatistics:
         """The statistics multiplied by `factor` (a step size or 1 / n_records)."""
-        return dataclasses.replace(self, **{name: getattr(self, name) * factor for name in self._additive_fields()})
+        return type(self)(shift=self.shift, **{name: getattr(self, name) * factor for name in self._additive_fields()})
 
-    def blend(self, batch: SufficientStatistics, step_size: float) -> SufficientStatistics:
-        """Stepwise-EM update `(1 - step_size) * self + step_size * batch` (one pass, one new object)."""
+    def blend(self, batch: SufficientStatistics, step_size: float, batch_scale: float = 1.0) -> SufficientStatistics:
+        """Stepwise-EM update `(1 - step_size) * self + step_size * batch_scale * batch` (one new object).
+
+        `batch_scale` turns a batch's sums into per-record statistics (1 / n_records) on the way.
+        """
         if not np.array_equal(batch.shift, self.shift):
             batch = batch.recentred(self.shift)
-        keep = 1.0 - step_size
-        return dataclasses.replace(
-            self,
-            **{name: keep * getattr(self, name) + step_size * getattr(batch, name) for name in self._additive_fields()},
-        )
+        keep, take = 1.0 - step_size, step_size * batch_scale
+        fields = {name: keep * getattr(self, name) + take * getattr(batch, name) for name in self._additive_fields()}
+        return type(self)(shift=self.shift, **fields)
 
     def to_arrays(self) -> dict[str, np.ndarray]:
         return {f.name: np.asarray(getattr(self, f.name)) for f in dataclasses.fields(self)}

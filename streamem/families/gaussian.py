@@ -192,7 +192,7 @@ class GaussianFamily:
         )
         if self.covariance_type == "spherical":
             log_det = means.shape[1] * log_det  # one factor per dimension
-        if weights.shape != (means.shape[0],) or not np.all(np.isfinite(weights)) or np.any(weights < 0):
+        if weights.shape != (means.shape[0],) or not np.isfinite(weights).all() or (weights < 0).any():
             raise ValueError(f"weights must be {means.shape[0]} finite values >= 0, got {weights}")
         return GaussianParams(weights, means, covariances, self.covariance_type, chol, log_det)
 
@@ -248,8 +248,11 @@ class GaussianFamily:
 
     def weighted_log_prob(self, batch: GaussianBatch, params: GaussianParams) -> np.ndarray:
         """log w_k + log N(x | mean_k, cov_k), shape (n, K)."""
-        with np.errstate(divide="ignore"):  # a weight of exactly 0 is log 0 = -inf, by design
+        if params.weights.all():
             log_weights = np.log(params.weights)
+        else:
+            with np.errstate(divide="ignore"):  # a weight of exactly 0 is log 0 = -inf, by design
+                log_weights = np.log(params.weights)
         weighted = self.log_prob(batch, params)
         weighted += log_weights
         return weighted
@@ -374,7 +377,7 @@ def _precision_cholesky(
         return chol, (np.log(chol).sum(axis=1) if kind == "diag" else np.log(chol)), covariances
 
     stack = covariances[None] if kind == "tied" else covariances
-    if stack.ndim != 3 or stack.shape[1] != stack.shape[2] or not np.all(np.isfinite(stack)):
+    if stack.ndim != 3 or stack.shape[1] != stack.shape[2] or not np.isfinite(stack).all():
         raise ValueError(f"{kind} covariances must be finite square matrices, got shape {covariances.shape}")
     if repair_floor is None:  # the M-step's matrices are symmetric by construction; a caller's may not be
         asymmetric = np.abs(stack - stack.transpose(0, 2, 1)).max(axis=(1, 2)) > 1e-8 * np.maximum(
@@ -390,9 +393,8 @@ def _precision_cholesky(
             raise ValueError(f"covariance of component {bad} is not positive definite") from None
         stack = _clamp_eigenvalues(stack, repair_floor)
         lower = np.linalg.cholesky(stack)
-    d = stack.shape[1]
     # Every component's triangular inverse at once; P = inv(L)^T is upper triangular.
-    chol = np.linalg.solve(lower, np.broadcast_to(np.eye(d), stack.shape)).transpose(0, 2, 1)
+    chol = np.linalg.inv(lower).transpose(0, 2, 1)
     log_det = np.log(np.diagonal(chol, axis1=1, axis2=2)).sum(axis=1)
     if kind == "tied":
         return chol[0], log_det, stack[0]

@@ -55,25 +55,29 @@ class AnswererHandle:
         self.weights: list[float] = []
         self._revoked: set[Partition] = set()
         self._deferred: list[tuple[str, tuple]] = []
+        self._books_lock = threading.Lock()  # rebalance callbacks may run on the client's IO thread
 
     # -- answered here, forwarded with the next request ------------------------------------
     def revoked(self, partitions: list[Partition]) -> None:
-        self._revoked |= set(partitions)
-        self._deferred.append(("revoked", (partitions,)))
+        with self._books_lock:
+            self._revoked |= set(partitions)
+            self._deferred.append(("revoked", (partitions,)))
 
     def start_offsets(self, assigned: list[Partition]) -> dict[Partition, int]:
         """Where to resume each assigned partition: the rule of the learner behind this handle."""
-        if self._forgets_lost:
-            for tp in self._revoked - set(assigned):
-                self.offsets.pop(tp, None)
-        self._revoked = set()
-        self._deferred.append(("start_offsets", (assigned,)))
-        return {tp: self.offsets[tp] for tp in assigned if tp in self.offsets}
+        with self._books_lock:
+            if self._forgets_lost:
+                for tp in self._revoked - set(assigned):
+                    self.offsets.pop(tp, None)
+            self._revoked = set()
+            self._deferred.append(("start_offsets", (assigned,)))
+            return {tp: self.offsets[tp] for tp in assigned if tp in self.offsets}
 
     def advance(self, offsets: dict[Partition, int]) -> None:
         """The batch just submitted is learned through these offsets once it is answered."""
-        self.offsets.update(offsets)
-        self._deferred.append(("advance", (offsets,)))
+        with self._books_lock:
+            self.offsets.update(offsets)
+            self._deferred.append(("advance", (offsets,)))
 
     # -- requests ------------------------------------------------------------------------------
     def submit(self, batch: list[InputRecord]) -> None:
@@ -105,7 +109,8 @@ class AnswererHandle:
         self._transport.receive()
 
     def _request(self, name: str, *args) -> None:
-        calls, self._deferred = [*self._deferred, (name, args)], []
+        with self._books_lock:
+            calls, self._deferred = [*self._deferred, (name, args)], []
         self._transport.send(calls)
 
 
@@ -187,17 +192,18 @@ class _Child:
         return value
 
     def close(self) -> None:
-        """Stop the child (it closes its Kafka clients first)."""
+        """Stop the child; it closes its Kafka clients first. (Mid-request, after an error, closing
+        the pipe is what stops it: its next read or write fails.)"""
         try:
             if not self._waiting:
                 self._connection.send(None)
         except (BrokenPipeError, OSError):
             pass
+        self._connection.close()
         self._process.join(timeout=30)
         if self._process.is_alive():
             self._process.kill()
             self._process.join()
-        self._connection.close()
         self._log_thread.join(timeout=10)  # ends when the child's end of the log pipe closes
         self._logs.close()
 
@@ -251,14 +257,18 @@ def _serve(settings: ConsumerSettings, connection, logs, level: int) -> None:
         while True:
             try:
                 calls = connection.recv()
-            except EOFError:  # the consumer is gone
+            except (EOFError, OSError):  # the consumer is gone
                 return
             if calls is None:
                 return
             calls = [(name, (_records(*args),)) if name == "process" else (name, args) for name, args in calls]
             try:
-                connection.send(("ok", _run(answerer, calls)))
+                reply = ("ok", _run(answerer, calls))
             except Exception:
-                connection.send(("error", traceback.format_exc()))
+                reply = ("error", traceback.format_exc())
+            try:
+                connection.send(reply)
+            except (BrokenPipeError, OSError):  # the consumer is gone
+                return
     finally:
         answerer.close()

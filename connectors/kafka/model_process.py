@@ -52,7 +52,6 @@ class AnswererHandle:
         offsets, counters, self._forgets_lost = self._transport.ready()
         self.offsets: dict[Partition, int] = offsets
         self.counters = Counters(**counters)
-        self.weights: list[float] = []
         self._revoked: set[Partition] = set()
         self._deferred: list[tuple[str, tuple]] = []
         self._books_lock = threading.Lock()  # rebalance callbacks may run on the client's IO thread
@@ -88,7 +87,6 @@ class AnswererHandle:
         report = self._transport.receive()
         for name, value in report.counters.items():  # in place: the loop holds on to this object
             setattr(self.counters, name, value)
-        self.weights = report.weights
         return report
 
     def checkpoint(self) -> None:

@@ -33,11 +33,16 @@ from connectors.kafka.settings import ConsumerSettings
 
 __all__ = ["AnswererHandle", "LearnerFailed"]
 
-# A fork server forks each child from a clean process that has the model code imported
-# already: starting a child takes milliseconds, and nothing of the consumer's threads
-# (the Kafka clients') is copied into it.
-_CONTEXT = multiprocessing.get_context("forkserver")
-_CONTEXT.set_forkserver_preload(["connectors.kafka.answerer"])
+
+def _context():
+    """A fork server where there is one (Linux, macOS): it forks each child from a clean process
+    that has the model code imported already, so a child starts in milliseconds and nothing of
+    the consumer's threads (the Kafka clients') is copied into it. Elsewhere, spawn."""
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("spawn")
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["connectors.kafka.answerer"])  # no effect once the server runs
+    return context
 
 
 class LearnerFailed(RuntimeError):
@@ -149,14 +154,15 @@ class _Child:
     """The answerer in a child process, over a pipe; its log records come back over another."""
 
     def __init__(self, settings: ConsumerSettings):
-        self._connection, child = _CONTEXT.Pipe()
-        self._logs, child_logs = _CONTEXT.Pipe(duplex=False)
+        context = _context()
+        self._connection, child = context.Pipe()
+        self._logs, child_logs = context.Pipe(duplex=False)
         self._log_thread = threading.Thread(
             target=_relay_logs, args=(self._logs,), name="streamem-model-logs", daemon=True
         )
         self._log_thread.start()
         level = logging.getLogger("connectors").getEffectiveLevel()
-        self._process = _CONTEXT.Process(
+        self._process = context.Process(
             target=_serve, args=(settings, child, child_logs, level), name="streamem-model", daemon=True
         )
         self._process.start()

@@ -30,7 +30,7 @@ from connectors.kafka.settings import ConsumerSettings  # noqa: E402
 from connectors.kafka.topics import ensure_topics  # noqa: E402
 
 RECORDS = 100_000
-REPEATS = 3
+REPEATS = 5
 POLL = 1024
 
 

@@ -203,7 +203,7 @@ def assignments(
     """Assignment records for a batch: `records[j]` answered by row j of the arrays.
 
     The hot path of the consumer. The numbers of the whole batch are formatted by
-    orjson at once and spliced into a fixed layout, 6x faster than a dict and an
+    orjson at once and spliced into a fixed layout, 3.5x faster than a dict and an
     `orjson.dumps` per record, and the same bytes.
     """
     if not records:

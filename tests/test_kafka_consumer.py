@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import multiprocessing
 import os
+import pathlib
 import queue
+import select
 import signal
 import subprocess
 import sys
@@ -173,8 +176,30 @@ def _lines(process: subprocess.Popen) -> queue.Queue:
     return lines
 
 
+def _exit_watchers(pid: int) -> list[int]:
+    """A pidfd (readable once the process exits) for every process descended from `pid`."""
+    children: dict[int, list[int]] = {}
+    for stat in pathlib.Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(parent, []).append(int(stat.parent.name))
+    descendants, todo = [], [pid]
+    while todo:
+        found = children.get(todo.pop(), [])
+        descendants += found
+        todo += found
+    watchers = []
+    for descendant in descendants:
+        with contextlib.suppress(ProcessLookupError):
+            watchers.append(os.pidfd_open(descendant))
+    return watchers
+
+
 def test_kill_9_mid_stream_then_restart_loses_nothing(broker):
-    """SIGKILL mid-stream, restart: every input offset is answered, and the model learned each record once."""
+    """SIGKILL mid-stream: its model process exits too; a restart answers every input offset, and the model
+    learned each record once."""
     topic = unique("crash")
     total = 20_000
     settings = make_settings(broker, topic, max_records=total)
@@ -183,13 +208,19 @@ def test_kill_9_mid_stream_then_restart_loses_nothing(broker):
 
     counter = TopicCounter(broker.bootstrap_servers, settings.topics["assignments"])
     victim = _start(settings, "--max-records", str(total), "--checkpoint-every", "1000")
+    helpers = []
     try:
         wait_for(lambda: counter.count() >= 3000, 60, "the first process to answer 3,000 records")
+        helpers = _exit_watchers(victim.pid)  # the model process and the fork server it came from
     finally:
         victim.send_signal(signal.SIGKILL)
         victim.wait()
         counter.close()
     assert victim.returncode == -signal.SIGKILL
+    assert len(helpers) >= 2
+    for watcher in helpers:  # none outlives the consumer: each sees its pipe to the consumer close
+        assert select.select([watcher], [], [], 30)[0], "a helper process outlived the killed consumer"
+        os.close(watcher)
 
     run_consumer(settings)  # resumes from the checkpoint
 

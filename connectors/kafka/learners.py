@@ -20,7 +20,7 @@ from connectors.kafka.settings import ConsumerSettings
 from streamem.drift import WeightDriftDetector
 from streamem.schedules import StepSize
 
-__all__ = ["Counters", "InstanceLearner", "KeyedLearner", "make_learner"]
+__all__ = ["Counters", "InstanceLearner", "KeyedLearner", "OffsetBook", "make_learner"]
 
 logger = logging.getLogger(__name__)
 Partition = tuple[str, int]
@@ -67,6 +67,35 @@ class _Model:
     dirty: bool = False
 
 
+class OffsetBook:
+    """The next offset of each partition a model has learned through, and where to resume after a
+    rebalance (where the model is, so it neither skips nor re-learns a record).
+
+    With `forget_lost` (one model per key) the offsets of partitions that went to another
+    consumer are dropped: their models go with them. Otherwise the model keeps what it learned.
+    """
+
+    def __init__(self, offsets: dict[Partition, int] | None = None, forget_lost: bool = False):
+        self.offsets = dict(offsets or {})
+        self.forget_lost = forget_lost
+        self._revoked: set[Partition] = set()
+
+    def advance(self, offsets: dict[Partition, int]) -> None:
+        self.offsets.update(offsets)
+
+    def revoked(self, partitions: list[Partition]) -> None:
+        self._revoked |= set(partitions)
+
+    def resume(self, assigned: list[Partition]) -> tuple[dict[Partition, int], set[Partition]]:
+        """(the start offset of each assigned partition the model has a position in, the lost partitions);
+        the others start at the group's committed offset."""
+        lost, self._revoked = self._revoked - set(assigned), set()
+        if self.forget_lost:
+            for tp in lost:
+                self.offsets.pop(tp, None)
+        return {tp: self.offsets[tp] for tp in assigned if tp in self.offsets}, lost
+
+
 class _Learner:
     """Common parts; subclasses answer, learn and say what to checkpoint.
 
@@ -74,11 +103,22 @@ class _Learner:
     a dead letter), then any others (drift records, statistics messages).
     """
 
-    forgets_lost = False  # whether the offsets of partitions lost in a rebalance are dropped
+    forgets_lost = False  # see OffsetBook
+
+    @property
+    def offsets(self) -> dict[Partition, int]:
+        """Next offset per partition, once learned."""
+        return self.book.offsets
 
     def advance(self, offsets: dict[Partition, int]) -> None:
         """Record the next offset of each partition, once a batch is learned."""
-        self.offsets.update(offsets)
+        self.book.advance(offsets)
+
+    def revoked(self, partitions: list[Partition]) -> None:
+        self.book.revoked(partitions)
+
+    def start_offsets(self, assigned: list[Partition]) -> dict[Partition, int]:
+        return self.book.resume(assigned)[0]
 
     def finish(self) -> None:
         """Called before the last checkpoint of a clean stop."""
@@ -95,7 +135,7 @@ class _Learner:
         self.topics = settings.topics
         self.decoder = schemas.RecordDecoder(settings.features, settings.target, settings.model_key)
         self.counters = Counters()
-        self.offsets: dict[Partition, int] = {}  # next offset per partition, once learned
+        self.book = OffsetBook(forget_lost=self.forgets_lost)
 
     def _decode(self, batch) -> tuple[list, schemas.DecodedBatch]:
         """Decode a batch; the invalid records' dead letters go in their places in the outputs."""
@@ -202,7 +242,7 @@ class InstanceLearner(_Learner):
         self.state = _Model(
             _model_type(settings).from_dict(checkpoint.model), WeightDriftDetector.from_dict(checkpoint.detector)
         )
-        self.offsets = {(o.topic, o.partition): o.offset for o in checkpoint.offsets}
+        self.book.advance({(o.topic, o.partition): o.offset for o in checkpoint.offsets})
         self.counters = Counters(**checkpoint.counters)
         self.state.since_drift_record = self.counters.records_in % settings.drift_every
         logger.info(
@@ -211,14 +251,6 @@ class InstanceLearner(_Learner):
             self.state.model.n_seen,
             self.offsets,
         )
-
-    def start_offsets(self, assigned: list[Partition]) -> dict[Partition, int]:
-        # Resume where the model is (its checkpoint, or how far it got before a rebalance),
-        # so it neither skips nor re-learns a record; other partitions start at the commit.
-        return {tp: self.offsets[tp] for tp in assigned if tp in self.offsets}
-
-    def revoked(self, partitions: list[Partition]) -> None:
-        """The instance's model stays: it has learned from every partition it ever held."""
 
     def process(self, batch):
         outputs, decoded = self._decode(batch)
@@ -267,13 +299,9 @@ class KeyedLearner(_Learner):
         self.models: dict[str, _Model] = {}
         self.stored: dict[str, bytes] = {}
         self.stale = True  # stored checkpoints to be re-read before the next batch
-        self.revoked_partitions: set[Partition] = set()
         raw = store.load(settings.checkpoint_key)
         if raw is not None:
             self.counters = Counters(**Checkpoint.parse(raw).counters)
-
-    def revoked(self, partitions: list[Partition]) -> None:
-        self.revoked_partitions |= set(partitions)
 
     def start_offsets(self, assigned: list[Partition]) -> dict[Partition, int]:
         """Drop what belongs to partitions that went elsewhere; resume kept ones where their models are.
@@ -282,14 +310,11 @@ class KeyedLearner(_Learner):
         restores that checkpoint and learns again from the committed offset, so nothing is learned
         twice. (Runs in the client's rebalance callback, so nothing here may block.)
         """
-        lost = self.revoked_partitions - set(assigned)
-        self.revoked_partitions = set()
+        resume, lost = self.book.resume(assigned)
         for key in [k for k, state in self.models.items() if set(state.learned_through) & lost]:
             del self.models[key]
-        for tp in lost:
-            self.offsets.pop(tp, None)
         self.stale = True  # a previous owner may have just checkpointed models of our new partitions
-        return {tp: self.offsets[tp] for tp in assigned if tp in self.offsets}
+        return resume
 
     def _model(self, key: str) -> _Model:
         state = self.models.get(key)

@@ -27,7 +27,7 @@ import threading
 import traceback
 
 from connectors.kafka.answerer import Answerer, Report
-from connectors.kafka.learners import Counters, Partition
+from connectors.kafka.learners import Counters, OffsetBook, Partition
 from connectors.kafka.records import InputRecord
 from connectors.kafka.settings import ConsumerSettings
 
@@ -54,33 +54,28 @@ class AnswererHandle:
 
     def __init__(self, settings: ConsumerSettings, in_child: bool = True):
         self._transport = _Child(settings) if in_child else _InProcess(settings)
-        offsets, counters, self._forgets_lost = self._transport.ready()
-        self.offsets: dict[Partition, int] = offsets
+        offsets, counters, forget_lost = self._transport.ready()
+        self._book = OffsetBook(offsets, forget_lost)  # kept here as the learner keeps its own
         self.counters = Counters(**counters)
-        self._revoked: set[Partition] = set()
         self._deferred: list[tuple[str, tuple]] = []
         self._books_lock = threading.Lock()  # rebalance callbacks may run on the client's IO thread
 
     # -- answered here, forwarded with the next request ------------------------------------
     def revoked(self, partitions: list[Partition]) -> None:
         with self._books_lock:
-            self._revoked |= set(partitions)
+            self._book.revoked(partitions)
             self._deferred.append(("revoked", (partitions,)))
 
     def start_offsets(self, assigned: list[Partition]) -> dict[Partition, int]:
-        """Where to resume each assigned partition: the rule of the learner behind this handle."""
+        """Where to resume each assigned partition, by the same book the learner keeps."""
         with self._books_lock:
-            if self._forgets_lost:
-                for tp in self._revoked - set(assigned):
-                    self.offsets.pop(tp, None)
-            self._revoked = set()
             self._deferred.append(("start_offsets", (assigned,)))
-            return {tp: self.offsets[tp] for tp in assigned if tp in self.offsets}
+            return self._book.resume(assigned)[0]
 
     def advance(self, offsets: dict[Partition, int]) -> None:
         """The batch just submitted is learned through these offsets once it is answered."""
         with self._books_lock:
-            self.offsets.update(offsets)
+            self._book.advance(offsets)
             self._deferred.append(("advance", (offsets,)))
 
     # -- requests ------------------------------------------------------------------------------
@@ -126,7 +121,7 @@ def _run(answerer: Answerer, calls: list[tuple[str, tuple]]):
 
 def _books(answerer: Answerer) -> tuple:
     learner = answerer.learner
-    return dict(learner.offsets), dataclasses.asdict(learner.counters), learner.forgets_lost
+    return dict(learner.offsets), dataclasses.asdict(learner.counters), learner.book.forget_lost
 
 
 class _InProcess:

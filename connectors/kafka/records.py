@@ -75,7 +75,6 @@ class RecordDecoder:
         """Values come back as features, then the target, then the model key (a string or an integer)."""
         self.numbers = list(features) + ([target] if target is not None else [])
         self.model_key = model_key
-        self.fields = self.numbers + ([model_key] if model_key is not None else [])
         number = StrictFloat | StrictInt  # JSON true/false and "1.5" are not numbers here
         types = {name: number for name in self.numbers}
         if model_key is not None:

@@ -59,7 +59,7 @@ class ReplicatedLearner(_Learner):
         own = store.load(settings.checkpoint_key)
         if own is not None:
             checkpoint = Checkpoint.parse(own)
-            self.offsets = {(o.topic, o.partition): o.offset for o in checkpoint.offsets}
+            self.book.advance({(o.topic, o.partition): o.offset for o in checkpoint.offsets})
             self.counters = Counters(**checkpoint.counters)
             self.state.detector = WeightDriftDetector.from_dict(checkpoint.detector)
         shared = store.load(self.shared_key)
@@ -78,12 +78,6 @@ class ReplicatedLearner(_Learner):
         )
 
     # -- the consumer side -------------------------------------------------------------------
-    def start_offsets(self, assigned: list[Partition]) -> dict[Partition, int]:
-        return {tp: self.offsets[tp] for tp in assigned if tp in self.offsets}
-
-    def revoked(self, partitions: list[Partition]) -> None:
-        """The replicated model is global: nothing to drop."""
-
     def process(self, batch):
         self.catch_up()
         outputs, decoded = self._decode(batch)

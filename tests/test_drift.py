@@ -81,7 +81,7 @@ def test_soft_responsibilities_and_dicts_are_accepted():
 
 
 def test_state_round_trip_continues_identically():
-    """to_dict/from_dict before, just after and in the grace period of a drift, then the same drifts as never stopping."""
+    """to_dict/from_dict before, just after and within the grace of a drift: the same drifts as never stopping."""
     R = hard_stream(regimes(([0.5, 0.5], 3000), ([0.9, 0.1], 3000), ([0.5, 0.5], 3000)), np.random.default_rng(8))
     uninterrupted = WeightDriftDetector(2)
     whole = [e.index for e in uninterrupted.update_many(R)]

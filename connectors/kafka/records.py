@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import functools
+import hashlib
 import itertools
 from operator import itemgetter
 from typing import NamedTuple
@@ -24,6 +25,10 @@ from pydantic import ConfigDict, StrictFloat, StrictInt, StrictStr, TypeAdapter,
 from typing_extensions import TypedDict
 
 __all__ = [
+    "DEAD_LETTER_ERROR_CHARACTERS",
+    "DEAD_LETTER_KEY_BYTES",
+    "DEAD_LETTER_VALUE_BYTES",
+    "MODEL_KEY_CHARACTERS",
     "DecodedBatch",
     "InputRecord",
     "OutputRecord",
@@ -33,6 +38,16 @@ __all__ = [
     "drift_record",
     "source_of",
 ]
+
+
+# Bounds that keep every output record far below a producer's 1 MiB request limit, whatever came in.
+# Worst case, a dead letter of control bytes (JSON escapes each as 6 bytes: \u0001) holds
+# 6 x 64 KiB of value + 6 x 1 KiB of key (+ 1 KiB raw as its Kafka key) + 4 KiB characters of error.
+DEAD_LETTER_VALUE_BYTES = 64 * 1024  # bytes of the original payload kept: plenty to diagnose it
+DEAD_LETTER_KEY_BYTES = 1024
+DEAD_LETTER_ERROR_CHARACTERS = 4096
+MODEL_KEY_CHARACTERS = 256  # a model key names a model (a sensor, a site): longer is a bad record
+_SHOWN_CHARACTERS = 80  # of a bad field's value, quoted in its error
 
 
 class InputRecord(NamedTuple):
@@ -101,8 +116,19 @@ class RecordDecoder:
             except OverflowError:  # an integer literal beyond the float range
                 raise ValueError(f"field {name!r} is not finite (too large for a float)") from None
         if self.model_key is not None:
-            numbers.append(record[self.model_key])
+            key = record[self.model_key]
+            self._check_model_key(key)
+            numbers.append(key)
         return tuple(numbers)
+
+    def _check_model_key(self, key: str | int) -> None:
+        # An integer's digits are counted without str(): beyond 4,300 digits str() itself raises.
+        length = len(key) if isinstance(key, str) else _digits(key)
+        if length > MODEL_KEY_CHARACTERS:
+            raise ValueError(
+                f"field {self.model_key!r} is too long for a model key ({length} characters, "
+                f"limit {MODEL_KEY_CHARACTERS})"
+            )
 
     def decode_batch(self, values: list[bytes | None]) -> DecodedBatch:
         """Decode a poll batch. A batch of valid records (the usual case) is decoded in one pass;
@@ -113,6 +139,8 @@ class RecordDecoder:
         except (ValidationError, OverflowError):
             return self._decode_one_by_one(values)
         keys = None if self.model_key is None else [record[self.model_key] for record in records]
+        if keys is not None and not all(_short_key(key) for key in keys):
+            return self._decode_one_by_one(values)
         return DecodedBatch(numbers.reshape(len(values), len(self.numbers)), keys, list(range(len(values))), [])
 
     def _decode_one_by_one(self, values: list[bytes | None]) -> DecodedBatch:
@@ -129,6 +157,22 @@ class RecordDecoder:
         return DecodedBatch(numbers, keys, good, errors)
 
 
+def _short_key(key: str | int) -> bool:
+    return len(key) <= MODEL_KEY_CHARACTERS if isinstance(key, str) else _digits(key) <= MODEL_KEY_CHARACTERS
+
+
+def _digits(number: int) -> int:
+    """Characters of `str(number)`, computed without building it."""
+    if number == 0:
+        return 1
+    sign = number < 0
+    number = abs(number)
+    digits = int(number.bit_length() * 0.30102999566398120) + 1  # log10(2): exact or one too many
+    if number < 10 ** (digits - 1):
+        digits -= 1
+    return digits + sign
+
+
 def _describe(error: ValidationError) -> str:
     first = error.errors(include_url=False)[0]
     kind, location = first["type"], first["loc"]
@@ -143,6 +187,8 @@ def _describe(error: ValidationError) -> str:
         return f"field {field!r} is not finite (NaN or infinity)"
     received = first.get("input")
     shown = orjson.dumps(received).decode() if _jsonable(received) else repr(received)
+    if len(shown) > _SHOWN_CHARACTERS:  # a 500 KB string would make a 500 KB error (and log line)
+        shown = f"{shown[:_SHOWN_CHARACTERS]}... ({len(shown)} characters)"
     if kind in ("string_type", "int_type") or "string" in first["msg"]:
         return f"field {field!r} is not a string or an integer: {shown}"
     return f"field {field!r} is not a number: {shown}"
@@ -249,17 +295,52 @@ def assignments(
     ]
 
 
+def _prefix(raw: bytes, limit: int) -> tuple[str, str]:
+    """At most `limit` bytes of `raw` as text (cut on a character boundary) or, when `raw` as a whole
+    is not UTF-8, as base64: the encoding says what the whole payload is."""
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return base64.b64encode(raw[:limit]).decode("ascii"), "base64"
+    # `raw` is valid UTF-8, so the only invalid bytes of its prefix are a character cut at the end
+    return raw[:limit].decode("utf-8", errors="ignore"), "utf-8"
+
+
+def _bounded_error(error: str) -> str:
+    if len(error) <= DEAD_LETTER_ERROR_CHARACTERS:
+        return error
+    return f"{error[:DEAD_LETTER_ERROR_CHARACTERS]}... ({len(error)} characters)"
+
+
 def dead_letter(record: InputRecord, topic: str, error: str) -> OutputRecord:
-    """{"source", "key", "error", "value", "encoding"}: the original payload, as text or base64."""
-    value, encoding = _text(record.value)
+    """{"source", "key", "error", "value", "encoding", "size", "sha256", "truncated", "key_truncated"}.
+
+    `value` is the original payload as text or base64 (`encoding`), cut to its first
+    `DEAD_LETTER_VALUE_BYTES` bytes (`truncated`); `size` and `sha256` are those of the whole
+    payload (null for a message without one). The key (also the record's Kafka key) is cut to
+    `DEAD_LETTER_KEY_BYTES`, the error to `DEAD_LETTER_ERROR_CHARACTERS`: a dead letter always
+    fits a producer's request, whatever came in.
+    """
+    raw = record.value
+    if raw is None:
+        value, encoding, size, digest = None, "utf-8", None, None
+    else:
+        value, encoding = _prefix(raw, DEAD_LETTER_VALUE_BYTES)
+        size, digest = len(raw), hashlib.sha256(raw).hexdigest()
+    key = record.key
+    key_truncated = key is not None and len(key) > DEAD_LETTER_KEY_BYTES
     body = {
         "source": source_of(record),
-        "key": _text(record.key)[0],
-        "error": error,
+        "key": None if key is None else _prefix(key, DEAD_LETTER_KEY_BYTES)[0],
+        "error": _bounded_error(error),
         "value": value,
         "encoding": encoding,
+        "size": size,
+        "sha256": digest,
+        "truncated": size is not None and size > DEAD_LETTER_VALUE_BYTES,
+        "key_truncated": key_truncated,
     }
-    return OutputRecord(topic, record.key, orjson.dumps(body))
+    return OutputRecord(topic, key if not key_truncated else key[:DEAD_LETTER_KEY_BYTES], orjson.dumps(body))
 
 
 def drift_record(

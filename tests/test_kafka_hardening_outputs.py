@@ -1,0 +1,130 @@
+"""Outputs that always fit and a consumer that rides out broker outages.
+
+Dead letters are bounded (a payload prefix with its size, hash and a truncation flag), model keys
+have a length limit, and the sink retries through an outage up to `delivery_timeout_s`, with
+/healthz saying 503 while outputs wait, and a clean one-line exit when the limit passes.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+
+import pytest
+from kafka import KafkaProducer
+
+from connectors.kafka import records as schemas
+from connectors.kafka.pipeline import run_consumer
+from connectors.kafka.records import InputRecord, RecordDecoder, dead_letter
+from connectors.kafka.topics import ensure_topics
+from tests.kafka_helpers import read_all, unique
+from tests.test_kafka_consumer import good_values, make_settings
+
+MAX_REQUEST = 1024 * 1024  # the producers' max_request_size (kafka-python) / message.max.bytes default
+
+# Payloads whose dead letter grows most: JSON escapes control bytes 6x (\u0001), base64 is 4/3x,
+# a 4-byte UTF-8 character stays 4 bytes; each far beyond what a dead letter may carry.
+WORST_PAYLOADS = {
+    "control bytes": b"\x01" * 200_000,
+    "non-UTF-8": b"\xff" * 800_000,
+    "non-JSON text": b"x" * MAX_REQUEST,
+    "4-byte characters": "\U0001f600".encode() * 300_000,
+    "quotes": b'"' * 900_000,
+}
+
+
+def _produce_big(bootstrap: str, topic: str, values: list[bytes]) -> None:
+    """Produce with a request limit above 1 MiB (the test helper's producer keeps the default)."""
+    producer = KafkaProducer(bootstrap_servers=bootstrap, max_request_size=4 * MAX_REQUEST, linger_ms=5)
+    futures = [producer.send(topic, value=value) for value in values]
+    producer.flush()
+    producer.close()
+    assert all(f.succeeded() for f in futures), "the broker did not take every test record"
+
+
+def _source(value: bytes | None, key: bytes | None = None) -> InputRecord:
+    return InputRecord("t" * 249, 0, 7, key, value)  # 249: Kafka's longest topic name
+
+
+@pytest.mark.parametrize("name", sorted(WORST_PAYLOADS))
+def test_a_huge_payload_gives_a_dead_letter_far_below_the_request_limit(name):
+    """A dead letter keeps a bounded prefix, the payload's size and sha256, and says it was cut."""
+    payload = WORST_PAYLOADS[name]
+    huge_key = b"\x02" * 500_000
+    huge_error = "field 'a' is not a number: " + "\x03" * 500_000
+    out = dead_letter(_source(payload, huge_key), "dead", huge_error)
+    size = len(out.value) + len(out.key or b"")
+    assert size < MAX_REQUEST // 2, f"{name}: {size} bytes"
+    body = json.loads(out.value)
+    assert body["size"] == len(payload)
+    assert body["sha256"] == hashlib.sha256(payload).hexdigest()
+    assert body["truncated"] is True and body["key_truncated"] is True
+    kept = base64.b64decode(body["value"]) if body["encoding"] == "base64" else body["value"].encode()
+    assert payload.startswith(kept) and 0 < len(kept) <= schemas.DEAD_LETTER_VALUE_BYTES
+    assert huge_key.startswith(out.key) and len(out.key) <= schemas.DEAD_LETTER_KEY_BYTES
+    assert body["error"].startswith("field 'a' is not a number: ") and len(body["error"]) < 5000
+    assert "500027 characters" in body["error"]
+
+
+def test_a_cut_never_splits_a_utf8_character_and_a_small_payload_is_kept_whole():
+    """The UTF-8 prefix ends on a character boundary; a payload under the limit is unchanged."""
+    payload = b"a" + "é".encode() * schemas.DEAD_LETTER_VALUE_BYTES  # the limit falls inside a character
+    body = json.loads(dead_letter(_source(payload), "dead", "not valid JSON").value)
+    assert body["encoding"] == "utf-8" and body["truncated"] is True
+    assert payload.startswith(body["value"].encode())
+    assert len(body["value"].encode()) in (schemas.DEAD_LETTER_VALUE_BYTES, schemas.DEAD_LETTER_VALUE_BYTES - 1)
+    small = json.loads(dead_letter(_source(b"oops", b"k"), "dead", "not valid JSON").value)
+    assert small == {
+        "source": {"topic": "t" * 249, "partition": 0, "offset": 7},
+        "key": "k",
+        "error": "not valid JSON",
+        "value": "oops",
+        "encoding": "utf-8",
+        "size": 4,
+        "sha256": hashlib.sha256(b"oops").hexdigest(),
+        "truncated": False,
+        "key_truncated": False,
+    }
+    tombstone = json.loads(dead_letter(_source(None), "dead", "empty message (no JSON value)").value)
+    assert tombstone["value"] is None and tombstone["size"] is None and tombstone["truncated"] is False
+
+
+def test_an_absurd_model_key_is_a_bad_record():
+    """A model key longer than the limit (a string, or an integer's digits) is dead-lettered, by name."""
+    decoder = RecordDecoder(["a"], model_key="site")
+    limit = schemas.MODEL_KEY_CHARACTERS
+    values = [
+        json.dumps({"a": 1, "site": "s" * limit}).encode(),
+        json.dumps({"a": 1, "site": "s" * 500_000}).encode(),
+        b'{"a": 1, "site": -1' + b"0" * 999 + b"}",  # an integer key: its digits count
+    ]
+    decoded = decoder.decode_batch(values)
+    assert decoded.good == [0] and decoded.keys == ["s" * limit]
+    assert decoded.errors == [
+        (1, f"field 'site' is too long for a model key (500000 characters, limit {limit})"),
+        (2, f"field 'site' is too long for a model key (1001 characters, limit {limit})"),
+    ]
+
+
+def test_the_error_of_a_huge_string_field_is_short():
+    """The error naming a bad field shows a bounded excerpt of the value, not all of it."""
+    error = RecordDecoder(["a"]).decode_batch([json.dumps({"a": "x" * 500_000}).encode()]).errors[0][1]
+    assert error.startswith("field 'a' is not a number: \"xxx") and len(error) < 300
+
+
+@pytest.mark.parametrize(
+    "payload", [b"\x01" * 200_000, b"\xff" * 800_000, b"x" * MAX_REQUEST], ids=["control", "binary", "text"]
+)
+def test_a_consumer_dead_letters_a_huge_record_and_goes_on(broker, tmp_path, payload):
+    """Ten good records, a huge bad one, ten good: 20 assignments, one dead letter, exit clean (was: stuck)."""
+    topic = unique("huge")
+    settings = make_settings(broker, topic, max_records=21, checkpoint_dir=tmp_path, warmup=5, batch_size=5)
+    ensure_topics(settings, input_partitions=1)
+    good = good_values(20)
+    _produce_big(broker.bootstrap_servers, topic, good[:10] + [payload] + good[10:])
+    counters = run_consumer(settings)
+    assert (counters.assigned, counters.dead_lettered) == (20, 1)
+    (dead,) = read_all(broker.bootstrap_servers, settings.topics["dead_letter"])
+    assert dead["source"]["offset"] == 10 and dead["size"] == len(payload) and dead["truncated"] is True
+    assert dead["sha256"] == hashlib.sha256(payload).hexdigest()

@@ -209,7 +209,9 @@ class OnlineGMM(OnlineMixture, base.Clusterer):
             batch = self._gaussian.prepare(np.array([row]), params.weights @ params.means)
             log_norm, log_resp = self._gaussian.e_step(batch, params)
             return log_resp[0] + log_norm[0]
-        if self._feature_names is None:  # nothing learned yet: standard normals at the origin
+        # Nothing learned yet (standard normals at the origin), or a provisional model that changes
+        # with every warm-up record: a cached scorer would answer with the parameters of its first use.
+        if self._feature_names is None or not self.is_warm:
             return RecordScorer(params)(row)
         if self._scorer is None:
             self._scorer = RecordScorer(params)

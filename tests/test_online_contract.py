@@ -10,6 +10,8 @@ import numpy as np
 import pandas as pd
 import pytest
 from river import checks
+from scipy.special import softmax
+from scipy.stats import norm
 
 import streamem as se
 from streamem.state import StateError
@@ -187,16 +189,46 @@ def test_bad_dataframe_row_names_its_row_and_changes_nothing(cls, params):
     assert json.dumps(model.to_dict()) == before
 
 
+def _provisional_gmm_proba(seen: np.ndarray, probes: np.ndarray, K: int) -> np.ndarray:
+    """Responsibilities (n_probes, K) of the documented provisional model, computed with scipy.
+
+    Means are the first K records seen (cycling if fewer), every component has the
+    seen records' per-feature variance (1 if fewer than two records) and weight 1/K.
+    """
+    means = seen[np.arange(K) % len(seen)]
+    variance = seen.var(axis=0) if len(seen) > 1 else np.ones(seen.shape[1])
+    log_density = norm.logpdf(probes[:, None, :], means[None], np.sqrt(variance)).sum(axis=2)
+    return softmax(log_density + np.log(1.0 / K), axis=1)
+
+
 @pytest.mark.parametrize(("cls", "params"), ESTIMATORS)
 def test_predictions_before_and_during_warm_up(cls, params):
-    """predict_one answers from the first record on, before and during the warm-up."""
-    X, y = _stream(10)
+    """Before any record and after each warm-up record, predictions are the documented provisional model's."""
+    X, y = _stream(100, seed=4)
+    probes, K = X.iloc[40:80], params["n_components"]
     model = cls(**params)
-    x = X.iloc[0].to_dict()
-    first = model.predict_one(x)
-    assert first == 0 if isinstance(model, se.OnlineGMM) else first == 0.0
-    for record, target in list(zip(X.to_dict("records"), y))[:5]:
-        _learn(model, record, target)
-        answer = model.predict_one(x)
-        assert np.isfinite(answer)
-    assert not model.is_warm
+    first = probes.iloc[0].to_dict()
+    if isinstance(model, se.OnlineGMM):  # nothing seen: K identical standard normals at the origin
+        assert model.predict_one(first) == 0
+        assert model.predict_proba_one(first) == pytest.approx(dict.fromkeys(range(K), 1.0 / K))
+    else:  # nothing seen: documented as 0
+        assert model.predict_one(first) == 0.0
+    labels_used = set()
+    for n in range(1, params["warmup"]):
+        _learn(model, X.iloc[n - 1].to_dict(), y.iloc[n - 1])
+        assert not model.is_warm
+        if isinstance(model, se.OnlineGMM):
+            expected = _provisional_gmm_proba(X.to_numpy()[:n], probes.to_numpy(), K)
+            for x, reference in zip(probes.to_dict("records"), expected):
+                proba = model.predict_proba_one(x)
+                np.testing.assert_allclose([proba[k] for k in range(K)], reference, rtol=1e-9, atol=1e-12)
+                assert model.predict_one(x) == int(np.argmax(reference))
+                labels_used.add(model.predict_one(x))
+        else:  # the provisional prediction is the mean of the targets seen, whatever x is
+            for x, t in zip(probes.to_dict("records"), y.iloc[40:80]):
+                assert model.predict_one(x) == pytest.approx(y.iloc[:n].mean(), rel=1e-12)
+                assert model.predict_proba_one(x, t) == pytest.approx(dict.fromkeys(range(K), 1.0 / K))
+    if isinstance(model, se.OnlineGMM):  # two far-apart clusters: the probes are not all given one label
+        assert len(labels_used) >= 2
+    _learn(model, X.iloc[params["warmup"] - 1].to_dict(), y.iloc[params["warmup"] - 1])
+    assert model.is_warm

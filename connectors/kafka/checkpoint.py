@@ -8,6 +8,12 @@ key in a compacted state topic, or as one file per key in a directory
   model, detector and the next offset per partition (`last + 1`, as Kafka commits).
 - `<group>/model/<model key>` (with `--model-key`): one keyed model and detector,
   with the next offset of each partition it has learned through.
+
+Each document also records the model settings it was written with (`MODEL_SETTINGS`):
+a consumer refuses to resume from a checkpoint whose settings differ from its flags,
+or whose offsets do not fit its input topic, or (when the group has committed
+offsets) to start without one, unless `--reset-model` tells it to start a fresh model.
+Every error names where the checkpoint is (file, or state topic and key) and the field.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import os
 import pathlib
 import time
 import urllib.parse
+from typing import Any
 
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -24,14 +31,57 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from connectors.kafka.records import OutputRecord
 from connectors.kafka.settings import ConsumerSettings
 
-__all__ = ["Checkpoint", "CheckpointError", "DirectoryStore", "ModelCheckpoint", "TopicStore", "make_store"]
+__all__ = [
+    "MODEL_SETTINGS",
+    "Checkpoint",
+    "CheckpointError",
+    "DirectoryStore",
+    "ModelCheckpoint",
+    "TopicStore",
+    "make_store",
+    "model_settings",
+]
 
 logger = logging.getLogger(__name__)
 CHECKPOINT_VERSION = 1
 
+# The settings that make the model what it is: a checkpoint written with other values is refused
+# on resume (unless --reset-model). Everything else (drift_every, checkpoint cadence, polling,
+# client, output topics, logging, security) may change from one run to the next.
+MODEL_SETTINGS = (
+    "features",
+    "target",
+    "model_key",
+    "replicate",
+    "n_components",
+    "covariance_type",
+    "batch_size",
+    "warmup",
+    "step_alpha",
+    "step_floor",
+    "seed",
+)
+
 
 class CheckpointError(ValueError):
-    """A stored checkpoint that cannot be loaded."""
+    """A stored checkpoint that cannot be loaded, or that this consumer refuses to resume from."""
+
+
+def model_settings(settings: ConsumerSettings) -> dict[str, Any]:
+    """The model settings of these flags, as JSON values (what a checkpoint records)."""
+    return orjson.loads(orjson.dumps({name: getattr(settings, name) for name in MODEL_SETTINGS}))
+
+
+def settings_differences(stored: dict[str, Any] | None, settings: ConsumerSettings) -> list[str]:
+    """'name: checkpoint X, flags Y' for each model setting that differs (none if nothing was recorded)."""
+    if stored is None:
+        return []
+    current = model_settings(settings)
+    return [
+        f"{name}: checkpoint {stored.get(name)!r}, flags {current[name]!r}"
+        for name in MODEL_SETTINGS
+        if stored.get(name) != current[name]
+    ]
 
 
 class PartitionOffset(BaseModel):
@@ -41,21 +91,77 @@ class PartitionOffset(BaseModel):
     offset: int = Field(ge=0)
 
 
+class CountersDocument(BaseModel):
+    """Exactly the consumer's counters: a missing or extra one is an error."""
+
+    model_config = ConfigDict(extra="forbid")
+    records_in: int = Field(ge=0)
+    assigned: int = Field(ge=0)
+    dead_lettered: int = Field(ge=0)
+    drift_events: int = Field(ge=0)
+
+
+class DetectorParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    n_components: int = Field(ge=2)
+    half_lives: list[float]
+    reference_size: int
+    grace: int
+    false_alarm: float
+
+
+class DetectorDocument(BaseModel):
+    """`WeightDriftDetector.to_dict()`; its shapes are checked by `from_dict`."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    params: DetectorParams
+    short: list[list[float]]
+    reference: list[float]
+    since_anchor: int = Field(ge=0)
+    seen: int = Field(ge=0)
+    n_detections: int = Field(ge=0)
+
+
+def _field(location: tuple) -> str:
+    return ".".join(str(part) for part in location)
+
+
+def describe(error: ValidationError, under: str | None = None) -> str:
+    """A pydantic error as one line naming each field: "field 'detector.params' is missing"."""
+    parts = []
+    for item in error.errors():
+        where = _field((under, *item["loc"]) if under else item["loc"])
+        if item["type"] == "missing":
+            parts.append(f"field {where!r} is missing")
+        elif item["type"] == "extra_forbidden":
+            parts.append(f"field {where!r} is not expected")
+        elif item["type"] == "json_invalid":
+            parts.append(f"not valid JSON ({item['msg']})")
+        elif not where:
+            parts.append(item["msg"])
+        else:
+            parts.append(f"field {where!r}: {item['msg']}")
+    return "; ".join(parts)
+
+
 class _Document(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     @classmethod
-    def parse(cls, raw: bytes):
+    def parse(cls, raw: bytes, where: str = "(unnamed)"):
+        """Validate a stored document; `where` (the store's name for it) starts every error message."""
         try:
             document = cls.model_validate_json(raw)
         except ValidationError as error:
-            raise CheckpointError(f"invalid checkpoint: {error}") from None
+            raise CheckpointError(f"checkpoint {where}: {describe(error)}") from None
         if document.version != CHECKPOINT_VERSION:
-            raise CheckpointError(f"checkpoint version {document.version}; this streamem reads {CHECKPOINT_VERSION}")
+            raise CheckpointError(
+                f"checkpoint {where}: field 'version' is {document.version}; this streamem reads {CHECKPOINT_VERSION}"
+            )
         return document
 
     def dump(self) -> bytes:
-        return orjson.dumps(self.model_dump())
+        return orjson.dumps(self.model_dump(exclude_none=False))
 
 
 class Checkpoint(_Document):
@@ -64,10 +170,11 @@ class Checkpoint(_Document):
     version: int
     key: str
     model: dict | None
-    detector: dict | None
+    detector: DetectorDocument | None
     offsets: list[PartitionOffset]
-    counters: dict[str, int]
+    counters: CountersDocument
     replica: dict | None = None  # with --replicate: the replica's log position and de-duplication table
+    settings: dict[str, Any] | None = None  # MODEL_SETTINGS when written (None: written before they were kept)
 
 
 class ModelCheckpoint(_Document):
@@ -76,8 +183,32 @@ class ModelCheckpoint(_Document):
     version: int
     model_key: str
     model: dict
-    detector: dict
+    detector: DetectorDocument
     learned_through: list[PartitionOffset]
+    settings: dict[str, Any] | None = None
+
+
+def restore_model(model_type, state: dict, where: str, field: str = "model"):
+    """`model_type.from_dict(state)`, its errors naming the checkpoint and field."""
+    from streamem.state import OnlineStateDocument
+
+    try:
+        OnlineStateDocument.model_validate(state)
+    except ValidationError as error:
+        raise CheckpointError(f"checkpoint {where}: {describe(error, under=field)}") from None
+    try:
+        return model_type.from_dict(state)
+    except (ValueError, TypeError, KeyError) as error:
+        raise CheckpointError(f"checkpoint {where}: field {field!r}: {error}") from None
+
+
+def restore_detector(state: DetectorDocument, where: str, field: str = "detector"):
+    from streamem.drift import WeightDriftDetector
+
+    try:
+        return WeightDriftDetector.from_dict(state.model_dump())
+    except (ValueError, TypeError, KeyError) as error:
+        raise CheckpointError(f"checkpoint {where}: field {field!r}: {error}") from None
 
 
 def make_store(settings: ConsumerSettings, sink):
@@ -94,6 +225,10 @@ class DirectoryStore:
 
     def _path(self, key: str) -> pathlib.Path:
         return self.directory / (urllib.parse.quote(key, safe="") + ".json")
+
+    def where(self, key: str) -> str:
+        """How error messages name the checkpoint of `key`."""
+        return f"file {self._path(key)}"
 
     def save_all(self, entries: list[tuple[str, bytes]]) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
@@ -133,6 +268,10 @@ class TopicStore:
         self.topic = settings.topics["state"]
         self.sink = sink
 
+    def where(self, key: str) -> str:
+        """How error messages name the checkpoint of `key`."""
+        return f"state topic {self.topic!r} key {key!r}"
+
     def save_all(self, entries: list[tuple[str, bytes]]) -> None:
         self.sink.send_all([OutputRecord(self.topic, key.encode(), value) for key, value in entries])
 
@@ -164,7 +303,10 @@ class TopicStore:
                 for messages in consumer.poll(timeout_ms=200).values():
                     for message in messages:
                         if message.key is not None and message.key.startswith(wanted):
-                            latest[message.key.decode()] = message.value
+                            if message.value:
+                                latest[message.key.decode()] = message.value
+                            else:  # a tombstone (or an empty value) deletes the key
+                                latest.pop(message.key.decode(), None)
                 highs = [consumer.highwater(tp) for tp in assigned]
                 if all(h is not None for h in highs) and all(
                     consumer.position(tp) >= h for tp, h in zip(assigned, highs, strict=True)
@@ -174,3 +316,108 @@ class TopicStore:
                     raise CheckpointError(f"could not read the state topic {self.topic!r} to its end in {timeout_s}s")
         finally:
             consumer.close()
+
+
+# -- resuming -------------------------------------------------------------------------------------
+Partition = tuple[str, int]
+_RESET_HINT = "add --reset-model to start a fresh model at the group's committed offsets instead"
+
+
+def refuse_or_reset(settings: ConsumerSettings, error: CheckpointError) -> None:
+    """Refuse to start (raise `error`, with the remedy) unless --reset-model; with it, say loudly
+    that the model starts fresh."""
+    if not settings.reset_model:
+        raise CheckpointError(f"{error}; {_RESET_HINT}") from None
+    logger.warning("%s; --reset-model: a fresh model starts at the group's committed offsets", error)
+
+
+def resumed_or_reset(settings: ConsumerSettings, load):
+    """`load()`, or None (a fresh model) when it raises CheckpointError and --reset-model allows that."""
+    try:
+        return load()
+    except CheckpointError as error:
+        refuse_or_reset(settings, error)
+        return None
+
+
+def _committed_text(positions) -> str:
+    return ", ".join(f"{positions.topic}[{p}]={o}" for p, o in sorted(positions.committed.items()))
+
+
+def check_missing(settings: ConsumerSettings, where: str, positions, others: list[str]) -> None:
+    """No checkpoint for this consumer: CheckpointError when the group has committed offsets and no
+    checkpoint at all (a fresh model would start at them and never learn the records before).
+
+    `others` are the group's other checkpoint keys: with them, this is a new instance joining a
+    running group, whose model starts at the committed offsets of the partitions it is given.
+    """
+    if not positions.committed:
+        return  # a new group: the model starts at the beginning of the input
+    if others:
+        logger.warning(
+            "no checkpoint %s: this instance's model starts fresh at the group's committed offsets %s "
+            "(the group has other checkpoints: %s)",
+            where,
+            _committed_text(positions),
+            ", ".join(sorted(others)[:5]),
+        )
+        return
+    raise CheckpointError(
+        f"consumer group {settings.group_id!r} has committed offsets {_committed_text(positions)} "
+        f"but there is no checkpoint ({where}): a fresh model would never learn the records before them"
+    )
+
+
+def check_resume(
+    settings: ConsumerSettings, where: str, stored_settings: dict | None, offsets: list[PartitionOffset], positions
+) -> dict[Partition, int]:
+    """The offsets to resume from; CheckpointError (one line naming each problem) for
+    other model settings than the flags', offsets on another topic or on a partition the input
+    does not have (the checkpoint belongs to another input: records would be learned twice or
+    never), and offsets past a partition's end (the input was recreated, or the checkpoint is not
+    this input's). An offset before a partition's first offset (records deleted by retention)
+    is only a warning: the model resumes at the first record still there.
+    """
+    problems = []
+    differences = settings_differences(stored_settings, settings)
+    if differences:
+        problems.append("written with other model settings (" + "; ".join(differences) + ")")
+    resume: dict[Partition, int] = {}
+    for entry in offsets:
+        tp = (entry.topic, entry.partition)
+        if positions is None:
+            resume[tp] = entry.offset
+            continue
+        if entry.topic != positions.topic:
+            problems.append(
+                f"offsets of topic {entry.topic!r}, not of the input topic {positions.topic!r} "
+                f"(partition {entry.partition} offset {entry.offset})"
+            )
+            continue
+        if entry.partition not in positions.ranges:
+            problems.append(
+                f"offset {entry.offset} for partition {entry.topic}[{entry.partition}], "
+                f"which does not exist (the topic has {len(positions.ranges)} partitions)"
+            )
+            continue
+        first, end = positions.ranges[entry.partition]
+        if entry.offset > end:
+            problems.append(f"offset {entry.offset} for {entry.topic}[{entry.partition}] is past its end {end}")
+            continue
+        if entry.offset < first:
+            logger.warning(
+                "checkpoint %s: offset %d for %s[%d] is before its first offset %d (records deleted): "
+                "resuming at %d; the deleted records were never learned",
+                where,
+                entry.offset,
+                entry.topic,
+                entry.partition,
+                first,
+                first,
+            )
+            resume[tp] = first
+            continue
+        resume[tp] = entry.offset
+    if problems:
+        raise CheckpointError(f"checkpoint {where}: " + "; ".join(problems))
+    return resume

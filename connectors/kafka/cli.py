@@ -55,6 +55,7 @@ def _settings(args) -> ConsumerSettings:
 
 
 def _run(args) -> int:
+    from connectors.kafka.checkpoint import CheckpointError
     from connectors.kafka.clients import DeliveryFailed
     from connectors.kafka.model_process import LearnerFailed
     from connectors.kafka.observability import Observability, configure_logging
@@ -69,16 +70,20 @@ def _run(args) -> int:
         port = observability.serve(settings.http_port)
         logger.info("serving /metrics, /healthz and /readyz on port %d", port)
     ensure_topics(settings)
+    progress_log = _ProgressLog()
     try:
-        counters = run_consumer(settings, on_batch=_ProgressLog(), observability=observability)
+        counters = run_consumer(settings, on_batch=progress_log, observability=observability)
+    except CheckpointError as error:  # a checkpoint it may not resume from: one line, no traceback
+        print(f"streamem: {error}", file=sys.stderr)
+        return 2
     except (DeliveryFailed, LearnerFailed) as error:  # nothing was committed past the failure
         logger.error("stopped: %s", error)
         return 1
     finally:
         observability.close()
     print(
-        f"records {counters.records_in}: {counters.assigned} assigned, {counters.dead_lettered} dead-lettered, "
-        f"{counters.drift_events} drift events"
+        f"records {counters.records_in} in total ({progress_log.records_this_run} this run): {counters.assigned} "
+        f"assigned, {counters.dead_lettered} dead-lettered, {counters.drift_events} drift events"
     )
     return 0
 
@@ -89,17 +94,20 @@ class _ProgressLog:
     def __init__(self, every_s: float = 5.0):
         self.every_s = every_s
         self.last = 0.0
+        self.records_this_run = 0
 
     def __call__(self, progress) -> None:
+        self.records_this_run = progress.records_this_run
         now = time.monotonic()
         if now - self.last < self.every_s and not progress.drifts:
             return
         self.last = now
-        rate = progress.counters.records_in / max(progress.elapsed_s, 1e-9)
+        rate = progress.records_this_run / max(progress.elapsed_s, 1e-9)  # not the restored records
         logger.info(
-            "%d records (%.0f/s), weights %s, lag %s",
-            progress.counters.records_in,
+            "%d records this run (%.0f/s), %d in total, weights %s, lag %s",
+            progress.records_this_run,
             rate,
+            progress.counters.records_in,
             [round(w, 3) for w in progress.weights],
             progress.lag,
         )

@@ -13,6 +13,7 @@ its own, see KAFKA.md).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
@@ -21,7 +22,7 @@ from typing import Protocol
 from connectors.kafka.records import InputRecord, OutputRecord
 from connectors.kafka.settings import ConsumerSettings
 
-__all__ = ["DeliveryFailed", "Sink", "Source", "make_sink", "make_source"]
+__all__ = ["DeliveryFailed", "InputPositions", "Sink", "Source", "input_positions", "make_sink", "make_source"]
 
 logger = logging.getLogger(__name__)
 
@@ -47,42 +48,114 @@ class Sink(Protocol):
     def close(self) -> None: ...
 
 
-class _ResendingSink:
-    """Keeps every record sent since the last successful flush, to send again on a fresh producer."""
+ATTEMPT_S = 10.0  # one delivery attempt at most: short, so that backoff and /healthz stay responsive
+BACKOFF_CAP_S = 5.0
 
-    def __init__(self, settings: ConsumerSettings, attempts: int = 3):
+
+class _ResendingSink:
+    """Keeps every record sent since the last successful flush, to send again on a fresh producer.
+
+    A flush whose records are not all acknowledged within one attempt (`ATTEMPT_S`, the
+    producer's own delivery timeout) is retried on a new producer after a capped exponential
+    backoff, until `delivery_timeout_s` has passed since the flush began: a broker outage
+    shorter than that is ridden out, one warning per attempt. A new producer, not the old one,
+    because an idempotent producer that lost its producer id (a restarted broker) never
+    recovers on its own.
+    """
+
+    _client_errors: tuple[type[BaseException], ...] = ()  # what the client raises when it cannot deliver
+
+    def __init__(self, settings: ConsumerSettings, attempt_s: float = ATTEMPT_S):
         self._settings = settings
-        self._attempts = attempts
+        self._limit_s = settings.delivery_timeout_s
+        self._attempt_s = min(attempt_s, self._limit_s)
         self._pending: list[OutputRecord] = []
-        self._producer = self._new_producer()
+        self._failure: BaseException | None = None  # why the current producer cannot deliver, if it cannot
+        self._producer = None
+        self._producer = self._new_producer(self._attempt_s)
 
     def send(self, records: list[OutputRecord]) -> None:
         self._pending.extend(records)
-        self._produce(records)
+        if self._failure is None:  # else the next flush sends every pending record on a new producer
+            try:
+                self._produce(records)
+            except self._client_errors as error:
+                self._failed(error)
 
     def send_all(self, records: list[OutputRecord]) -> None:
         self.send(records)
         self.flush()
 
     def flush(self) -> None:
-        for attempt in range(1, self._attempts + 1):
-            failed = self._wait()
-            if not failed:
+        """Return once every pending record is acknowledged; raise `DeliveryFailed` (one line) when
+        that has not happened within `delivery_timeout_s`."""
+        deadline = time.monotonic() + self._limit_s
+        attempt = 1
+        while True:
+            failure = (len(self._pending), self._failure) if self._failure is not None else self._wait()
+            if failure is None:
                 self._pending.clear()
                 return
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise DeliveryFailed(
+                    f"{len(self._pending)} output records not acknowledged within delivery_timeout_s="
+                    f"{self._limit_s:g} ({attempt} attempts); last error: {_one_line(failure[1])}"
+                )
+            pause = min(BACKOFF_CAP_S, 0.5 * 2**attempt, left)
             logger.warning(
-                "%d of %d output records not acknowledged (attempt %d/%d): %s; resending on a new producer",
-                failed[0],
+                "%d of %d output records not acknowledged (attempt %d, %.0f s left of %g): %s; "
+                "resending on a new producer in %.1f s",
+                failure[0],
                 len(self._pending),
                 attempt,
-                self._attempts,
-                failed[1],
+                left,
+                self._limit_s,
+                _one_line(failure[1]),
+                pause,
             )
             self._discard_producer()
-            time.sleep(min(5.0, 0.5 * 2**attempt))  # back off while a restarting broker comes back
-            self._producer = self._new_producer()
-            self._produce(self._pending)
-        raise DeliveryFailed(f"{len(self._pending)} output records not acknowledged after {self._attempts} attempts")
+            time.sleep(pause)  # back off while the broker comes back
+            attempt += 1
+            self._failure = None
+            try:
+                self._producer = self._new_producer(min(self._attempt_s, max(1.0, deadline - time.monotonic())))
+                self._produce(self._pending)
+            except self._client_errors as error:  # e.g. the broker is still unreachable
+                self._failed(error)
+
+    def close(self) -> None:
+        """Close the producer with a short wait; after a failed delivery, say so and raise nothing."""
+        if self._producer is None:
+            return
+        try:
+            unsent = self._close_producer(5.0)
+        except self._client_errors as error:
+            unsent, reason = len(self._pending), _one_line(error)
+        else:
+            reason = "not acknowledged when the producer closed"
+        if unsent:
+            logger.warning("%d output records dropped at close: %s", unsent, reason)
+        self._producer = None
+
+    def _failed(self, error: BaseException) -> None:
+        if self._fatal(error):  # no retry can send this record
+            raise DeliveryFailed(f"an output record cannot be sent: {_one_line(error)}") from None
+        self._failure = error
+
+    def _discard_producer(self) -> None:
+        if self._producer is None:
+            return
+        try:
+            self._close_producer(0.5)
+        except self._client_errors as error:
+            logger.debug("closing a failed producer: %s", error)
+        self._producer = None
+
+
+def _one_line(error: object, limit: int = 300) -> str:
+    text = " ".join(str(error).split()) or type(error).__name__
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 StartOffsets = Callable[[list[Partition]], dict[Partition, int]]
@@ -134,6 +207,58 @@ def confluent_security(settings: ConsumerSettings) -> dict:
     if settings.sasl_password:
         options["sasl.password"] = settings.sasl_password.get_secret_value()
     return options
+
+
+@dataclasses.dataclass(frozen=True)
+class InputPositions:
+    """The input topic as the broker and the group see it at start-up (partition -> offsets)."""
+
+    topic: str
+    ranges: dict[int, tuple[int, int]]  # [first offset, end offset) of each partition
+    committed: dict[int, int]  # the group's committed offset, for the partitions that have one
+
+
+def input_positions(settings: ConsumerSettings, timeout_s: float = 30.0) -> InputPositions:
+    """Look up the input topic's partitions, their offset ranges and the group's committed offsets.
+
+    Blocking: call it at start-up, never from a rebalance callback. Reading committed offsets
+    with a manual assignment does not join the group. (Always through kafka-python: one short
+    look-up, whichever client consumes.)
+    """
+    from kafka import KafkaConsumer, TopicPartition
+
+    topic = settings.input_topic
+    consumer = KafkaConsumer(
+        bootstrap_servers=settings.bootstrap_servers,
+        group_id=settings.group_id,
+        enable_auto_commit=False,
+        fetch_max_wait_ms=50,
+        **kafka_python_security(settings),
+    )
+    try:
+        partitions = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
+        committed = {}
+        for tp in partitions:
+            offset = consumer.committed(tp)
+            if offset is not None:
+                committed[tp.partition] = offset
+        if not partitions:
+            return InputPositions(topic, {}, committed)
+        consumer.assign(partitions)
+        firsts = consumer.beginning_offsets(partitions)
+        # Tansu answers ListOffsets "latest" with the last batch's base offset + 1, not the end: fetch
+        # from there and take the end from the fetch's high watermark (on Kafka both are the end).
+        for tp, offset in consumer.end_offsets(partitions).items():
+            consumer.seek(tp, offset)
+        deadline = time.monotonic() + timeout_s
+        while any(consumer.highwater(tp) is None for tp in partitions):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"could not read the end offsets of {topic!r} within {timeout_s}s")
+            consumer.poll(timeout_ms=100)
+        ranges = {tp.partition: (firsts[tp], consumer.highwater(tp)) for tp in partitions}
+        return InputPositions(topic, ranges, committed)
+    finally:
+        consumer.close(autocommit=False)
 
 
 # -- kafka-python -----------------------------------------------------------------------------
@@ -213,16 +338,28 @@ class KafkaPythonSource:
 
 
 class KafkaPythonSink(_ResendingSink):
-    def _new_producer(self):
+    @property
+    def _client_errors(self):
+        from kafka.errors import KafkaError
+
+        return (KafkaError,)
+
+    def _new_producer(self, timeout_s: float):
         from kafka import KafkaProducer
 
         self._futures: list = []
+        milliseconds = int(timeout_s * 1000)
         return KafkaProducer(
             bootstrap_servers=self._settings.bootstrap_servers,
             acks="all",
             linger_ms=5,
             batch_size=256 * 1024,
             reconnect_backoff_max_ms=1000,
+            # one attempt: unacknowledged records expire (their futures fail) instead of waiting 2 minutes
+            delivery_timeout_ms=milliseconds,
+            request_timeout_ms=min(30_000, max(1000, milliseconds - 500)),
+            max_block_ms=milliseconds,  # a send waiting for metadata or buffer space
+            bootstrap_timeout_ms=milliseconds,  # a new producer while the broker is away
             client_id=f"streamem-{self._settings.instance_id}",
             **kafka_python_security(self._settings),
         )
@@ -232,16 +369,24 @@ class KafkaPythonSink(_ResendingSink):
         self._futures.extend(send(r.topic, key=r.key, value=r.value) for r in records)
 
     def _wait(self) -> tuple[int, object] | None:
-        self._producer.flush(timeout=30)
+        try:
+            self._producer.flush(timeout=self._attempt_s + 5.0)  # the records expire before this
+        except self._client_errors as error:
+            self._futures = []
+            return len(self._pending), error
         failures = [f.exception for f in self._futures if not f.succeeded()]
         self._futures = []
         return (len(failures), failures[0]) if failures else None
 
-    def _discard_producer(self) -> None:
-        self._producer.close(timeout=5)
+    def _fatal(self, error: BaseException) -> bool:
+        from kafka.errors import MessageSizeTooLargeError
 
-    def close(self) -> None:
-        self._producer.close(timeout=10)
+        return isinstance(error, MessageSizeTooLargeError)
+
+    def _close_producer(self, timeout_s: float) -> int:
+        unsent = sum(not f.is_done for f in self._futures)
+        self._producer.close(timeout=timeout_s)
+        return unsent
 
 
 # -- confluent-kafka --------------------------------------------------------------------------
@@ -322,7 +467,13 @@ class ConfluentSource:
 
 
 class ConfluentSink(_ResendingSink):
-    def _new_producer(self):
+    @property
+    def _client_errors(self):
+        from confluent_kafka import KafkaException
+
+        return (KafkaException,)
+
+    def _new_producer(self, timeout_s: float):
         from confluent_kafka import Producer
 
         self._failures: list = []
@@ -332,6 +483,8 @@ class ConfluentSink(_ResendingSink):
                 "acks": "all",
                 "enable.idempotence": True,
                 "linger.ms": 5,
+                # one attempt: unacknowledged records fail with _MSG_TIMED_OUT instead of after 5 minutes
+                "message.timeout.ms": int(timeout_s * 1000),
                 "client.id": f"streamem-{self._settings.instance_id}",
                 **confluent_security(self._settings),
             }
@@ -352,14 +505,20 @@ class ConfluentSink(_ResendingSink):
                     self._producer.poll(0.05)
 
     def _wait(self) -> tuple[int, object] | None:
-        remaining = self._producer.flush(30)
+        remaining = self._producer.flush(self._attempt_s + 5.0)  # the records time out before this
         failures, self._failures = self._failures, []
         if failures or remaining:
             return len(failures) + remaining, failures[0] if failures else "flush timed out"
         return None
 
-    def _discard_producer(self) -> None:
-        self._producer.purge()
+    def _fatal(self, error: BaseException) -> bool:
+        from confluent_kafka import KafkaError
 
-    def close(self) -> None:
-        self._producer.flush(10)
+        return bool(error.args) and getattr(error.args[0], "code", lambda: None)() == KafkaError.MSG_SIZE_TOO_LARGE
+
+    def _close_producer(self, timeout_s: float) -> int:
+        unsent = self._producer.flush(timeout_s)
+        if unsent:
+            self._producer.purge()
+            self._producer.poll(0)
+        return unsent

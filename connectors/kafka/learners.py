@@ -15,7 +15,20 @@ import pandas as pd
 
 import streamem as se
 from connectors.kafka import records as schemas
-from connectors.kafka.checkpoint import CHECKPOINT_VERSION, Checkpoint, ModelCheckpoint, PartitionOffset
+from connectors.kafka.checkpoint import (
+    CHECKPOINT_VERSION,
+    Checkpoint,
+    CheckpointError,
+    ModelCheckpoint,
+    PartitionOffset,
+    check_missing,
+    check_resume,
+    model_settings,
+    restore_detector,
+    restore_model,
+    resumed_or_reset,
+)
+from connectors.kafka.clients import input_positions
 from connectors.kafka.settings import ConsumerSettings
 from streamem.drift import WeightDriftDetector
 from streamem.schedules import StepSize
@@ -234,23 +247,39 @@ class InstanceLearner(_Learner):
 
     def __init__(self, settings: ConsumerSettings, store):
         super().__init__(settings, store)
-        raw = store.load(settings.checkpoint_key)
+        self.state = _Model(new_model(settings), WeightDriftDetector(max(2, settings.n_components)))
+        key, where = settings.checkpoint_key, store.where(settings.checkpoint_key)
+        found = store.load_prefix(f"{settings.group_id}/")
+        raw = found.get(key)
         if raw is None:
-            self.state = _Model(new_model(settings), WeightDriftDetector(max(2, settings.n_components)))
+            others = [k for k in found if k != key]
+            resumed_or_reset(settings, lambda: check_missing(settings, where, input_positions(settings), others))
             return
-        checkpoint = Checkpoint.parse(raw)
-        self.state = _Model(
-            _model_type(settings).from_dict(checkpoint.model), WeightDriftDetector.from_dict(checkpoint.detector)
-        )
-        self.book.advance({(o.topic, o.partition): o.offset for o in checkpoint.offsets})
-        self.counters = Counters(**checkpoint.counters)
+        restored = resumed_or_reset(settings, lambda: self._restore(raw, where))
+        if restored is None:
+            return
+        self.state, offsets, self.counters = restored
+        self.book.advance(offsets)
         self.state.since_drift_record = self.counters.records_in % settings.drift_every
         logger.info(
-            "resumed from checkpoint %s: %d records learned, offsets %s",
-            settings.checkpoint_key,
-            self.state.model.n_seen,
-            self.offsets,
+            "resumed from checkpoint %s: %d records learned, offsets %s", where, self.state.model.n_seen, self.offsets
         )
+
+    def _restore(self, raw: bytes, where: str) -> tuple[_Model, dict[Partition, int], Counters]:
+        """The model, offsets and counters of a checkpoint, each checked (CheckpointError otherwise)."""
+        checkpoint = Checkpoint.parse(raw, where)
+        positions = input_positions(self.settings)
+        offsets = check_resume(self.settings, where, checkpoint.settings, checkpoint.offsets, positions)
+        for field in ("model", "detector"):
+            if getattr(checkpoint, field) is None:
+                raise CheckpointError(
+                    f"checkpoint {where}: field {field!r} is null (written with --model-key or --replicate?)"
+                )
+        state = _Model(
+            restore_model(_model_type(self.settings), checkpoint.model, where),
+            restore_detector(checkpoint.detector, where),
+        )
+        return state, offsets, Counters(**checkpoint.counters.model_dump())
 
     def process(self, batch):
         outputs, decoded = self._decode(batch)
@@ -271,6 +300,7 @@ class InstanceLearner(_Learner):
             detector=state.detector.to_dict(),
             offsets=_offset_list(self.offsets),
             counters=dataclasses.asdict(self.counters),
+            settings=model_settings(self.settings),
         )
         state.dirty = False
         return [(self.settings.checkpoint_key, document.dump())]
@@ -299,9 +329,22 @@ class KeyedLearner(_Learner):
         self.models: dict[str, _Model] = {}
         self.stored: dict[str, bytes] = {}
         self.stale = True  # stored checkpoints to be re-read before the next batch
-        raw = store.load(settings.checkpoint_key)
-        if raw is not None:
-            self.counters = Counters(**Checkpoint.parse(raw).counters)
+        key, where = settings.checkpoint_key, store.where(settings.checkpoint_key)
+        found = store.load_prefix(f"{settings.group_id}/")
+        raw = found.get(key)
+        if raw is None:
+            if not any(k.startswith(self.prefix) for k in found):  # no model of the group's either
+                others = [k for k in found if k != key]
+                resumed_or_reset(settings, lambda: check_missing(settings, where, input_positions(settings), others))
+            return
+        counters = resumed_or_reset(settings, lambda: self._counters(raw, where))
+        if counters is not None:
+            self.counters = counters
+
+    def _counters(self, raw: bytes, where: str) -> Counters:
+        checkpoint = Checkpoint.parse(raw, where)
+        check_resume(self.settings, where, checkpoint.settings, [], None)  # offsets are the models'
+        return Counters(**checkpoint.counters.model_dump())
 
     def start_offsets(self, assigned: list[Partition]) -> dict[Partition, int]:
         """Drop what belongs to partitions that went elsewhere; resume kept ones where their models are.
@@ -321,18 +364,24 @@ class KeyedLearner(_Learner):
         if state is not None:
             return state
         raw = self.stored.get(self.prefix + key)
-        if raw is None:
+        state = None
+        if raw is not None:
+            state = resumed_or_reset(self.settings, lambda: self._restore(raw, self.store.where(self.prefix + key)))
+            if state is not None:
+                logger.info("model %s restored: %d records learned", key, state.model.n_seen)
+        if state is None:
             state = _Model(new_model(self.settings), WeightDriftDetector(max(2, self.settings.n_components)))
-        else:
-            document = ModelCheckpoint.parse(raw)
-            state = _Model(
-                _model_type(self.settings).from_dict(document.model),
-                WeightDriftDetector.from_dict(document.detector),
-                {(o.topic, o.partition): o.offset for o in document.learned_through},
-            )
-            logger.info("model %s restored: %d records learned", key, state.model.n_seen)
         self.models[key] = state
         return state
+
+    def _restore(self, raw: bytes, where: str) -> _Model:
+        document = ModelCheckpoint.parse(raw, where)
+        check_resume(self.settings, where, document.settings, [], None)
+        return _Model(
+            restore_model(_model_type(self.settings), document.model, where),
+            restore_detector(document.detector, where),
+            {(o.topic, o.partition): o.offset for o in document.learned_through},
+        )
 
     def process(self, batch):
         if self.stale:
@@ -373,6 +422,7 @@ class KeyedLearner(_Learner):
                 model=state.model.to_dict(),
                 detector=state.detector.to_dict(),
                 learned_through=_offset_list(through),
+                settings=model_settings(self.settings),
             )
             entries.append((self.prefix + key, document.dump()))
             state.dirty = False
@@ -383,6 +433,7 @@ class KeyedLearner(_Learner):
             detector=None,
             offsets=_offset_list(self.offsets),
             counters=dataclasses.asdict(self.counters),
+            settings=model_settings(self.settings),
         )
         return [*entries, (self.settings.checkpoint_key, counters.dump())]
 

@@ -27,6 +27,8 @@ import threading
 import traceback
 
 from connectors.kafka.answerer import Answerer, Report
+from connectors.kafka.checkpoint import CheckpointError
+from connectors.kafka.clients import DeliveryFailed
 from connectors.kafka.learners import Counters, OffsetBook, Partition
 from connectors.kafka.records import InputRecord
 from connectors.kafka.settings import ConsumerSettings
@@ -188,6 +190,10 @@ class _Child:
         self._waiting = False
         if status == "error":
             raise LearnerFailed(f"the model process failed:\n{value}")
+        if status == "refused":  # a checkpoint it may not resume from: its message says why
+            raise CheckpointError(value)
+        if status == "undelivered":  # outputs the broker did not take in time: one line, no traceback
+            raise DeliveryFailed(value)
         return value
 
     def close(self) -> None:
@@ -245,6 +251,9 @@ def _serve(settings: ConsumerSettings, connection, logs, level: int) -> None:
     root.setLevel(level)
     try:
         answerer = Answerer(settings)
+    except CheckpointError as error:
+        connection.send(("refused", str(error)))
+        return
     except Exception:
         connection.send(("error", traceback.format_exc()))
         return
@@ -263,6 +272,10 @@ def _serve(settings: ConsumerSettings, connection, logs, level: int) -> None:
             calls = [(name, (_records(*args),)) if name == "process" else (name, args) for name, args in calls]
             try:
                 reply = ("ok", _run(answerer, calls))
+            except CheckpointError as error:
+                reply = ("refused", str(error))
+            except DeliveryFailed as error:
+                reply = ("undelivered", str(error))
             except Exception:
                 reply = ("error", traceback.format_exc())
             try:

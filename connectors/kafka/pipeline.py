@@ -45,7 +45,8 @@ logger = logging.getLogger(__name__)
 class Progress:
     """What the loop reports after each batch (for progress output and metrics)."""
 
-    counters: Counters
+    counters: Counters  # totals, with those of the checkpoint resumed from
+    records_this_run: int  # input records answered by this run
     elapsed_s: float
     weights: list[float]
     drifts: list[schemas.OutputRecord]
@@ -93,7 +94,8 @@ def run_consumer(
     stop: threading.Event | None = None,
     observability=None,
 ) -> Counters:
-    """Run the consumer until `max_records`, a signal, or `stop` is set; returns the counters.
+    """Run the consumer until it has polled `max_records` records (in this run), a signal, or `stop`
+    is set; returns the counters (totals, with those of the checkpoint resumed from).
 
     `observability` (a `connectors.kafka.observability.Observability`) is told each time the
     loop turns, when the consumer is ready, and what each batch did.
@@ -105,7 +107,8 @@ def run_consumer(
     counters = answerer.counters
     uncommitted: dict[Partition, int] = {}
     unsaved = 0  # records answered since the last checkpoint
-    polled = counters.records_in  # input records so far, with those of the checkpoint resumed from
+    polled = 0  # input records this run (max_records counts these, not those of the checkpoint)
+    restored = counters.records_in  # records of the earlier runs, restored from the checkpoint
     last_checkpoint = time.monotonic()
     source = None
     started = time.monotonic()
@@ -114,12 +117,14 @@ def run_consumer(
     def checkpoint() -> None:
         nonlocal unsaved, last_checkpoint
         if unsaved:
-            answerer.checkpoint()  # 1. every output acknowledged, 2. checkpoint stored
-            owned = source.assigned()  # a partition lost in a rebalance is its new owner's to commit
-            for tp in [tp for tp in uncommitted if tp not in owned]:
-                del uncommitted[tp]
-            if not uncommitted or source.commit(dict(uncommitted)):  # 3. committed (or retried next time)
-                uncommitted.clear()
+            # blocks through a broker outage (up to delivery_timeout_s): /healthz says so meanwhile
+            with observability.delivering() if observability is not None else contextlib.nullcontext():
+                answerer.checkpoint()  # 1. every output acknowledged, 2. checkpoint stored
+                owned = source.assigned()  # a partition lost in a rebalance is its new owner's to commit
+                for tp in [tp for tp in uncommitted if tp not in owned]:
+                    del uncommitted[tp]
+                if not uncommitted or source.commit(dict(uncommitted)):  # 3. committed (or retried next time)
+                    uncommitted.clear()
             unsaved = 0
         last_checkpoint = time.monotonic()
 
@@ -132,7 +137,15 @@ def run_consumer(
             now = time.monotonic()
             if now - lag_at >= 1.0:  # the lag costs a client call per partition: once a second is enough
                 lag, lag_at = source.lag(), now
-            progress = Progress(counters, now - started, report.weights, report.drifts, now - submitted.polled_at, lag)
+            progress = Progress(
+                counters,
+                counters.records_in - restored,
+                now - started,
+                report.weights,
+                report.drifts,
+                now - submitted.polled_at,
+                lag,
+            )
             for callback in (on_batch, observability.on_batch if observability else None):
                 if callback is not None:
                     callback(progress)
@@ -194,7 +207,8 @@ def run_consumer(
         finally:
             answerer.close()
     logger.info(
-        "stopped after %d records: %d assigned, %d dead-lettered, %d drift events",
+        "stopped after %d records this run; in total %d records: %d assigned, %d dead-lettered, %d drift events",
+        polled,
         counters.records_in,
         counters.assigned,
         counters.dead_lettered,

@@ -29,7 +29,16 @@ import orjson
 import pandas as pd
 
 from connectors.kafka import records as schemas
-from connectors.kafka.checkpoint import CHECKPOINT_VERSION, Checkpoint
+from connectors.kafka.checkpoint import (
+    CHECKPOINT_VERSION,
+    Checkpoint,
+    CheckpointError,
+    check_resume,
+    model_settings,
+    restore_detector,
+    restore_model,
+)
+from connectors.kafka.clients import input_positions
 from connectors.kafka.learners import Counters, _Learner, _Model, _offset_list, new_model
 from connectors.kafka.settings import ConsumerSettings
 from streamem.drift import WeightDriftDetector
@@ -56,23 +65,39 @@ class ReplicatedLearner(_Learner):
         self.warmup_sources: list = []
         self.init_sent = False  # our warm-up is on its way through the log
         self.sequence = 0
-        own = store.load(settings.checkpoint_key)
-        if own is not None:
-            checkpoint = Checkpoint.parse(own)
-            self.book.advance({(o.topic, o.partition): o.offset for o in checkpoint.offsets})
-            self.counters = Counters(**checkpoint.counters)
-            self.state.detector = WeightDriftDetector.from_dict(checkpoint.detector)
-        shared = store.load(self.shared_key)
-        candidates = [Checkpoint.parse(raw).replica for raw in (own, shared) if raw is not None]
-        candidates = [c for c in candidates if c]
+        # Without a checkpoint of its own a replica is not reset: the model is rebuilt from the group's
+        # latest replica checkpoint and the statistics log (so no --reset-model here, and no refusal).
+        found = store.load_prefix(f"{settings.group_id}/")
+        own, shared = found.get(settings.checkpoint_key), found.get(self.shared_key)
+        candidates = []
+        for key, raw in ((settings.checkpoint_key, own), (self.shared_key, shared)):
+            if raw is None:
+                continue
+            where = store.where(key)
+            checkpoint = Checkpoint.parse(raw, where)
+            positions = input_positions(settings) if key == settings.checkpoint_key else None
+            offsets = check_resume(settings, where, checkpoint.settings, checkpoint.offsets, positions)
+            if key == settings.checkpoint_key:
+                self.book.advance(offsets)
+                self.counters = Counters(**checkpoint.counters.model_dump())
+                if checkpoint.detector is not None:
+                    self.state.detector = restore_detector(checkpoint.detector, where)
+            if checkpoint.replica:
+                candidates.append((checkpoint.replica, where))
         if candidates:  # the most advanced replica state (every replica's state at an offset is the same)
-            self._restore(max(candidates, key=lambda c: c["log_offset"]))
+            self._restore(*max(candidates, key=lambda c: c[0].get("log_offset", -1)))
         self.log = _LogReader(settings, self.log_topic, self.log_offset)
 
-    def _restore(self, replica: dict) -> None:
-        self.state.model = type(self.state.model).from_dict(replica["model"])
-        self.log_offset = int(replica["log_offset"])
-        self.applied = {(t, int(p)): int(o) for t, p, o in replica["applied"]}
+    def _restore(self, replica: dict, where: str) -> None:
+        for field in ("model", "log_offset", "applied"):
+            if field not in replica:
+                raise CheckpointError(f"checkpoint {where}: field 'replica.{field}' is missing")
+        self.state.model = restore_model(type(self.state.model), replica["model"], where, field="replica.model")
+        try:
+            self.log_offset = int(replica["log_offset"])
+            self.applied = {(t, int(p)): int(o) for t, p, o in replica["applied"]}
+        except (TypeError, ValueError) as error:
+            raise CheckpointError(f"checkpoint {where}: field 'replica.applied': {error}") from None
         logger.info(
             "replica restored at statistics offset %d (%d records learned)", self.log_offset, self.state.model.n_seen
         )
@@ -212,6 +237,7 @@ class ReplicatedLearner(_Learner):
             offsets=_offset_list(self.offsets),
             counters={k: int(v) for k, v in vars(self.counters).items()},
             replica=replica,
+            settings=model_settings(self.settings),
         )
         entries = [(self.settings.checkpoint_key, document.dump())]
         if replica is not None:

@@ -59,6 +59,12 @@ class ConsumerSettings(BaseSettings):
     step_alpha: float = Field(0.8, gt=0.5, le=1.0, description="step-size decay exponent alpha")
     step_floor: float = Field(0.02, ge=0.0, lt=1.0, description="step floor eta_min: memory ~ 1/floor batches")
     seed: int | None = Field(0, description="seed of the warm-up's k-means++ starts")
+    # (the settings above make the model: a checkpoint records them, see checkpoint.MODEL_SETTINGS)
+    reset_model: bool = Field(
+        False,
+        description="start a fresh model at the group's committed offsets where the checkpoint is missing, "
+        "unusable or written with other model settings (default: refuse to start)",
+    )
 
     # -- drift -----------------------------------------------------------------------------------
     drift_every: int = Field(1000, ge=1, description="publish a drift record every this many input records")
@@ -74,6 +80,11 @@ class ConsumerSettings(BaseSettings):
     )
     checkpoint_interval_s: float = Field(
         5.0, gt=0, description="... and at least every this many seconds; a crash re-answers what came after"
+    )
+    delivery_timeout_s: float = Field(
+        300.0,
+        gt=0,
+        description="ride out a broker outage this long, retrying unacknowledged outputs; then stop (exit 1)",
     )
     poll_timeout_ms: int = Field(500, ge=1, description="poll wait when the topic is idle")
     session_timeout_ms: int = Field(6000, ge=1000, description="group session timeout (a join takes ~half)")
@@ -108,6 +119,11 @@ class ConsumerSettings(BaseSettings):
             raise ValueError("features must name at least one field (--features a,b,c or STREAMEM_FEATURES)")
         if self.target is not None and self.target in self.features:
             raise ValueError(f"target {self.target!r} is also listed among the features")
+        if self.replicate and self.reset_model:
+            raise ValueError(
+                "reset_model does not apply to replicate: a replica rebuilds the model from the statistics log; "
+                "a fresh replicated model needs a new group and statistics topic"
+            )
         if self.replicate and (self.model_key is not None or self.target is not None):
             raise ValueError("replicate works with one Gaussian mixture: not with model_key or target")
         if self.model_key is not None and self.model_key in [*self.features, self.target]:

@@ -1,0 +1,180 @@
+"""Resuming from checkpoints on the embedded broker: refusals that name what is wrong, --reset-model, --max-records."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from connectors.kafka.checkpoint import CheckpointError, PartitionOffset
+from connectors.kafka.pipeline import run_consumer
+from connectors.kafka.topics import ensure_topics
+from tests.kafka_helpers import produce, read_all, unique
+from tests.test_kafka_consumer import good_values, make_settings, offsets_of
+
+
+def _cli(settings, *extra: str) -> subprocess.CompletedProcess:
+    args = [sys.executable, "-m", "streamem", "run", "--bootstrap-servers", settings.bootstrap_servers]
+    args += ["--input-topic", settings.input_topic, "--group-id", settings.group_id, "--features", "a,b"]
+    args += ["--n-components", "2", "--warmup", "200", "--batch-size", "50", "--poll-timeout-ms", "200", *extra]
+    return subprocess.run(
+        args, capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONUNBUFFERED": "1"}
+    )
+
+
+def _one_line_refusal(result: subprocess.CompletedProcess) -> str:
+    """The refusal line on stderr (exit 2, no traceback)."""
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    (line,) = [x for x in result.stderr.splitlines() if x.startswith("streamem: ")]
+    return line
+
+
+@pytest.fixture
+def learned_400(broker, tmp_path):
+    """A group whose first run learned and committed 400 of 800 records, checkpointed in tmp_path/first."""
+    topic = unique("resume")
+    settings = make_settings(broker, topic, max_records=400, checkpoint_dir=tmp_path / "first", model_process=False)
+    ensure_topics(settings, input_partitions=1)
+    produce(broker.bootstrap_servers, topic, good_values(800))
+    run_consumer(settings)
+    return settings
+
+
+def test_committed_offsets_without_checkpoint_refuse_unless_reset(learned_400, tmp_path):
+    """Committed offsets but no checkpoint (another --checkpoint-dir): exit 2 naming group, offsets and where;
+    --reset-model starts a fresh model at the committed offsets, with a warning."""
+    other = tmp_path / "other"
+    line = _one_line_refusal(_cli(learned_400, "--checkpoint-dir", str(other), "--max-records", "100"))
+    assert repr(learned_400.group_id) in line and f"{learned_400.input_topic}[0]=400" in line
+    assert str(other) in line and "--reset-model" in line
+
+    reset = _cli(learned_400, "--checkpoint-dir", str(other), "--max-records", "400", "--reset-model")
+    assert reset.returncode == 0, reset.stderr
+    assert "WARNING" in reset.stderr and "fresh model starts at the group's committed offsets" in reset.stderr
+    saved = json.loads(next(other.glob("*.json")).read_text())
+    assert saved["model"]["n_seen"] == 400 and saved["offsets"][0]["offset"] == 800
+
+
+def test_a_tombstone_on_the_state_topic_reads_as_no_checkpoint(broker):
+    """A tombstone for <group>/<instance> on the state topic: the consumer refuses, naming topic and key."""
+    topic = unique("tombstone")
+    settings = make_settings(broker, topic, max_records=300, model_process=False)
+    ensure_topics(settings, input_partitions=1)
+    produce(broker.bootstrap_servers, topic, good_values(600))
+    run_consumer(settings)
+    from kafka import KafkaProducer
+
+    producer = KafkaProducer(bootstrap_servers=broker.bootstrap_servers)
+    producer.send(settings.topics["state"], key=settings.checkpoint_key.encode(), value=None).get(timeout=30)
+    producer.close()
+    with pytest.raises(CheckpointError) as refused:
+        run_consumer(settings)  # in the model process: the refusal crosses the pipe as one message
+    message = str(refused.value)
+    assert f"state topic {settings.topics['state']!r} key {settings.checkpoint_key!r}" in message
+    assert f"{topic}[0]=300" in message
+
+
+def test_changed_model_settings_are_refused_naming_each_difference(learned_400):
+    """A K=2 full checkpoint resumed with K=3, diag, batch 7: refused naming the three; --reset-model starts fresh."""
+    changed = learned_400.model_copy(update={"n_components": 3, "covariance_type": "diag", "batch_size": 7})
+    with pytest.raises(CheckpointError) as refused:
+        run_consumer(changed)
+    message = str(refused.value)
+    assert "n_components: checkpoint 2, flags 3" in message
+    assert "covariance_type: checkpoint 'full', flags 'diag'" in message
+    assert "batch_size: checkpoint 50, flags 7" in message
+    assert "warmup" not in message  # only what differs
+
+    run_consumer(changed.model_copy(update={"reset_model": True, "max_records": 400}))
+    saved = json.loads(next((learned_400.checkpoint_dir).glob("*.json")).read_text())
+    assert saved["model"]["params"]["n_components"] == 3 and saved["model"]["n_seen"] == 400
+
+
+def _edit_checkpoint(settings, edit) -> str:
+    (path,) = settings.checkpoint_dir.glob("*.json")
+    document = json.loads(path.read_text())
+    edit(document)
+    path.write_text(json.dumps(document))
+    return str(path)
+
+
+def test_an_offset_past_the_end_is_refused_not_idled_on(learned_400):
+    """Checkpoint offset 10**9 on an 800-record partition: refused naming partition, offset and end."""
+    _edit_checkpoint(learned_400, lambda d: d["offsets"][0].update(offset=10**9))
+    with pytest.raises(
+        CheckpointError, match=rf"offset 1000000000 for {learned_400.input_topic}\[0\] is past its end 800"
+    ):
+        run_consumer(learned_400.model_copy(update={"max_records": 10}))
+
+
+def test_offsets_of_another_topic_are_refused(learned_400):
+    """Offsets for another topic or a missing partition mean another input's checkpoint: refused, naming them."""
+
+    def edit(document):
+        document["offsets"] = [
+            {"topic": "elsewhere", "partition": 0, "offset": 5},
+            {"topic": learned_400.input_topic, "partition": 3, "offset": 7},
+        ]
+
+    _edit_checkpoint(learned_400, edit)
+    with pytest.raises(CheckpointError) as refused:
+        run_consumer(learned_400.model_copy(update={"max_records": 10}))
+    assert "offsets of topic 'elsewhere', not of the input topic" in str(refused.value)
+    assert f"{learned_400.input_topic}[3], which does not exist (the topic has 1 partitions)" in str(refused.value)
+
+
+def test_an_offset_before_the_first_record_resumes_at_the_first():
+    """Offsets below a partition's first offset (deleted by retention) resume there; above the end are problems."""
+    from connectors.kafka.checkpoint import check_resume
+    from connectors.kafka.clients import InputPositions
+    from connectors.kafka.settings import ConsumerSettings
+
+    settings = ConsumerSettings(features=["a"], input_topic="t")
+    positions = InputPositions("t", {0: (100, 500), 1: (0, 50)}, {})
+    resume = check_resume(settings, "here", None, [PartitionOffset(topic="t", partition=0, offset=7)], positions)
+    assert resume == {("t", 0): 100}
+    with pytest.raises(CheckpointError, match=r"offset 51 for t\[1\] is past its end 50"):
+        check_resume(settings, "here", None, [PartitionOffset(topic="t", partition=1, offset=51)], positions)
+
+
+@pytest.mark.parametrize(
+    ("edit", "field", "problem"),
+    [
+        (lambda d: d["detector"].pop("params"), "detector.params", "is missing"),
+        (lambda d: d["counters"].update(bogus=1), "counters.bogus", "is not expected"),
+        (lambda d: d["counters"].pop("assigned"), "counters.assigned", "is missing"),
+        (lambda d: d["detector"].update(short=[[0.5]]), "detector", "wrong shape"),
+        (lambda d: d["model"].pop("n_seen"), "model.n_seen", "is missing"),
+    ],
+)
+def test_a_bad_checkpoint_names_its_file_and_field(learned_400, edit, field, problem):
+    """A bad detector section or counters: CheckpointError naming the file and the field (no KeyError/TypeError)."""
+    path = _edit_checkpoint(learned_400, edit)
+    with pytest.raises(CheckpointError) as refused:
+        run_consumer(learned_400)
+    message = str(refused.value)
+    assert message.startswith(f"checkpoint file {path}: field {field!r}") and problem in message, message
+
+
+def test_a_bad_checkpoint_stops_the_cli_with_one_line(learned_400):
+    """streamem run on a bad checkpoint exits 2 with one line on stderr naming file and field, no traceback."""
+    path = _edit_checkpoint(learned_400, lambda d: d["detector"].pop("params"))
+    line = _one_line_refusal(_cli(learned_400, "--checkpoint-dir", str(learned_400.checkpoint_dir)))
+    assert line.startswith(f"streamem: checkpoint file {path}: field 'detector.params' is missing")
+
+
+def test_max_records_counts_this_run_only(learned_400):
+    """--max-records 400 after a 400-record run learns 400 more (not 0); progress counts this run's records."""
+    progress = []
+    counters = run_consumer(learned_400, on_batch=progress.append)
+    assert counters.records_in == 800
+    assert progress[0].records_this_run <= learned_400.max_poll_records
+    assert progress[-1].records_this_run == 400
+    saved = json.loads(next(learned_400.checkpoint_dir.glob("*.json")).read_text())
+    assert saved["model"]["n_seen"] == 800
+    assignments = read_all(learned_400.bootstrap_servers, learned_400.topics["assignments"])
+    assert sorted(offsets_of(assignments)) == [(0, offset) for offset in range(800)]

@@ -5,12 +5,13 @@ from __future__ import annotations
 import io
 import json
 import logging
+import time
 import urllib.request
 
 from connectors.kafka.observability import JsonFormatter, Observability
 from connectors.kafka.pipeline import run_consumer
 from connectors.kafka.topics import ensure_topics
-from tests.kafka_helpers import produce, unique
+from tests.kafka_helpers import produce, unique, wait_for
 from tests.test_kafka_consumer import good_values, make_settings
 
 
@@ -62,10 +63,30 @@ def test_metrics_health_and_json_logs_of_a_run(broker):
 
 
 def test_liveness_fails_when_the_loop_stalls():
-    """/healthz turns 503 when the loop has not turned within stall_after_s."""
-    observability = Observability(stall_after_s=0.0)
+    """/healthz is ok while the loop turned within stall_after_s, turns 503 only after that, and recovers on a turn."""
+    stall_after_s = 1.0
+    observability = Observability(stall_after_s=stall_after_s)
     port = observability.serve(0, host="127.0.0.1")
+
+    def stalled_at() -> float | None:
+        """The time a /healthz answer said 'stalled' (None while it says ok)."""
+        answer = _get(port, "/healthz")
+        assert answer in ((200, "ok\n"), (503, "stalled\n")), answer
+        return time.monotonic() if answer[0] == 503 else None
+
     try:
-        assert _get(port, "/healthz") == (503, "stalled\n")
+        observability.ready()
+        before_turn = time.monotonic()
+        observability.turned()
+        assert _get(port, "/healthz") == (200, "ok\n")
+        assert _get(port, "/readyz") == (200, "ready\n")
+        # the two answers above are only a test of "alive within the deadline" if they came before it
+        assert time.monotonic() - before_turn < stall_after_s, "the machine is too slow for this test"
+        stalled = wait_for(stalled_at, timeout_s=10 * stall_after_s, what="/healthz to report the stall")
+        # the server saw the stall at or after turn + stall_after_s, and answered after that
+        assert stalled - before_turn >= stall_after_s
+        assert _get(port, "/readyz") == (503, "not ready\n")
+        observability.turned()
+        assert _get(port, "/healthz") == (200, "ok\n")
     finally:
         observability.close()

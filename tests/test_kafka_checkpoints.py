@@ -178,3 +178,13 @@ def test_max_records_counts_this_run_only(learned_400):
     assert saved["model"]["n_seen"] == 800
     assignments = read_all(learned_400.bootstrap_servers, learned_400.topics["assignments"])
     assert sorted(offsets_of(assignments)) == [(0, offset) for offset in range(800)]
+
+
+def test_the_checkpoint_validates_exactly_the_consumers_counters():
+    """The checkpoint's counters section has the same names as the consumer's Counters (missing/extra refused)."""
+    import dataclasses
+
+    from connectors.kafka.checkpoint import CountersDocument
+    from connectors.kafka.learners import Counters
+
+    assert set(CountersDocument.model_fields) == {field.name for field in dataclasses.fields(Counters)}

@@ -66,6 +66,12 @@ def stored_checkpoint(settings: ConsumerSettings) -> Checkpoint:
     return Checkpoint.parse(TopicStore(settings, sink=None).load(settings.checkpoint_key))
 
 
+def _unlearned(settings: ConsumerSettings, total: int) -> int:
+    """Records of a `total`-record input after the stored checkpoint's offsets (what a resumed run polls)."""
+    raw = TopicStore(settings, sink=None).load(settings.checkpoint_key)
+    return total - (sum(o.offset for o in Checkpoint.parse(raw).offsets) if raw else 0)
+
+
 def outputs(broker, settings):
     topics = settings.topics
     return read_all(broker.bootstrap_servers, topics["assignments"]), read_all(
@@ -107,14 +113,15 @@ def test_every_offset_ends_in_one_assignment_or_one_dead_letter(broker, client):
 
 
 def test_clean_restart_neither_duplicates_nor_relearns(broker):
-    """Runs to 600 then 1,200 records (cumulative max) answer each offset exactly once and learn each once."""
+    """Runs of 600 then 600 more records (--max-records counts a run's own) answer each offset once and learn each
+    once."""
     topic = unique("restart")
     settings = make_settings(broker, topic, max_records=600)
     ensure_topics(settings, input_partitions=2)
     produce(broker.bootstrap_servers, topic, good_values(1200), keys=[str(i % 3).encode() for i in range(1200)])
 
     first = run_consumer(settings)
-    second = run_consumer(settings.model_copy(update={"max_records": 1200}))
+    second = run_consumer(settings)
 
     assert first.records_in >= 600 and second.records_in == 1200
     assignments, dead = outputs(broker, settings)
@@ -132,7 +139,7 @@ def test_checkpoint_directory_option(broker, tmp_path):
     run_consumer(settings)
     saved = json.loads(next(tmp_path.glob("*.json")).read_text())
     assert saved["model"]["n_seen"] == 400 and saved["offsets"] == [{"topic": topic, "partition": 0, "offset": 400}]
-    run_consumer(settings.model_copy(update={"max_records": 800}))
+    run_consumer(settings)
     assert json.loads(next(tmp_path.glob("*.json")).read_text())["model"]["n_seen"] == 800
 
 
@@ -222,7 +229,7 @@ def test_kill_9_mid_stream_then_restart_loses_nothing(broker):
         assert select.select([watcher], [], [], 30)[0], "a helper process outlived the killed consumer"
         os.close(watcher)
 
-    run_consumer(settings)  # resumes from the checkpoint
+    run_consumer(settings.model_copy(update={"max_records": _unlearned(settings, total)}))  # from the checkpoint
 
     assignments, _ = outputs(broker, settings)
     answered = set(offsets_of(assignments))
@@ -324,7 +331,7 @@ def test_a_dead_model_process_stops_the_consumer_and_a_restart_loses_nothing(bro
         run_consumer(settings, on_batch=kill_the_model_after_two_batches)
     assert not [p for p in multiprocessing.active_children() if p.name == "streamem-model"]
 
-    counters = run_consumer(settings)
+    counters = run_consumer(settings.model_copy(update={"max_records": _unlearned(settings, 1500)}))
     assert counters.records_in == 1500
     assignments, _ = outputs(broker, settings)
     assert set(offsets_of(assignments)) == {(0, offset) for offset in range(1500)}

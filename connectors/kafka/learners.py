@@ -41,6 +41,8 @@ Partition = tuple[str, int]
 
 @dataclasses.dataclass
 class Counters:
+    """Totals over every run; a checkpoint holds exactly these names (`checkpoint.CountersDocument`)."""
+
     records_in: int = 0
     assigned: int = 0
     dead_lettered: int = 0

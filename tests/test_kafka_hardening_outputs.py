@@ -10,16 +10,22 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import signal
+import threading
 
 import pytest
 from kafka import KafkaProducer
 
 from connectors.kafka import records as schemas
+from connectors.kafka.broker import EmbeddedBroker
+from connectors.kafka.checkpoint import Checkpoint, TopicStore
+from connectors.kafka.observability import Observability
 from connectors.kafka.pipeline import run_consumer
 from connectors.kafka.records import InputRecord, RecordDecoder, dead_letter
 from connectors.kafka.topics import ensure_topics
-from tests.kafka_helpers import read_all, unique
-from tests.test_kafka_consumer import good_values, make_settings
+from tests.kafka_helpers import TopicCounter, produce, read_all, unique, wait_for
+from tests.test_kafka_consumer import _start, good_values, make_settings
+from tests.test_observability import _get, _metric
 
 MAX_REQUEST = 1024 * 1024  # the producers' max_request_size (kafka-python) / message.max.bytes default
 
@@ -128,3 +134,86 @@ def test_a_consumer_dead_letters_a_huge_record_and_goes_on(broker, tmp_path, pay
     (dead,) = read_all(broker.bootstrap_servers, settings.topics["dead_letter"])
     assert dead["source"]["offset"] == 10 and dead["size"] == len(payload) and dead["truncated"] is True
     assert dead["sha256"] == hashlib.sha256(payload).hexdigest()
+
+
+# -- broker outages ------------------------------------------------------------------------------
+def _healthz(port: int) -> tuple[int, str]:
+    """One probe of /healthz, a fifth of a second after the previous one (a kubelet probes every few seconds)."""
+    threading.Event().wait(0.2)
+    return _get(port, "/healthz")
+
+
+@pytest.mark.parametrize("client", ["kafka-python", "confluent"])
+def test_an_outage_is_ridden_out_with_healthz_503_meanwhile(client):
+    """A checkpoint that meets a stopped broker waits (/healthz 503, the wait metric grows) and is delivered
+    once the broker is back on its port: no error, /healthz 200 again."""
+    outage = EmbeddedBroker().start()  # its own broker: this test stops it
+    observability = Observability(delivery_stall_s=1.0)
+    port = observability.serve(0, host="127.0.0.1")
+    try:
+        topic = unique("outage")
+        settings = make_settings(outage, topic, client=client, delivery_timeout_s=60)  # checkpoints in a topic
+        ensure_topics(settings, input_partitions=1)
+        produce(outage.bootstrap_servers, topic, good_values(300))
+        stop, result = threading.Event(), {}
+
+        def consume():
+            try:
+                result["counters"] = run_consumer(settings, stop=stop, observability=observability)
+            except BaseException as error:  # noqa: BLE001 - the test asserts there is none
+                result["error"] = error
+
+        thread = threading.Thread(target=consume, name="consumer")
+        thread.start()
+        counter = TopicCounter(outage.bootstrap_servers, settings.topics["assignments"])
+        try:
+            wait_for(lambda: counter.count() >= 300, 60, "300 assignments")
+        finally:
+            counter.close()
+        outage.stop()
+        stop.set()  # the last checkpoint now waits for the broker
+        status, text = wait_for(lambda: (lambda h: h if h[0] == 503 else None)(_healthz(port)), 30, "/healthz 503")
+        assert text.startswith("outputs not acknowledged for")
+        assert _metric(_get(port, "/metrics")[1], "streamem_delivery_wait_seconds") >= 1.0
+        outage = EmbeddedBroker(port=outage.port).start()  # back, empty, on the same port
+        thread.join(90)
+        assert not thread.is_alive() and "error" not in result, result.get("error")
+        assert _get(port, "/healthz") == (200, "ok\n")
+        stored = Checkpoint.parse(TopicStore(settings, sink=None).load(settings.checkpoint_key))
+        assert stored.model["n_seen"] == 300  # the checkpoint reached the broker after the outage
+        assert [(o.partition, o.offset) for o in stored.offsets] == [(0, 300)]
+    finally:
+        outage.stop()
+        observability.close()
+
+
+def test_an_outage_beyond_the_limit_stops_with_one_clear_line():
+    """Past --delivery-timeout-s the consumer exits 1 with one 'stopped:' line and no traceback."""
+    outage = EmbeddedBroker().start()
+    process = None
+    try:
+        topic = unique("gone")
+        settings = make_settings(outage, topic)
+        ensure_topics(settings, input_partitions=1)
+        produce(outage.bootstrap_servers, topic, good_values(300))
+        process = _start(settings, "--delivery-timeout-s", "3", "--log-level", "WARNING")
+        counter = TopicCounter(outage.bootstrap_servers, settings.topics["assignments"])
+        try:
+            wait_for(lambda: counter.count() >= 300, 60, "300 assignments")
+        finally:
+            counter.close()
+        outage.stop()
+        process.send_signal(signal.SIGTERM)  # its last checkpoint meets the stopped broker
+        _, errors = process.communicate(timeout=60)
+        assert process.returncode == 1, errors[-3000:]
+        assert "Traceback" not in errors, errors[-3000:]
+        lines = errors.splitlines()
+        stopped = [line for line in lines if "stopped:" in line]
+        assert len(stopped) == 1 and stopped[0] == lines[-1], errors[-3000:]
+        assert "output records not acknowledged within delivery_timeout_s=3 s" in stopped[0]
+        assert len(lines) < 40, errors[-3000:]  # the clients' reconnect chatter is throttled
+    finally:
+        if process is not None and process.poll() is None:
+            process.kill()
+            process.wait()
+        outage.stop()

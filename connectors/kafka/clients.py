@@ -100,7 +100,8 @@ class _ResendingSink:
             if left <= 0:
                 raise DeliveryFailed(
                     f"{len(self._pending)} output records not acknowledged within delivery_timeout_s="
-                    f"{self._limit_s:g} ({attempt} attempts); last error: {_one_line(failure[1])}"
+                    f"{self._limit_s:g} s ({attempt} attempt{'s' if attempt > 1 else ''}); last error: "
+                    f"{_one_line(failure[1])}"
                 )
             pause = min(BACKOFF_CAP_S, 0.5 * 2**attempt, left)
             logger.warning(
@@ -485,6 +486,7 @@ class ConfluentSink(_ResendingSink):
                 "linger.ms": 5,
                 # one attempt: unacknowledged records fail with _MSG_TIMED_OUT instead of after 5 minutes
                 "message.timeout.ms": int(timeout_s * 1000),
+                "logger": logging.getLogger("confluent_kafka.producer"),  # not straight to stderr: throttled
                 "client.id": f"streamem-{self._settings.instance_id}",
                 **confluent_security(self._settings),
             }

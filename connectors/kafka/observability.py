@@ -2,12 +2,14 @@
 
 One small HTTP server (standard library) serves `/metrics` (Prometheus text
 format, from prometheus-client), `/healthz` (liveness: the consume loop turned
-within `stall_after_s`) and `/readyz` (readiness: the consumer has partitions and
-its checkpoint is loaded).
+within `stall_after_s`, and no checkpoint has waited more than `delivery_stall_s`
+for the broker to acknowledge the outputs) and `/readyz` (readiness: the consumer
+has partitions and its checkpoint is loaded).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import threading
@@ -16,13 +18,15 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-__all__ = ["JsonFormatter", "Observability", "configure_logging"]
+__all__ = ["ClientLogThrottle", "JsonFormatter", "Observability", "configure_logging", "quiet_client_loggers"]
 
 
 class Observability:
     """Metrics and health of one consumer process."""
 
-    def __init__(self, stall_after_s: float = 60.0):
+    def __init__(self, stall_after_s: float = 60.0, delivery_stall_s: float = 10.0):
+        """`delivery_stall_s`: a checkpoint waiting longer than this for acknowledgements means the
+        outputs cannot be delivered (a broker outage); the default is one delivery attempt."""
         self.registry = CollectorRegistry()
         self.records_in = Counter("streamem_records_in", "input records consumed", registry=self.registry)
         self.assigned = Counter(
@@ -40,7 +44,15 @@ class Observability:
             registry=self.registry,
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
         )
+        self.delivery_wait = Gauge(
+            "streamem_delivery_wait_seconds",
+            "how long the current checkpoint has waited for the broker to acknowledge outputs (0: none waiting)",
+            registry=self.registry,
+        )
+        self.delivery_wait.set_function(self.delivery_wait_s)
         self.stall_after_s = stall_after_s
+        self.delivery_stall_s = delivery_stall_s
+        self._delivering_since: float | None = None
         self._last_turn = time.monotonic()
         self._ready = False
         self._previous = (0, 0, 0, 0)
@@ -50,6 +62,16 @@ class Observability:
     def turned(self) -> None:
         """The loop went round once (called every iteration, with or without records)."""
         self._last_turn = time.monotonic()
+
+    @contextlib.contextmanager
+    def delivering(self):
+        """Around a checkpoint: flushing the outputs, storing the checkpoint, committing. It blocks
+        while the broker is away, and /healthz fails once it has blocked for `delivery_stall_s`."""
+        self._delivering_since = time.monotonic()
+        try:
+            yield
+        finally:
+            self._delivering_since = None
 
     def ready(self, value: bool = True) -> None:
         self._ready = value
@@ -70,9 +92,24 @@ class Observability:
             self.weights.labels(component=str(k)).set(weight)
 
     # -- served -------------------------------------------------------------------------------
+    def delivery_wait_s(self) -> float:
+        since = self._delivering_since
+        return 0.0 if since is None else time.monotonic() - since
+
+    @property
+    def delivered(self) -> bool:
+        """False while outputs wait too long for the broker (as during an outage)."""
+        return self.delivery_wait_s() < self.delivery_stall_s
+
     @property
     def alive(self) -> bool:
-        return time.monotonic() - self._last_turn < self.stall_after_s
+        return time.monotonic() - self._last_turn < self.stall_after_s and self.delivered
+
+    def health(self) -> str:
+        """What /healthz says: "ok", or why not."""
+        if not self.delivered:
+            return f"outputs not acknowledged for {self.delivery_wait_s():.0f} s"
+        return "ok" if self.alive else "stalled"
 
     @property
     def is_ready(self) -> bool:
@@ -87,8 +124,8 @@ class Observability:
                 if self.path == "/metrics":
                     body, status, kind = generate_latest(observability.registry), 200, CONTENT_TYPE_LATEST
                 elif self.path == "/healthz":
-                    ok = observability.alive
-                    body, status, kind = (b"ok\n" if ok else b"stalled\n"), (200 if ok else 503), "text/plain"
+                    health = observability.health()
+                    body, status, kind = f"{health}\n".encode(), (200 if health == "ok" else 503), "text/plain"
                 elif self.path == "/readyz":
                     ok = observability.is_ready
                     body, status, kind = (b"ready\n" if ok else b"not ready\n"), (200 if ok else 503), "text/plain"
@@ -133,9 +170,35 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(line, default=str)
 
 
+class ClientLogThrottle(logging.Filter):
+    """Lets through one line of each kind a minute from the Kafka clients' own loggers.
+
+    While a broker is away they log every reconnect at ERROR, several lines a second, which
+    buries the consumer's own lines (one warning per delivery attempt, one error if it gives up).
+    """
+
+    def __init__(self, every_s: float = 60.0):
+        super().__init__()
+        self.every_s = every_s
+        self._last: dict[tuple[str, str], float] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not any(record.name == name or record.name.startswith(name + ".") for name in CLIENT_LOGGERS):
+            return True
+        key, now = (record.name, str(record.msg)), time.monotonic()  # the message template: one kind of line
+        if now - self._last.get(key, -float("inf")) < self.every_s:
+            return False
+        if len(self._last) > 1000:  # templates with details baked in: keep the table small
+            self._last.clear()
+        self._last[key] = now
+        return True
+
+
 def configure_logging(level: str, fmt: str) -> None:
-    """Root logging: `fmt` is "json" (one object per line) or "text"."""
+    """Root logging: `fmt` is "json" (one object per line) or "text"; the Kafka clients' own lines
+    are throttled (`ClientLogThrottle`)."""
     handler = logging.StreamHandler()
+    handler.addFilter(ClientLogThrottle())
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
         logging.Formatter.converter = time.gmtime
@@ -144,3 +207,15 @@ def configure_logging(level: str, fmt: str) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+    quiet_client_loggers(root.level)
+
+
+# The Kafka client libraries log every connection attempt and group step at INFO, and every refused
+# connection at ERROR: dozens of lines that say nothing to a user. Only --log-level DEBUG shows them.
+CLIENT_LOGGERS = ("kafka", "confluent_kafka")
+
+
+def quiet_client_loggers(level: int) -> None:
+    """The Kafka clients' own loggers at WARNING (above `level`), or at `level` when that is DEBUG."""
+    for name in CLIENT_LOGGERS:
+        logging.getLogger(name).setLevel(level if level <= logging.DEBUG else max(level, logging.WARNING))

@@ -12,7 +12,71 @@ import logging
 import sys
 from importlib.metadata import entry_points
 
-__all__ = ["main"]
+__all__ = ["HelpFormatter", "main"]
+
+COVARIANCE_TYPES = ["full", "diag", "spherical", "tied"]
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows "(default: X)" only where there is a default to show: not for required options, nor None."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.required or action.default in (None, argparse.SUPPRESS, []):
+            return action.help
+        return super()._get_help_string(action)
+
+
+def _components(text: str) -> str:
+    """argparse type of `fit --n-components`: checked here, so a bad value stops before anything is written."""
+    from streamem.report import parse_components
+
+    try:
+        parse_components(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return text
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _na_values(text: str) -> list[str]:
+    return [value for value in text.split(",") if value]
+
+
+def _add_table_arguments(parser: argparse.ArgumentParser) -> None:
+    """The data arguments `fit` and `check` share."""
+    parser.add_argument("data", help="CSV file with a header row")
+    parser.add_argument(
+        "--covariance-type",
+        "--covariance",
+        dest="covariance",
+        default="full",
+        choices=COVARIANCE_TYPES,
+        help="covariance of each component",
+    )
+    parser.add_argument("--columns", help="feature columns, comma-separated (default: every numeric column)")
+    parser.add_argument(
+        "--missing",
+        default="error",
+        choices=["error", "marginalize"],
+        help="what a missing cell (empty, NA, NaN or one of --na-values) is: an error, or a value integrated out",
+    )
+    parser.add_argument(
+        "--na-values",
+        type=_na_values,
+        default=[],
+        metavar="TEXT[,TEXT]",
+        help="more cell texts that mean a missing value, e.g. '?' (any other text in a number column is an error)",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="random seed of the EM starts")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,22 +100,21 @@ def _register_fit(commands) -> None:
         description="Fit a Gaussian mixture (or, with --target, a mixture of linear regressions) to a CSV file's "
         "numeric columns. Writes OUT/model.json (also a warm start for the online models: "
         "OnlineGMM.from_fit), OUT/figures/*.png and OUT/report.md.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
-    fit.add_argument("data", help="CSV file with a header row")
     fit.add_argument("--out", required=True, help="output directory")
-    fit.add_argument("--components", default="auto", help="K, a range like 1-6, or 'auto' (1-8, lowest BIC)")
-    fit.add_argument("--covariance", default="full", choices=["full", "diag", "spherical", "tied"])
-    fit.add_argument("--target", help="a column: fit a mixture of linear regressions of it on the others")
-    fit.add_argument("--columns", help="feature columns, comma-separated (default: every numeric column)")
     fit.add_argument(
-        "--missing",
-        default="error",
-        choices=["error", "marginalize"],
-        help="what an empty cell is: an error, or a missing value integrated out",
+        "--n-components",
+        "--components",
+        dest="components",
+        type=_components,
+        default="auto",
+        metavar="K",
+        help="K, a range A-B like 1-6 (lowest BIC), or 'auto' (1-8)",
     )
-    fit.add_argument("--n-init", type=int, default=3, help="EM starts per K")
-    fit.add_argument("--seed", type=int, default=0)
+    fit.add_argument("--target", help="a column: fit a mixture of linear regressions of it on the others")
+    _add_table_arguments(fit)
+    fit.add_argument("--n-init", type=_positive_int, default=3, help="EM starts per K")
     fit.set_defaults(handler=_fit, log_level="WARNING")
 
 
@@ -67,6 +130,7 @@ def _fit(args) -> int:
             target=args.target,
             columns=args.columns.split(",") if args.columns else None,
             missing=args.missing,
+            na_values=args.na_values,
             n_init=args.n_init,
             seed=args.seed,
         )
@@ -84,17 +148,18 @@ def _register_check(commands) -> None:
     check = commands.add_parser(
         "check",
         help="run the online model over a CSV file as a stream and compare it with batch EM",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Feed a CSV file's rows, in file order, to the online model (OnlineGMM) as a stream, fit batch "
+        "EM to the whole file, and print how far apart they are: components matched, largest weight, mean and "
+        "covariance gaps, log-likelihood gap per record.",
+        formatter_class=HelpFormatter,
     )
-    check.add_argument("data", help="CSV file with a header row")
-    check.add_argument("--components", type=int, default=2)
-    check.add_argument("--covariance", default="full", choices=["full", "diag", "spherical", "tied"])
-    check.add_argument("--columns", help="feature columns, comma-separated (default: every numeric column)")
-    check.add_argument("--batch-size", type=int, default=64)
-    check.add_argument("--passes", type=int, default=1, help="times the file is replayed as a stream")
-    check.add_argument("--missing", default="error", choices=["error", "marginalize"])
+    check.add_argument(
+        "--n-components", "--components", dest="components", type=_positive_int, default=2, metavar="K", help="K"
+    )
+    _add_table_arguments(check)
+    check.add_argument("--batch-size", type=_positive_int, default=64, help="records per stepwise-EM update")
+    check.add_argument("--passes", type=_positive_int, default=1, help="times the file is replayed as a stream")
     check.add_argument("--out", help="directory for the online model's figure (weights and means over time)")
-    check.add_argument("--seed", type=int, default=0)
     check.set_defaults(handler=_check, log_level="WARNING")
 
 
@@ -112,6 +177,7 @@ def _check(args) -> int:
             seed=args.seed,
             out_dir=args.out,
             missing=args.missing,
+            na_values=args.na_values,
         )
     except (ValueError, FileNotFoundError) as error:
         print(f"streamem check: {error}", file=sys.stderr)

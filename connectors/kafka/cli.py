@@ -11,10 +11,13 @@ import logging
 import pathlib
 import sys
 import time
+import typing
 
 from pydantic import ValidationError
 
 from connectors.kafka.settings import ConsumerSettings, load_settings
+from connectors.kafka.topics import BrokerUnreachable
+from streamem.cli import HelpFormatter
 
 __all__ = ["register_demo", "register_produce_demo", "register_run", "settings_flags"]
 
@@ -26,23 +29,91 @@ def settings_flags() -> dict[str, str]:
     return {"--" + name.replace("_", "-"): name for name in ConsumerSettings.model_fields}
 
 
+# The spellings `fit` and `check` also accept, so a flag is spelled one way in every command.
+ALIASES = {"n_components": ["--components"], "covariance_type": ["--covariance"]}
+
+# A package the consumer imports, missing: what to tell the user (one line instead of a traceback).
+MISSING_PACKAGES = {
+    "kafka": "the kafka-python package is missing (a dependency of streamem): pip install 'kafka-python[crc32c]'",
+    "orjson": "the orjson package is missing (a dependency of streamem): pip install orjson",
+    "prometheus_client": "the prometheus-client package is missing (a dependency of streamem): "
+    "pip install prometheus-client",
+    "confluent_kafka": "--client confluent needs the confluent-kafka package: pip install 'streamem[confluent]'",
+}
+
+
 def register_run(commands) -> None:
     parser = commands.add_parser(
         "run",
         help="run the Kafka consumer",
-        description="Learn an online mixture from a Kafka topic; publish assignments, dead letters and drift.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Learn an online mixture from a Kafka topic; publish assignments, dead letters and drift. "
+        "Each flag can also be set by its environment variable or in the --config file; "
+        "flags win over the environment, which wins over the file.",
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("--config", type=pathlib.Path, help="TOML or JSON file of settings")
     for flag, name in settings_flags().items():
         field = ConsumerSettings.model_fields[name]
         text = f"{field.description} [env STREAMEM_{name.upper()}]"
+        if field.default is not None and not field.is_required() and field.default_factory is None:
+            # shown by hand: the argparse default stays SUPPRESS, so the environment and file can fill it
+            text += f" (default: {field.default})"
+        choices = _choices(field.annotation)
         if field.annotation is bool:  # --replicate / --no-replicate
             kind = dict(action=argparse.BooleanOptionalAction)
+        elif choices:
+            kind = dict(choices=choices)
         else:
             kind = dict(metavar=name.upper())
-        parser.add_argument(flag, dest=name, default=argparse.SUPPRESS, help=text, **kind)
-    parser.set_defaults(handler=_run)
+        flags = [flag, *ALIASES.get(name, [])]
+        parser.add_argument(*flags, dest=name, default=argparse.SUPPRESS, help=text, **kind)
+    parser.set_defaults(handler=_one_line_errors("run", _run))
+
+
+def _choices(annotation) -> list[str] | None:
+    """The values of a Literal[...] setting (None for any other type)."""
+    if typing.get_origin(annotation) is typing.Literal:
+        return [str(value) for value in typing.get_args(annotation)]
+    return None
+
+
+def _one_line_errors(command: str, handler):
+    """`handler`, with what a user can fix said in one line on stderr instead of a traceback."""
+
+    def handle(args) -> int:
+        from connectors.kafka.broker import BrokerError
+
+        try:
+            return handler(args)
+        except ModuleNotFoundError as error:
+            message = MISSING_PACKAGES.get((error.name or "").split(".")[0])
+            if message is None:
+                raise
+            print(f"streamem {command}: {message}", file=sys.stderr)
+            return 2
+        except BrokerError as error:  # the demo's embedded broker: not installed, or would not start
+            print(f"streamem {command}: {error}", file=sys.stderr)
+            return 2
+        except BrokerUnreachable as error:
+            print(f"streamem {command}: {error}", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:  # a second Ctrl-C (the first one stops cleanly)
+            print(
+                f"streamem {command}: interrupted twice: stopped at once, without a final checkpoint "
+                "(a restart resumes from the last one)",
+                file=sys.stderr,
+            )
+            return 130
+
+    return handle
+
+
+def _require_client(client: str) -> None:
+    """Import the chosen client now: a missing one is reported before any connection is tried."""
+    if client == "confluent":
+        import confluent_kafka  # noqa: F401
+    else:
+        import kafka  # noqa: F401
 
 
 def _settings(args) -> ConsumerSettings:
@@ -63,6 +134,7 @@ def _run(args) -> int:
     from connectors.kafka.topics import ensure_topics
 
     settings = _settings(args)
+    _require_client(settings.client)
     configure_logging(settings.log_level, settings.log_format)
     logger.info("settings: %s", settings.redacted())
     observability = Observability()
@@ -119,16 +191,33 @@ def register_demo(commands) -> None:
         help="the consumer on the embedded broker with a synthetic regime-switching stream",
         description="Starts the embedded Kafka-compatible broker (Tansu), produces a stream whose mixture weights "
         "switch between regimes, runs the consumer on it with live progress, and shows the outputs.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("--records", type=int, default=90_000, help="records in the stream (three regimes)")
     parser.add_argument("--bad-records", type=int, default=25, help="malformed records mixed in")
-    parser.add_argument("--client", choices=["kafka-python", "confluent"], default="kafka-python")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.set_defaults(handler=_demo, log_level="ERROR")  # the demo prints its own progress
+    parser.add_argument(
+        "--client", choices=["kafka-python", "confluent"], default="kafka-python", help="Kafka client library"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="random seed of the stream")
+    parser.set_defaults(handler=_one_line_errors("demo", _demo), log_level="ERROR")  # the demo prints its own progress
+
+
+def _demo_sizes_refused(command: str, args) -> bool:
+    """True (after saying why in one line) unless 1 <= --records and 0 <= --bad-records <= --records."""
+    if args.records >= 1 and 0 <= args.bad_records <= args.records:
+        return False
+    print(
+        f"streamem {command}: --records must be at least 1 and --bad-records between 0 and --records "
+        f"(got {args.records} and {args.bad_records})",
+        file=sys.stderr,
+    )
+    return True
 
 
 def _demo(args) -> int:
+    if _demo_sizes_refused("demo", args):
+        return 2
+    _require_client(args.client)
     from connectors.kafka.demo import run_demo
 
     return run_demo(records=args.records, bad_records=args.bad_records, client=args.client, seed=args.seed)
@@ -138,17 +227,19 @@ def register_produce_demo(commands) -> None:
     parser = commands.add_parser(
         "produce-demo",
         help="produce the demo's regime-switching stream to a Kafka topic",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
-    parser.add_argument("--bootstrap-servers", required=True)
-    parser.add_argument("--topic", default="events")
-    parser.add_argument("--records", type=int, default=90_000)
-    parser.add_argument("--bad-records", type=int, default=25)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.set_defaults(handler=_produce_demo)
+    parser.add_argument("--bootstrap-servers", required=True, help="Kafka bootstrap servers, host:port[,host:port]")
+    parser.add_argument("--topic", default="events", help="topic to produce to")
+    parser.add_argument("--records", type=int, default=90_000, help="records in the stream (three regimes)")
+    parser.add_argument("--bad-records", type=int, default=25, help="malformed records mixed in")
+    parser.add_argument("--seed", type=int, default=0, help="random seed of the stream")
+    parser.set_defaults(handler=_one_line_errors("produce-demo", _produce_demo))
 
 
 def _produce_demo(args) -> int:
+    if _demo_sizes_refused("produce-demo", args):
+        return 2
     from connectors.kafka.demo import produce_regimes
 
     changes = produce_regimes(args.bootstrap_servers, args.topic, args.records, args.bad_records, args.seed)

@@ -22,13 +22,13 @@ REGIMES = [np.array([0.6, 0.3, 0.1]), np.array([0.2, 0.3, 0.5]), np.array([0.45,
 
 
 def produce_regimes(bootstrap_servers: str, topic: str, n: int, bad: int, seed: int) -> list[int]:
-    """Produce n records {"x", "y"} whose weights switch regime every n / 3 records, plus `bad`
-    malformed ones; returns the change points (record counts)."""
+    """Produce exactly n records {"x", "y"} whose weights switch regime every n / 3 records (the first
+    regimes take the remainder), plus `bad` malformed ones; returns the change points (record counts)."""
     from kafka import KafkaProducer
 
     rng = np.random.default_rng(seed)
-    per = n // len(REGIMES)
-    labels = np.concatenate([rng.choice(3, size=per, p=w) for w in REGIMES])
+    sizes = [n // len(REGIMES) + (k < n % len(REGIMES)) for k in range(len(REGIMES))]
+    labels = np.concatenate([rng.choice(3, size=size, p=w) for size, w in zip(sizes, REGIMES, strict=True)])
     points = MEANS[labels] + rng.normal(size=(len(labels), 2)) * SCALES[labels]
     payloads = [json.dumps({"x": round(x, 4), "y": round(y, 4), "source": "demo"}).encode() for x, y in points]
     malformed = [
@@ -49,7 +49,7 @@ def produce_regimes(bootstrap_servers: str, topic: str, n: int, bad: int, seed: 
     producer.close()
     if failed:
         raise RuntimeError(f"{len(failed)} demo records were not acknowledged by the broker")
-    return [per * k for k in range(1, len(REGIMES))]
+    return [int(c) for c in np.cumsum(sizes)[:-1]]
 
 
 def run_demo(records: int = 90_000, bad_records: int = 25, client: str = "kafka-python", seed: int = 0) -> int:
@@ -143,6 +143,23 @@ def _fmt(weights) -> str:
     return "[" + " ".join(f"{w:.2f}" for w in weights) + "]"
 
 
+def _rounded(value):
+    """JSON numbers to 4 significant digits, so a sample record fits on a line and every field stays visible."""
+    if isinstance(value, float):
+        return float(f"{value:.4g}")
+    if isinstance(value, list):
+        return [_rounded(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _rounded(v) for k, v in value.items()}
+    return value
+
+
+def _shorten(record: str, width: int = 400) -> str:
+    """A sample output record for the terminal: numbers rounded, and cut with an ellipsis only if still long."""
+    text = json.dumps(_rounded(json.loads(record)), separators=(", ", ": "), ensure_ascii=False)
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
 def _show_samples(bootstrap_servers: str, topics: dict, out, middle: int) -> None:
     """Print one record of each output: a late assignment, a dead letter, a declared drift."""
     from kafka import KafkaConsumer, TopicPartition
@@ -166,6 +183,6 @@ def _show_samples(bootstrap_servers: str, topics: dict, out, middle: int) -> Non
                         found = message.value.decode()
                         break
             if found:
-                print(f"  sample {kind}: {found[:240]}", file=out)
+                print(f"  sample {kind}: {_shorten(found)}", file=out)
     finally:
         consumer.close()

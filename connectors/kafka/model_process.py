@@ -249,6 +249,9 @@ def _serve(settings: ConsumerSettings, connection, logs, level: int) -> None:
     root = logging.getLogger()
     root.handlers[:] = [_PipeHandler(logs)]
     root.setLevel(level)
+    from connectors.kafka.observability import quiet_client_loggers
+
+    quiet_client_loggers(level)  # as in the main process: the Kafka client's chatter only at DEBUG
     try:
         answerer = Answerer(settings)
     except CheckpointError as error:

@@ -61,7 +61,9 @@ class _Submitted(NamedTuple):
 
 
 class _Stop:
-    """Set by SIGTERM/SIGINT: the loop finishes its batch, flushes, checkpoints, commits, exits 0."""
+    """Set by SIGTERM/SIGINT: the loop finishes its batch, flushes, checkpoints, commits, exits 0.
+
+    A repeated SIGTERM changes nothing; a second SIGINT raises KeyboardInterrupt (abort, no final checkpoint)."""
 
     def __init__(self) -> None:
         self.event = threading.Event()
@@ -74,10 +76,14 @@ class _Stop:
         previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
 
         def handle(signum, _frame):
-            if self.event.is_set():  # a second Ctrl-C aborts
+            name = signal.Signals(signum).name
+            if not self.event.is_set():
+                logger.info("signal %s: finishing the current batch, then stopping", name)
+                self.event.set()
+            elif signum == signal.SIGINT:  # a second Ctrl-C: a person wants out now (the CLI says so in a line)
                 raise KeyboardInterrupt
-            logger.info("signal %s: finishing the current batch, then stopping", signal.Signals(signum).name)
-            self.event.set()
+            else:  # GNU timeout signals the process, then its whole group: a repeated SIGTERM is no abort
+                logger.info("signal %s again: still finishing the current batch", name)
 
         for sig in previous:
             signal.signal(sig, handle)

@@ -26,6 +26,9 @@ class ConsumerSettings(BaseSettings):
 
     # -- where ----------------------------------------------------------------------------------
     bootstrap_servers: str = Field("localhost:9092", description="Kafka bootstrap servers, host:port[,host:port]")
+    connect_timeout_s: float = Field(
+        15.0, gt=0, description="at start, give up (exit 1) if no bootstrap server answers within this many seconds"
+    )
     input_topic: str = Field("streamem.input", description="topic of JSON records to learn from")
     group_id: str = Field("streamem", description="consumer group")
     instance_id: str = Field(
@@ -64,6 +67,12 @@ class ConsumerSettings(BaseSettings):
         False,
         description="start a fresh model at the group's committed offsets where the checkpoint is missing, "
         "unusable or written with other model settings (default: refuse to start)",
+    )
+    outlier_threshold: float = Field(
+        1e6,
+        gt=0,
+        description="dead-letter a record whose squared Mahalanobis distance to the closest component exceeds this "
+        "(1e6: 1000 sd; inf: off, values too large for the statistics still dead-lettered); may change between runs",
     )
 
     # -- drift -----------------------------------------------------------------------------------

@@ -1,27 +1,69 @@
-"""Create the output topics the consumer writes to, if they are missing."""
+"""Create the output topics the consumer writes to, if they are missing.
+
+This is the consumer's first contact with the cluster, so it is also where an unreachable
+cluster is reported: in one line, after `connect_timeout_s`.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 from connectors.kafka.settings import ConsumerSettings
 
-__all__ = ["ensure_topics"]
+__all__ = ["BrokerUnreachable", "ensure_topics"]
 
 logger = logging.getLogger(__name__)
+
+
+class BrokerUnreachable(RuntimeError):
+    """No bootstrap server answered within `connect_timeout_s`."""
+
+
+@contextlib.contextmanager
+def _silent_client():
+    """kafka-python logs every refused connection at ERROR while it bootstraps; the caller says it in one line
+    instead. Only --log-level DEBUG keeps those lines."""
+    client = logging.getLogger("kafka")
+    previous = client.level
+    if client.getEffectiveLevel() > logging.DEBUG:
+        client.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        client.setLevel(previous)
+
+
+def _admin(settings: ConsumerSettings):
+    from kafka import KafkaAdminClient
+    from kafka.errors import KafkaError
+
+    from connectors.kafka.clients import kafka_python_security
+
+    options = kafka_python_security(settings)
+    timeout_ms = int(settings.connect_timeout_s * 1000)
+    for name in ("bootstrap_timeout_ms", "api_version_auto_timeout_ms"):  # kafka-python 3 / 2
+        if name in KafkaAdminClient.DEFAULT_CONFIG:
+            options[name] = timeout_ms
+            break
+    with _silent_client():
+        try:
+            return KafkaAdminClient(bootstrap_servers=settings.bootstrap_servers, **options)
+        except KafkaError as error:
+            raise BrokerUnreachable(
+                f"cannot reach the Kafka bootstrap servers {settings.bootstrap_servers} within "
+                f"{settings.connect_timeout_s:g} s ({type(error).__name__}); is the broker up, and the address right?"
+            ) from None
 
 
 def ensure_topics(settings: ConsumerSettings, input_partitions: int | None = None) -> None:
     """Create missing topics: the input (when `input_partitions` is given), the outputs and the
     compacted state topic. Assignments get as many partitions as the input, so keys keep their
-    partition's order downstream."""
-    from kafka import KafkaAdminClient
+    partition's order downstream. Raises `BrokerUnreachable` when no bootstrap server answers."""
     from kafka.admin import NewTopic
     from kafka.errors import TopicAlreadyExistsError
 
-    from connectors.kafka.clients import kafka_python_security
-
-    admin = KafkaAdminClient(bootstrap_servers=settings.bootstrap_servers, **kafka_python_security(settings))
+    admin = _admin(settings)
     try:
         existing = set(admin.list_topics())
         if settings.input_topic not in existing and input_partitions is None:

@@ -1,0 +1,80 @@
+"""`streamem run` and `produce-demo` as a user runs them: real processes on the embedded broker."""
+
+from __future__ import annotations
+
+import os
+import queue
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from connectors.kafka.demo import produce_regimes
+from tests.kafka_helpers import produce, read_all, unique
+
+
+def test_produce_demo_writes_exactly_the_records_asked_for(broker):
+    """`produce_regimes(n=1000)` writes 1000 records (+ the malformed ones), not 3 * (1000 // 3)."""
+    topic = unique("demo-count")
+    changes = produce_regimes(broker.bootstrap_servers, topic, 1000, 3, seed=0)
+    assert len(read_all(broker.bootstrap_servers, topic)) == 1003
+    assert changes == [334, 667]
+
+
+def _lines(stream, into: queue.Queue) -> None:
+    for line in iter(stream.readline, ""):
+        into.put(line)
+    into.put(None)
+
+
+@pytest.mark.parametrize(
+    ("signum", "status"),
+    [(signal.SIGTERM, 0), (signal.SIGINT, 130)],
+)
+def test_a_second_signal_ends_without_a_traceback(broker, signum, status):
+    """GNU timeout sends SIGTERM to the consumer and again to its process group: the second SIGTERM changes
+    nothing (the batch is finished, the summary printed, exit 0). A second Ctrl-C (SIGINT) aborts: exit 130
+    and one line saying so. Never a traceback."""
+    topic = unique("signals")
+    produce(broker.bootstrap_servers, topic, [b'{"a": %d.5}' % (i % 7) for i in range(300)])
+    process = subprocess.Popen(
+        [sys.executable, "-m", "streamem", "run", "--bootstrap-servers", broker.bootstrap_servers,
+         "--input-topic", topic, "--features", "a", "--n-components", "2", "--warmup", "50",
+         "--group-id", unique("g"), "--poll-timeout-ms", "5000"],  # a long idle poll: the 2nd signal lands in it
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )  # fmt: skip
+    errors: queue.Queue = queue.Queue()
+    threading.Thread(target=_lines, args=(process.stderr, errors), daemon=True).start()
+    seen: list[str] = []
+
+    def wait_for_line(text: str, deadline: float) -> None:
+        while not any(text in line for line in seen):
+            line = errors.get(timeout=max(0.1, deadline - time.monotonic()))
+            assert line is not None, "".join(seen)
+            seen.append(line)
+
+    try:
+        deadline = time.monotonic() + 60
+        wait_for_line("partitions assigned", deadline)
+        os.killpg(process.pid, signum)
+        # the second signal once the first has been handled (two signals sent at once are merged into one)
+        wait_for_line("finishing the current batch", deadline)
+        os.killpg(process.pid, signum)
+        out, _ = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    while (line := errors.get(timeout=10)) is not None:
+        seen.append(line)
+    stderr = "".join(seen)
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr
+    assert process.returncode == status, stderr
+    if signum == signal.SIGTERM:
+        assert re.match(r"records \d+", out), out
+    else:
+        assert stderr.splitlines()[-1].startswith("streamem run: interrupted twice"), stderr

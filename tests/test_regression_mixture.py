@@ -61,11 +61,17 @@ def test_bic_prefers_two_lines_on_seed_example_two():
 
 
 def test_far_from_origin_targets_are_fitted():
-    """Features and targets around 1e6 give the same slopes as the same data near 0."""
+    """Features and targets around 1e6 give the true lines' slopes, noise and weights, as the same data near 0."""
     X, y = seed_example_two(2000, np.random.default_rng(4))
     near = se.RegressionMixture(2, random_state=0).fit(X, y)
     far = se.RegressionMixture(2, random_state=0).fit(X + 1e6, y + 1e6)
-    np.testing.assert_allclose(np.sort(far.coef_[:, 0]), np.sort(near.coef_[:, 0]), atol=1e-6)
+    a, b = np.argsort(near.coef_[:, 0]), np.argsort(far.coef_[:, 0])
+    np.testing.assert_allclose(near.coef_[a, 0], [0.5, 1.5], atol=0.01)  # the truth, so "the same" is not both wrong
+    np.testing.assert_allclose(far.coef_[b, 0], near.coef_[a, 0], atol=1e-6)
+    # shifting x by 1e6 moves each intercept by (1 - slope) * 1e6; noise and weights do not move
+    np.testing.assert_allclose(far.intercept_[b], near.intercept_[a] + (1.0 - near.coef_[a, 0]) * 1e6, atol=1e-4)
+    np.testing.assert_allclose(far.noise_variance_[b], near.noise_variance_[a], rtol=1e-6)
+    np.testing.assert_allclose(far.weights_[b], near.weights_[a], atol=1e-9)
 
 
 @pytest.mark.parametrize(

@@ -40,10 +40,11 @@ WORST_PAYLOADS = {
 }
 
 
-def _produce_big(bootstrap: str, topic: str, values: list[bytes]) -> None:
+def _produce_big(bootstrap: str, topic: str, values: list[bytes], keys: list[bytes | None] | None = None) -> None:
     """Produce with a request limit above 1 MiB (the test helper's producer keeps the default)."""
     producer = KafkaProducer(bootstrap_servers=bootstrap, max_request_size=4 * MAX_REQUEST, linger_ms=5)
-    futures = [producer.send(topic, value=value) for value in values]
+    keys = keys or [None] * len(values)
+    futures = [producer.send(topic, key=key, value=value) for key, value in zip(keys, values, strict=True)]
     producer.flush()
     producer.close()
     assert all(f.succeeded() for f in futures), "the broker did not take every test record"
@@ -111,6 +112,29 @@ def test_an_absurd_model_key_is_a_bad_record():
         (1, f"field 'site' is too long for a model key (500000 characters, limit {limit})"),
         (2, f"field 'site' is too long for a model key (1001 characters, limit {limit})"),
     ]
+
+
+def test_a_message_key_too_long_to_answer_is_a_bad_record():
+    """A message key over the limit would make an assignment (key + its JSON) too large: dead-lettered."""
+    limit = schemas.MESSAGE_KEY_BYTES
+    values = [b'{"a": 1}'] * 3
+    decoded = RecordDecoder(["a"]).decode_batch(values, [None, b"k" * limit, b"\x01" * 600_000])
+    assert decoded.good == [0, 1]
+    assert decoded.errors == [(2, f"message key too long (600000 bytes, limit {limit})")]
+
+
+def test_a_consumer_dead_letters_a_record_with_a_huge_key_and_goes_on(broker, tmp_path):
+    """A valid record whose key is 600 KB: dead-lettered, not an assignment too large to send (was: stuck)."""
+    topic = unique("hugekey")
+    settings = make_settings(broker, topic, max_records=21, checkpoint_dir=tmp_path, warmup=5, batch_size=5)
+    ensure_topics(settings, input_partitions=1)
+    good = good_values(21)
+    _produce_big(broker.bootstrap_servers, topic, good, keys=[None] * 10 + [b"\x01" * 600_000] + [None] * 10)
+    counters = run_consumer(settings)
+    assert (counters.assigned, counters.dead_lettered) == (20, 1)
+    (dead,) = read_all(broker.bootstrap_servers, settings.topics["dead_letter"])
+    assert dead["error"] == f"message key too long (600000 bytes, limit {schemas.MESSAGE_KEY_BYTES})"
+    assert dead["key_truncated"] is True and dead["value"] == good[10].decode()
 
 
 def test_the_error_of_a_huge_string_field_is_short():

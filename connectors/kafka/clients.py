@@ -386,7 +386,15 @@ class KafkaPythonSink(_ResendingSink):
 
     def _close_producer(self, timeout_s: float) -> int:
         unsent = sum(not f.is_done for f in self._futures)
-        self._producer.close(timeout=timeout_s)
+        try:
+            self._producer.close(timeout=timeout_s)
+        except self._client_errors:
+            # close() flushes first and raises on a timeout before it reaches its own force-close step:
+            # its I/O thread would live on, and its __del__ raise again (a traceback on stderr)
+            sender = getattr(self._producer, "_sender", None)
+            if sender is not None:
+                sender.force_close()
+            raise
         return unsent
 
 

@@ -28,6 +28,7 @@ __all__ = [
     "DEAD_LETTER_ERROR_CHARACTERS",
     "DEAD_LETTER_KEY_BYTES",
     "DEAD_LETTER_VALUE_BYTES",
+    "MESSAGE_KEY_BYTES",
     "MODEL_KEY_CHARACTERS",
     "DecodedBatch",
     "InputRecord",
@@ -47,6 +48,9 @@ DEAD_LETTER_VALUE_BYTES = 64 * 1024  # bytes of the original payload kept: plent
 DEAD_LETTER_KEY_BYTES = 1024
 DEAD_LETTER_ERROR_CHARACTERS = 4096
 MODEL_KEY_CHARACTERS = 256  # a model key names a model (a sensor, a site): longer is a bad record
+# An assignment carries its record's key twice (as its Kafka key, and escaped in its JSON, up to 6x):
+# a record with a longer key is a bad record, or its answer could exceed the request limit.
+MESSAGE_KEY_BYTES = 16 * 1024
 _SHOWN_CHARACTERS = 80  # of a bad field's value, quoted in its error
 
 
@@ -100,9 +104,11 @@ class RecordDecoder:
         pick = itemgetter(*self.numbers)
         self._numbers = pick if len(self.numbers) > 1 else (lambda record: (pick(record),))
 
-    def decode(self, value: bytes | None) -> tuple:
+    def decode(self, value: bytes | None, message_key: bytes | None = None) -> tuple:
         """The record's field values in configured order (numbers as floats, then the model key);
         raises `ValueError` saying what is wrong."""
+        if message_key is not None and len(message_key) > MESSAGE_KEY_BYTES:
+            raise ValueError(f"message key too long ({len(message_key)} bytes, limit {MESSAGE_KEY_BYTES})")
         if not value:
             raise ValueError("empty message (no JSON value)")
         try:
@@ -130,9 +136,12 @@ class RecordDecoder:
                 f"limit {MODEL_KEY_CHARACTERS})"
             )
 
-    def decode_batch(self, values: list[bytes | None]) -> DecodedBatch:
-        """Decode a poll batch. A batch of valid records (the usual case) is decoded in one pass;
-        a batch with an invalid record is decoded again record by record, to say what is wrong."""
+    def decode_batch(self, values: list[bytes | None], message_keys: list[bytes | None] | None = None) -> DecodedBatch:
+        """Decode a poll batch (and check the messages' keys, when given). A batch of valid records
+        (the usual case) is decoded in one pass; a batch with an invalid record is decoded again
+        record by record, to say what is wrong."""
+        if message_keys is not None and any(k is not None and len(k) > MESSAGE_KEY_BYTES for k in message_keys):
+            return self._decode_one_by_one(values, message_keys)
         try:
             records = [self._validate(value) for value in values]
             numbers = np.array([self._numbers(record) for record in records], dtype=float)
@@ -143,11 +152,11 @@ class RecordDecoder:
             return self._decode_one_by_one(values)
         return DecodedBatch(numbers.reshape(len(values), len(self.numbers)), keys, list(range(len(values))), [])
 
-    def _decode_one_by_one(self, values: list[bytes | None]) -> DecodedBatch:
+    def _decode_one_by_one(self, values: list[bytes | None], message_keys=None) -> DecodedBatch:
         rows, good, errors = [], [], []
         for i, value in enumerate(values):
             try:
-                rows.append(self.decode(value))
+                rows.append(self.decode(value, None if message_keys is None else message_keys[i]))
                 good.append(i)
             except ValueError as error:
                 errors.append((i, str(error)))

@@ -155,7 +155,7 @@ class _Learner:
     def _decode(self, batch) -> tuple[list, schemas.DecodedBatch]:
         """Decode a batch; the invalid records' dead letters go in their places in the outputs."""
         outputs: list = [None] * len(batch)
-        decoded = self.decoder.decode_batch([record.value for record in batch])
+        decoded = self.decoder.decode_batch([record.value for record in batch], [record.key for record in batch])
         for i, error in decoded.errors:
             record = batch[i]
             logger.warning(

@@ -9,7 +9,7 @@ from __future__ import annotations
 from importlib.metadata import PackageNotFoundError, version
 
 from streamem.compare import ConsistencyReport, compare
-from streamem.exceptions import ConvergenceWarning, NotFittedError
+from streamem.exceptions import ConvergenceWarning, NotFittedError, OutlierError
 from streamem.gaussian_mixture import GaussianMixture
 from streamem.online_gmm import OnlineGMM
 from streamem.online_regression import OnlineRegressionMixture
@@ -28,6 +28,7 @@ __all__ = [
     "NotFittedError",
     "OnlineGMM",
     "OnlineRegressionMixture",
+    "OutlierError",
     "RegressionMixture",
     "__version__",
 ]

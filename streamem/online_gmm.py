@@ -16,8 +16,16 @@ from streamem._validation import (
     record_values,
     record_values_with_missing,
 )
-from streamem.families.gaussian import COVARIANCE_TYPES, GaussianFamily, GaussianStats, RecordScorer
+from streamem.families.gaussian import (
+    _LOG_2PI,
+    COVARIANCE_TYPES,
+    GaussianFamily,
+    GaussianParams,
+    GaussianStats,
+    RecordScorer,
+)
 from streamem.gaussian_mixture import GaussianMixture
+from streamem.outliers import DEFAULT_THRESHOLD, MAHALANOBIS, WARM_UP, OutlierScreen, make_screen
 from streamem.schedules import StepSize
 from streamem.state import checked_statistics as _checked_statistics
 from streamem.state import parse_fit
@@ -73,6 +81,20 @@ class OnlineGMM(OnlineMixture, base.Clusterer):
         ``"error"``: a missing feature is an error. ``"marginalize"``: a feature that is
         None or NaN is integrated out exactly, in learning (conditional expectations
         in the statistics) and in predictions; `impute_one` fills it in.
+    outliers
+        What `learn_one` / `learn_many` do with a record the guard refuses (see
+        `streamem.outliers`): ``"raise"`` an `OutlierError` naming the feature and the
+        distance, leaving the model unchanged (`learn_many` learns none of the frame's rows);
+        ``"skip"`` it and count it in `n_outliers`; ``"learn"`` it (no distance check). A value
+        with ``|x| >= 1e150`` (its square would overflow the statistics) is never learned.
+    outlier_threshold
+        The squared distance beyond which a record is an outlier: squared Mahalanobis
+        distance to the closest component (for a record with missing features, the
+        per-feature standardised distance of its observed ones). Default 1e6, i.e. 1000
+        standard deviations: P(refusing a Gaussian record) < 1e-200000 for d <= 100, and the
+        10-20 sd days of real stock returns (squared distance <= 238) are learned. During the
+        warm-up the distance is measured from the buffered records' median in robust standard
+        deviations. None: only the too-large rule.
 
     Attributes
     ----------
@@ -80,6 +102,9 @@ class OnlineGMM(OnlineMixture, base.Clusterer):
     means_ : (K, d)
     covariances_ : shape set by `covariance_type`
     n_seen : records learned so far
+    n_outliers : records the outlier guard refused (raised or skipped)
+    skipped_ : with outliers="skip", the (row position, OutlierError) of each record the last
+        learn_one / learn_many call skipped
 
     Examples
     --------
@@ -115,6 +140,8 @@ class OnlineGMM(OnlineMixture, base.Clusterer):
         averaging: int | None = None,
         seed: int | None = None,
         missing: str = "error",
+        outliers: str = "raise",
+        outlier_threshold: float | None = DEFAULT_THRESHOLD,
     ):
         self.n_components = n_components
         self.covariance_type = covariance_type
@@ -126,6 +153,8 @@ class OnlineGMM(OnlineMixture, base.Clusterer):
         self.averaging = averaging
         self.seed = seed
         self.missing = missing
+        self.outliers = outliers
+        self.outlier_threshold = outlier_threshold
         self._check_online_params()
         check_choice(covariance_type, "covariance_type", COVARIANCE_TYPES)
         check_choice(missing, "missing", ("error", "marginalize"))
@@ -153,6 +182,62 @@ class OnlineGMM(OnlineMixture, base.Clusterer):
 
     def _prepare(self, rows: np.ndarray, shift):
         return self._gaussian.prepare(rows, shift)
+
+    def _screen_names(self) -> tuple:
+        return self._feature_names
+
+    def _ball(self, key):
+        if not isinstance(key, GaussianParams):
+            return super()._ball(key)
+        centre = key.weights @ key.means
+        chol = key.precisions_cholesky
+        if key.covariance_type == "spherical":
+            trace = key.n_features * chol**2
+        else:  # tr(S^-1) = |P|_F^2 with S^-1 = P P'
+            trace = np.broadcast_to(
+                (chol**2).reshape(key.n_components if key.covariance_type != "tied" else 1, -1).sum(axis=1),
+                (key.n_components,),
+            )
+        radius = np.sqrt(self.outlier_threshold / trace) - np.linalg.norm(key.means - centre, axis=1)
+        return centre, float(radius.max())
+
+    def _model_distances(self, rows: np.ndarray, batch=None):
+        """Squared Mahalanobis distance of each row to its closest component, the rule's tag, that
+        component's most deviant feature, and the log-densities `log_prob(batch)` when `batch` (the
+        rows prepared for the next update) was given and they are the update's (None otherwise).
+        Rows with missing features: per-feature standardised distance of the observed ones.
+
+        On the hot path (no missing value, nothing far) this is one subtraction and one reduction
+        over the (n, K) log-densities: min_k D2_k = -2 max_k (log N_k - c_k)."""
+        params = self._params()
+        reusable = batch is not None and not batch.has_missing and params is self._engine.params
+        n, d = rows.shape
+        missing = np.isnan(rows).any(axis=1) if self.missing == "marginalize" else None
+        log_prob = None
+        with np.errstate(over="ignore", invalid="ignore"):
+            if missing is not None and missing.any():
+                complete = np.where(missing[:, None], 0.0, rows)
+                squared = self._squared_distances(rows, complete, params)
+                partial = rows[missing][:, None, :] - params.means
+                squared[missing] = np.nansum(partial * partial / _diagonal_variances(params), axis=2)
+            else:
+                if not reusable:
+                    batch = self._gaussian.prepare(rows, params.weights @ params.means)
+                log_prob = self._gaussian.log_prob(batch, params)
+                squared = log_prob - (params.log_det_precision - 0.5 * d * _LOG_2PI)
+            distance = squared.min(axis=1) if missing is not None and missing.any() else -2.0 * squared.max(axis=1)
+            blame = np.zeros(n, dtype=int)
+            far = ~(distance <= (self.outlier_threshold or np.inf))
+            if far.any():
+                closest = squared.argmin(axis=1) if missing is not None and missing.any() else squared.argmax(axis=1)
+                deviation = (rows[far] - params.means[closest[far]]) ** 2 / _diagonal_variances(params)[closest[far]]
+                blame[far] = np.nanargmax(np.where(np.isnan(deviation), -1.0, deviation), axis=1)
+        return np.maximum(distance, 0.0), MAHALANOBIS, blame, log_prob if reusable else None
+
+    def _squared_distances(self, rows: np.ndarray, complete: np.ndarray, params) -> np.ndarray:
+        """(n, K) squared Mahalanobis distances of `complete` (rows with missing values filled)."""
+        log_prob = self._gaussian.log_prob(self._gaussian.prepare(complete, params.weights @ params.means), params)
+        return -2.0 * (log_prob - (params.log_det_precision - 0.5 * rows.shape[1] * _LOG_2PI))
 
     def _warm_up_params(self, rows: np.ndarray):
         batch_model = GaussianMixture(
@@ -235,11 +320,32 @@ class OnlineGMM(OnlineMixture, base.Clusterer):
         self._push_row(row)
 
     def learn_many(self, X: pd.DataFrame) -> None:
-        """Learn from a DataFrame of records, vectorised; same model as a `learn_one` loop."""
+        """Learn from a DataFrame of records, vectorised; same model as a `learn_one` loop.
+
+        Outliers: with ``outliers="raise"`` the first one raises `OutlierError` naming its row
+        and no row of X is learned; with ``"skip"`` the others are learned, and `skipped_` lists
+        the skipped rows as (position in X, OutlierError). `screen_many` tells which rows would
+        be refused before learning (rows after the warm-up completes, or after a reference refresh
+        in it, are screened by what the model has become by then: see `skipped_`).
+        """
         names = self._feature_names or tuple(sorted(X.columns, key=str))
         rows = _frame_values(X, names, self.missing == "marginalize")
-        self._feature_names = names
-        self._push_rows(rows)
+        with self._transaction():
+            self._feature_names = names
+            self._push_rows(rows, X.index)
+
+    def screen_many(self, X: pd.DataFrame) -> OutlierScreen:
+        """Which rows of X the outlier guard would refuse now, and why (nothing is learned).
+
+        Returns an `OutlierScreen`: `.outlier` (n,) bool, `.distance` (n,) squared distances,
+        `.reason(i)` the message of row i. Rows are screened with the current parameters (or
+        the warm-up reference), as the next `learn_many` screens its first mini-batch.
+        """
+        names = self._feature_names or tuple(sorted(X.columns, key=str))
+        rows = _frame_values(X, names, self.missing == "marginalize")
+        if self._feature_names is None:  # nothing learned yet: only the too-large rule applies
+            return make_screen(rows, names, None, np.zeros(len(rows)), WARM_UP, np.zeros(len(rows), dtype=int))
+        return self._screen_rows(rows, names)
 
     def predict_one(self, x: dict) -> int:
         """The most responsible component for `x`."""
@@ -359,3 +465,16 @@ def _frame_values(X: pd.DataFrame, names: tuple, allow_missing: bool = False) ->
         if extra:
             raise ValueError(f"unexpected feature {extra[0]!r}; the model's features are {list(names)}")
     return frame_values(X, names, allow_missing=allow_missing)
+
+
+def _diagonal_variances(params) -> np.ndarray:
+    """Each component's variances (K, d), whatever the covariance type."""
+    K, d = params.means.shape
+    cov = params.covariances
+    if params.covariance_type == "full":
+        return np.diagonal(cov, axis1=1, axis2=2)
+    if params.covariance_type == "tied":
+        return np.broadcast_to(np.diag(cov), (K, d))
+    if params.covariance_type == "diag":
+        return cov
+    return np.broadcast_to(cov[:, None], (K, d))

@@ -45,6 +45,7 @@ class OnlineStateDocument(_Strict):
     params: dict[str, int | float | str | bool | None | list[str] | StepDocument]
     features: list[str] | None
     n_seen: int = Field(ge=0)
+    n_outliers: int = Field(0, ge=0)  # records the outlier guard refused (absent before it existed)
     buffer: list[list[float]]
     engine: EngineDocument | None
 

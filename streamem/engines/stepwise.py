@@ -56,9 +56,15 @@ class StepwiseEM:
     averaged: object | None = None
     n_averaged: int = 0
 
-    def update(self, batch) -> np.ndarray:
-        """Blend one prepared mini-batch in; return its records' log-likelihoods before the update."""
-        log_norm, _, batch_stats = self.family.expected_stats(batch, self.params)
+    def update(self, batch, log_prob: np.ndarray | None = None) -> np.ndarray:
+        """Blend one prepared mini-batch in; return its records' log-likelihoods before the update.
+
+        `log_prob`: the batch's component log-densities under `params`, when the caller (the
+        outlier screen) has computed them already; they are not computed again."""
+        if log_prob is not None:
+            log_norm, _, batch_stats = self.family.expected_stats(batch, self.params, log_prob=log_prob)
+        else:
+            log_norm, _, batch_stats = self.family.expected_stats(batch, self.params)
         self.apply(batch_stats, 1.0 / batch.n_samples)
         return log_norm
 

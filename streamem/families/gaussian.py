@@ -246,14 +246,16 @@ class GaussianFamily:
         mahalanobis += params.log_det_precision - 0.5 * d * _LOG_2PI
         return mahalanobis
 
-    def weighted_log_prob(self, batch: GaussianBatch, params: GaussianParams) -> np.ndarray:
-        """log w_k + log N(x | mean_k, cov_k), shape (n, K)."""
+    def weighted_log_prob(
+        self, batch: GaussianBatch, params: GaussianParams, log_prob: np.ndarray | None = None
+    ) -> np.ndarray:
+        """log w_k + log N(x | mean_k, cov_k), shape (n, K); from `log_prob` (updated in place) if given."""
         if params.weights.all():
             log_weights = np.log(params.weights)
         else:
             with np.errstate(divide="ignore"):  # a weight of exactly 0 is log 0 = -inf, by design
                 log_weights = np.log(params.weights)
-        weighted = self.log_prob(batch, params)
+        weighted = self.log_prob(batch, params) if log_prob is None else log_prob
         weighted += log_weights
         return weighted
 
@@ -267,16 +269,17 @@ class GaussianFamily:
                 return log_norm, np.log(resp)
         return log_responsibilities(self.weighted_log_prob(batch, params))
 
-    def expected_stats(self, batch: GaussianBatch, params: GaussianParams):
+    def expected_stats(self, batch: GaussianBatch, params: GaussianParams, log_prob: np.ndarray | None = None):
         """E-step and expected statistics in one: (log-likelihood (n,), responsibilities (n, K), stats).
 
-        Missing features (NaN) are marginalised exactly (see `gaussian_missing`).
+        Missing features (NaN) are marginalised exactly (see `gaussian_missing`). `log_prob`:
+        `log_prob(batch, params)` if the caller has it already (it is overwritten).
         """
         if batch.has_missing:
             from streamem.families.gaussian_missing import missing_e_step
 
             return missing_e_step(batch.centred + batch.shift, batch.shift, params)
-        log_norm, resp = responsibilities(self.weighted_log_prob(batch, params))
+        log_norm, resp = responsibilities(self.weighted_log_prob(batch, params, log_prob))
         return log_norm, resp, self.suff_stats(batch, resp)
 
     # -- statistics and M-step ----------------------------------------------------------

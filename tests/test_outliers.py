@@ -1,0 +1,231 @@
+"""The outlier guard of the online estimators: absurd records are refused (or skipped), never learned."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import stats
+from sklearn.mixture import GaussianMixture as SkGaussianMixture
+
+import streamem as se
+from streamem.outliers import DEFAULT_THRESHOLD
+
+CENTRES = np.array([[0.0, 0.0], [6.0, 6.0]])
+ABSURD = [1e300, 2.0**65, 1e6]
+
+
+def _points(n: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return CENTRES[rng.integers(2, size=n)] + rng.normal(size=(n, 2))
+
+
+def _frame(points: np.ndarray) -> pd.DataFrame:
+    return pd.DataFrame(points, columns=["x0", "x1"])
+
+
+def _warm_gmm(**params) -> se.OnlineGMM:
+    model = se.OnlineGMM(2, batch_size=50, warmup=200, seed=0, **params)
+    model.learn_many(_frame(_points(430)))
+    return model
+
+
+def _lines(n: int, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    x = rng.uniform(0, 10, n)
+    first = rng.random(n) < 0.5
+    y = np.where(first, 0.5 * x + 1.0, 1.5 * x + 2.0) + rng.normal(0.0, np.where(first, 0.1, 0.2))
+    return pd.DataFrame({"x": x}), pd.Series(y)
+
+
+def _warm_regression(**params) -> se.OnlineRegressionMixture:
+    model = se.OnlineRegressionMixture(2, batch_size=50, warmup=200, seed=0, **params)
+    model.learn_many(*_lines(430))
+    return model
+
+
+def _state(model) -> str:
+    return json.dumps(model.to_dict())
+
+
+@pytest.mark.parametrize("value", ABSURD)
+def test_learn_one_refuses_an_absurd_value_and_changes_nothing(value):
+    """learn_one raises OutlierError naming the feature for 1e300, 2**65 and 1e6; the state is bit-identical."""
+    model = _warm_gmm()
+    before = _state(model)
+    with pytest.raises(se.OutlierError, match="feature 'x0'") as caught:
+        model.learn_one({"x0": value, "x1": 0.0})
+    assert isinstance(caught.value, ValueError)
+    assert _state(model) == before
+
+
+@pytest.mark.parametrize("value", ABSURD)
+def test_skip_mode_skips_an_absurd_value_and_counts_it(value):
+    """outliers="skip": the record is not learned (n_seen, buffer, parameters unchanged) and is counted."""
+    model = _warm_gmm(outliers="skip")
+    before = model.to_dict()
+    model.learn_one({"x0": value, "x1": 0.0})
+    after = model.to_dict()
+    assert after.pop("n_outliers") == before.pop("n_outliers") + 1
+    assert json.dumps(after) == json.dumps(before)
+
+
+def test_learn_mode_still_refuses_values_that_overflow_the_statistics():
+    """outliers="learn" turns the distance check off, but a value whose square overflows still raises."""
+    model = _warm_gmm(outliers="learn")
+    before = _state(model)
+    with pytest.raises(se.OutlierError, match="too large"):
+        model.learn_one({"x0": 1e300, "x1": 0.0})
+    assert _state(model) == before
+    model.learn_one({"x0": 1e6, "x1": 0.0})
+    assert model.n_seen == 431
+
+
+def test_learn_many_raise_mode_names_the_row_and_learns_nothing():
+    """A frame holding one outlier raises, naming its row, before learning any of its rows."""
+    model = _warm_gmm()
+    before = _state(model)
+    frame = _frame(_points(300, seed=1))
+    frame.loc[250, "x1"] = 2.0**65
+    with pytest.raises(se.OutlierError, match="row 250.*feature 'x1'"):
+        model.learn_many(frame)
+    assert _state(model) == before
+
+
+def test_learn_many_skip_mode_learns_exactly_the_clean_rows():
+    """outliers="skip": learn_many with outliers gives the model of the same frame without them."""
+    frame = _frame(_points(300, seed=1))
+    dirty = frame.copy()
+    for row, value in zip((10, 120, 299), ABSURD, strict=True):
+        dirty.loc[row, "x0"] = value
+    clean = frame.drop(index=[10, 120, 299])
+    skipping, reference = _warm_gmm(outliers="skip"), _warm_gmm(outliers="skip")
+    skipping.learn_many(dirty)
+    reference.learn_many(clean)
+    assert skipping.n_outliers == 3
+    assert skipping.n_seen == reference.n_seen == 430 + 297
+    np.testing.assert_array_equal(skipping.means_, reference.means_)
+    np.testing.assert_array_equal(skipping.covariances_, reference.covariances_)
+
+
+def test_screen_many_says_which_rows_are_outliers_and_why():
+    """screen_many flags exactly the absurd rows, with the squared distance and a reason naming the feature."""
+    model = _warm_gmm()
+    frame = _frame(_points(100, seed=2))
+    frame.loc[5, "x0"], frame.loc[50, "x1"], frame.loc[70, "x0"] = ABSURD
+    screen = model.screen_many(frame)
+    assert np.flatnonzero(screen.outlier).tolist() == [5, 50, 70]
+    assert screen.distance[50] > 1e30 and screen.distance[70] > 1e10
+    assert np.all(screen.distance[~screen.outlier] < 100)
+    assert "too large" in screen.reason(5) and "feature 'x0' is 1e+300" in screen.reason(5)
+    assert screen.reason(70).startswith("outlier: squared Mahalanobis distance 1")
+    assert "under the closest component (threshold 1e+06); feature 'x0' is 1e+06" in screen.reason(70)
+
+
+@pytest.mark.parametrize("where", ["x", "y"])
+@pytest.mark.parametrize("value", ABSURD)
+def test_regression_refuses_absurd_features_and_targets(where, value):
+    """OnlineRegressionMixture refuses an absurd x or y (standardised residual or feature spread); state untouched."""
+    model = _warm_regression()
+    before = _state(model)
+    x, y = ({"x": value}, 3.0) if where == "x" else ({"x": 2.0}, value)
+    with pytest.raises(se.OutlierError):
+        model.learn_one(x, y)
+    assert _state(model) == before
+
+
+def test_one_huge_value_in_the_warm_up_does_not_wreck_the_fit():
+    """A 2**65 among the warm-up records is left out: the means match scikit-learn's fit of the clean records."""
+    points = _points(400, seed=3)
+    model = se.OnlineGMM(2, batch_size=50, warmup=300, seed=0, outliers="skip")
+    frame = _frame(points)
+    frame.loc[3, "x0"] = 2.0**65  # among the first records, before any reference exists
+    frame.loc[150, "x1"] = 1e6
+    model.learn_many(frame)
+    assert model.n_outliers == 2 and model.n_seen == 398
+    reference = SkGaussianMixture(2, random_state=0).fit(np.delete(points, [3, 150], axis=0)[:298])
+    order, expected = np.argsort(model.means_[:, 0]), np.argsort(reference.means_[:, 0])
+    np.testing.assert_allclose(model.means_[order], reference.means_[expected], atol=0.15)
+
+
+def test_warm_up_outlier_raises_in_raise_mode_once_a_reference_exists():
+    """During the warm-up, a record 1e6 robust sds from the buffered records raises, and nothing changes."""
+    model = se.OnlineGMM(2, batch_size=50, warmup=300, seed=0)
+    model.learn_many(_frame(_points(100)))
+    before = _state(model)
+    with pytest.raises(se.OutlierError, match="warm-up"):
+        model.learn_one({"x0": 1e6, "x1": 0.0})
+    assert _state(model) == before
+
+
+def test_clean_gaussian_stream_is_never_refused():
+    """2e5 Gaussian records in d=10 (D2 ~ chi2(10), P(D2 > 1e6) < 1e-10**5) are all learned."""
+    rng = np.random.default_rng(4)
+    d = 10
+    points = rng.normal(size=(200_000, d)) + 5.0 * rng.integers(2, size=(200_000, 1))
+    model = se.OnlineGMM(2, batch_size=256, warmup=1000, seed=0)
+    model.learn_many(pd.DataFrame(points, columns=[f"f{i}" for i in range(d)]))
+    assert model.n_outliers == 0 and model.n_seen == 200_000
+    # the analytic bound behind the default: far beyond chi2's 1 - 1e-6 quantile for every d <= 100
+    assert DEFAULT_THRESHOLD > 1000 * stats.chi2.isf(1e-6, 100)
+
+
+def test_real_stock_returns_with_10_to_20_sd_days_are_all_learned(stock_returns):
+    """The heavy-tailed daily returns of four indices (crash days included) are never refused."""
+    model = se.OnlineGMM(2, batch_size=50, warmup=300, seed=0)
+    for row in stock_returns:
+        model.learn_one(dict(zip(["DAX", "SMI", "CAC", "FTSE"], row.tolist(), strict=True)))
+    assert model.n_outliers == 0 and model.n_seen == len(stock_returns)
+
+
+def test_stream_with_outliers_ends_where_the_clean_stream_ends():
+    """After refusing 1e300, 2**65 and 1e6 mid-stream, the model equals the one that never saw them."""
+    points = _points(3000, seed=5)
+    clean, dirty = (se.OnlineGMM(2, batch_size=50, warmup=200, seed=0) for _ in range(2))
+    for i, (a, b) in enumerate(points.tolist()):
+        if i in (1000, 1500, 2000):
+            with pytest.raises(se.OutlierError):
+                dirty.learn_one({"x0": ABSURD[(i - 1000) // 500], "x1": 0.0})
+        dirty.learn_one({"x0": a, "x1": b})
+        clean.learn_one({"x0": a, "x1": b})
+    np.testing.assert_array_equal(dirty.means_, clean.means_)
+    order = np.argsort(dirty.means_[:, 0])
+    np.testing.assert_allclose(dirty.means_[order], CENTRES, atol=0.2)
+
+
+@pytest.mark.parametrize("cls", [se.OnlineGMM, se.OnlineRegressionMixture])
+def test_outlier_options_round_trip_and_are_checked(cls):
+    """outliers / outlier_threshold are stored verbatim, survive to_dict/from_dict, and bad values are refused."""
+    model = cls(outliers="skip", outlier_threshold=1e8)
+    restored = cls.from_dict(model.to_dict())
+    assert (restored.outliers, restored.outlier_threshold) == ("skip", 1e8)
+    with pytest.raises(ValueError, match="outliers must be one of"):
+        cls(outliers="drop")
+    with pytest.raises(ValueError, match="outlier_threshold"):
+        cls(outlier_threshold=0)
+
+
+def test_a_record_with_missing_features_is_judged_on_the_ones_it_has():
+    """missing="marginalize": {x0: 1e6, x1: None} raises naming x0; {x0: 5, x1: None} is learned."""
+    model = _warm_gmm(missing="marginalize")
+    before = _state(model)
+    with pytest.raises(se.OutlierError, match="feature 'x0' is 1e\\+06"):
+        model.learn_one({"x0": 1e6, "x1": None})
+    assert _state(model) == before
+    model.learn_one({"x0": 5.0, "x1": None})
+    assert model.n_seen == 431 and model.n_outliers == 0
+
+
+def test_skip_mode_reports_the_rows_it_skipped():
+    """learn_many with outliers="skip" lists (position, OutlierError) of each skipped row in skipped_."""
+    X, y = _lines(300, seed=1)
+    y.iloc[40], y.iloc[260] = 1e6, 1e300
+    model = _warm_regression(outliers="skip")
+    model.learn_many(X, y)
+    assert [position for position, _ in model.skipped_] == [40, 260]
+    assert "the target is 1e+06" in str(model.skipped_[0][1]) and "too large" in str(model.skipped_[1][1])
+    assert model.n_seen == 430 + 298 and model.n_outliers == 2
+    model.learn_one({"x": 1.0}, 2.0)
+    assert model.skipped_ == ()

@@ -97,10 +97,10 @@ def _one_line_errors(command: str, handler):
         except BrokerUnreachable as error:
             print(f"streamem {command}: {error}", file=sys.stderr)
             return 1
-        except KeyboardInterrupt:  # a second Ctrl-C (the first one stops cleanly)
+        except KeyboardInterrupt:  # a second Ctrl-C (the first one stops cleanly), or one before the loop runs
             print(
-                f"streamem {command}: interrupted twice: stopped at once, without a final checkpoint "
-                "(a restart resumes from the last one)",
+                f"streamem {command}: interrupted: stopped at once, committing nothing past the last checkpoint "
+                "(a restart resumes from it)",
                 file=sys.stderr,
             )
             return 130

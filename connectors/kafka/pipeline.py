@@ -78,8 +78,8 @@ class _Stop:
         def handle(signum, _frame):
             name = signal.Signals(signum).name
             if not self.event.is_set():
+                self.event.set()  # before logging: a signal arriving while this one logs is then a repeat
                 logger.info("signal %s: finishing the current batch, then stopping", name)
-                self.event.set()
             elif signum == signal.SIGINT:  # a second Ctrl-C: a person wants out now (the CLI says so in a line)
                 raise KeyboardInterrupt
             else:  # GNU timeout signals the process, then its whole group: a repeated SIGTERM is no abort

@@ -78,7 +78,7 @@ class OutlierScreen:
         if not np.isfinite(self.distance[i]) and self.what[i] == TOO_LARGE_RULE:
             j = int(np.nanargmax(np.abs(row)))
             return OutlierError(
-                f"{_label(self.names[j])} is {row[j]:.3g}: too large for the model's statistics "
+                f"outlier: {_label(self.names[j])} is {row[j]:.3g}, too large for the model's statistics "
                 f"(|value| must stay below {TOO_LARGE:.0e}, its square would overflow)",
                 feature=self.names[j],
                 value=float(row[j]),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 
 import numpy as np
 import pandas as pd
@@ -60,11 +61,27 @@ def make_learner(settings: ConsumerSettings, store):
 def new_model(settings: ConsumerSettings):
     step = StepSize(alpha=settings.step_alpha, eta_min=settings.step_floor)
     common = dict(batch_size=settings.batch_size, step=step, warmup=settings.warmup, seed=settings.seed)
+    common.update(outliers="skip", outlier_threshold=outlier_threshold(settings))
     if settings.target is not None:
         return se.OnlineRegressionMixture(settings.n_components, **common)
     return se.OnlineGMM(
         settings.n_components, covariance_type=settings.covariance_type, features=tuple(settings.features), **common
     )
+
+
+def outlier_threshold(settings: ConsumerSettings) -> float | None:
+    """The library's threshold for --outlier-threshold (inf: no distance rule, None in the library)."""
+    return None if math.isinf(settings.outlier_threshold) else settings.outlier_threshold
+
+
+def screen(model, settings: ConsumerSettings, frame: pd.DataFrame, target=None):
+    """Which rows the model's outlier guard refuses (`OutlierScreen`), under this run's threshold.
+
+    The consumer dead-letters them before answering; the model itself skips (never raises on) any
+    it would still refuse while learning, so a refusal can never stop the consumer.
+    """
+    model.set_outlier_rule("skip", outlier_threshold(settings))  # a restored model keeps its own otherwise
+    return model.screen_many(frame) if target is None else model.screen_many(frame, target)
 
 
 def _model_type(settings: ConsumerSettings):
@@ -169,11 +186,40 @@ class _Learner:
         self.counters.dead_lettered += len(decoded.errors)
         return outputs, decoded
 
+    def _dead_letter_outliers(self, records, reasons: dict[int, str]) -> list:
+        """Dead letters for the rows the outlier guard refuses ({position: reason}), in their places
+        (None elsewhere)."""
+        outputs: list = [None] * len(records)
+        for i, reason in reasons.items():
+            record = records[i]
+            logger.warning(
+                "dead-lettered %s: %s",
+                record.where(),
+                reason,
+                extra={"source": schemas.source_of(record), "error": reason},
+            )
+            outputs[i] = schemas.dead_letter(record, self.topics["dead_letter"], reason)
+        self.counters.dead_lettered += len(reasons)
+        return outputs
+
     def _answer(self, state: _Model, records, values: np.ndarray, learn: np.ndarray, model_key=None):
-        """Score the rows with the model as it is (prequential), learn the rows marked in `learn`."""
+        """Score the rows with the model as it is (prequential), learn the rows marked in `learn`;
+        a row the model's outlier guard refuses gets a dead letter instead, and is not learned."""
         settings, model = self.settings, state.model
         d = len(settings.features)
         frame = pd.DataFrame(values[:, :d], columns=settings.features)
+        screened = screen(model, settings, frame, None if settings.target is None else pd.Series(values[:, d]))
+        if screened.outlier.any():
+            outputs = self._dead_letter_outliers(
+                records, {int(i): screened.reason(int(i)) for i in np.flatnonzero(screened.outlier)}
+            )
+            keep = ~screened.outlier
+            answered, drifts = ([], [])
+            if keep.any():
+                kept = [record for record, good in zip(records, keep, strict=True) if good]
+                answered, drifts = self._answer(state, kept, values[keep], learn[keep], model_key)
+            rest = iter(answered)
+            return [output if output is not None else next(rest) for output in outputs], drifts
         seen_before, was_warm = model.n_seen, model.is_warm
         if settings.target is None:
             resp, log_likelihood = model.assign_many(frame)
@@ -189,6 +235,9 @@ class _Learner:
                 model.learn_many(frame, target)
             elif learn.any():
                 model.learn_many(frame[learn], target[learn])
+        # Refused while learning, by what the model became within this batch (its warm-up fit, or
+        # the warm-up reference growing), though screened above: a dead letter instead of an answer.
+        refused = {int(np.flatnonzero(learn)[i]): str(error) for i, error in model.skipped_} if learn.any() else {}
         answered = schemas.assignments(
             records,
             self.topics["assignments"],
@@ -199,6 +248,12 @@ class _Learner:
             model_key,
         )
         self.counters.assigned += len(records)
+        if refused:
+            for i, dead in enumerate(self._dead_letter_outliers(records, refused)):
+                answered[i] = dead if dead is not None else answered[i]
+            self.counters.assigned -= len(refused)
+            learn = learn.copy()
+            learn[list(refused)] = False
         drifts = []
         # answers of the provisional warm-up model say nothing about drift
         learned = (resp if learn.all() else resp[learn]) if was_warm else resp[:0]

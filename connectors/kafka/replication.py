@@ -39,11 +39,12 @@ from connectors.kafka.checkpoint import (
     restore_model,
 )
 from connectors.kafka.clients import input_positions
-from connectors.kafka.learners import Counters, _Learner, _Model, _offset_list, new_model
+from connectors.kafka.learners import Counters, _Learner, _Model, _offset_list, new_model, outlier_threshold, screen
 from connectors.kafka.settings import ConsumerSettings
 from streamem.drift import WeightDriftDetector
 from streamem.families.gaussian import GaussianStats
 from streamem.gaussian_mixture import GaussianMixture
+from streamem.outliers import screen_against
 
 __all__ = ["ReplicatedLearner"]
 
@@ -109,9 +110,19 @@ class ReplicatedLearner(_Learner):
         if not decoded.good:
             return outputs
         records = batch if not decoded.errors else [batch[i] for i in decoded.good]
-        values = decoded.values
+        values, good = decoded.values, decoded.good
         model = self.state.model
         frame = pd.DataFrame(values, columns=self.settings.features)
+        screened = self._screen(frame, values)
+        if screened.outlier.any():  # dead letters; never answered, never published as statistics
+            reasons = {int(i): screened.reason(int(i)) for i in np.flatnonzero(screened.outlier)}
+            for position, dead in zip(good, self._dead_letter_outliers(records, reasons), strict=True):
+                outputs[position] = dead if dead is not None else outputs[position]
+            keep = ~screened.outlier
+            records, values, frame = [r for r, k in zip(records, keep, strict=True) if k], values[keep], frame[keep]
+            good = [position for position, k in zip(good, keep, strict=True) if k]
+            if not records:
+                return outputs
         resp, log_likelihood = model.assign_many(frame)
         answered = schemas.assignments(
             records,
@@ -120,7 +131,7 @@ class ReplicatedLearner(_Learner):
             log_likelihood,
             model.n_seen,
         )
-        for i, output in zip(decoded.good, answered, strict=True):
+        for i, output in zip(good, answered, strict=True):
             outputs[i] = output
         self.counters.assigned += len(records)
         drifts = []
@@ -140,6 +151,16 @@ class ReplicatedLearner(_Learner):
                 )
         return outputs + drifts + self._publish(records, values)
 
+    def _screen(self, frame: pd.DataFrame, values: np.ndarray):
+        """The outlier guard: the model's once warm; before, the robust distance from the median of
+        the records waiting for the warm-up together with this batch's (a median that one absurd
+        record cannot move, so the first batch is screened too)."""
+        model = self.state.model
+        if model.is_warm:
+            return screen(model, self.settings, frame)
+        reference = np.vstack([*self.warmup_rows, values])
+        return screen_against(values, self.settings.features, reference, outlier_threshold(self.settings))
+
     def _publish(self, records, values: np.ndarray) -> list[schemas.OutputRecord]:
         """Statistics messages for these records: mini-batches once the model is warm, else warm-up."""
         model = self.state.model
@@ -154,6 +175,9 @@ class ReplicatedLearner(_Learner):
             self.warmup_rows, waiting = [], self.warmup_sources
             self.warmup_sources = []
             self.init_sent = True
+            # a record the batch screens let through but the whole warm-up's median finds absurd stays out
+            far = screen_against(buffered, self.settings.features, buffered, outlier_threshold(self.settings)).outlier
+            buffered = buffered[~far] if far.any() else buffered
             return [self._message("init", self._warmup_statistics(buffered), _merge(_sources(waiting)), len(buffered))]
         messages = []
         if self.warmup_rows:  # records that waited for the model to warm up

@@ -1,0 +1,169 @@
+"""The consumer on the embedded broker: absurd records become dead letters, are not learned, and leave
+the model where the clean stream leaves it."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from connectors.kafka.checkpoint import Checkpoint, ModelCheckpoint, TopicStore
+from connectors.kafka.pipeline import run_consumer
+from connectors.kafka.replication import ReplicatedLearner
+from connectors.kafka.settings import ConsumerSettings
+from connectors.kafka.topics import ensure_topics
+from streamem import OnlineGMM, OnlineRegressionMixture
+from tests.kafka_helpers import produce, read_all, unique
+
+CENTRES = np.array([[0.0, 0.0], [8.0, 3.0]])
+# 2**65 travels as the JSON integer 36893488147419103232, as a producer would send it
+OUTLIERS = {
+    150: ({"a": 2**65, "b": 0}, "outlier: squared robust distance"),  # during the warm-up (200 records)
+    1200: ({"a": 1e300, "b": 0}, "outlier: feature 'a' is 1e+300, too large for the model's statistics"),
+    1800: ({"a": 2**65, "b": 0}, "outlier: squared Mahalanobis distance"),
+    2400: ({"a": 1e6, "b": 0}, "outlier: squared Mahalanobis distance"),
+}
+
+
+def _stream(n: int, seed: int = 0, outliers: bool = True) -> list[bytes]:
+    """n records of the two-cluster mixture, with the outliers at their positions (n + 4 in all)."""
+    rng = np.random.default_rng(seed)
+    points = CENTRES[rng.integers(2, size=n)] + rng.normal(size=(n, 2))
+    values = [json.dumps({"a": a, "b": b}).encode() for a, b in points.tolist()]
+    for position, (record, _) in sorted(OUTLIERS.items()) if outliers else []:
+        values.insert(position, json.dumps(record).encode())
+    return values
+
+
+def _settings(broker, topic: str, **overrides) -> ConsumerSettings:
+    values = dict(
+        bootstrap_servers=broker.bootstrap_servers,
+        input_topic=topic,
+        group_id=f"{topic}-group",
+        features=["a", "b"],
+        n_components=2,
+        warmup=200,
+        batch_size=50,
+        max_poll_records=300,
+        poll_timeout_ms=200,
+        log_level="WARNING",
+    )
+    values.update(overrides)
+    return ConsumerSettings(**values)
+
+
+def _check_outputs(broker, settings, values, offsets_of_outliers):
+    assignments = read_all(broker.bootstrap_servers, settings.topics["assignments"])
+    dead = read_all(broker.bootstrap_servers, settings.topics["dead_letter"])
+    answered = [a["source"]["offset"] for a in assignments] + [d["source"]["offset"] for d in dead]
+    assert sorted(answered) == list(range(len(values)))  # every offset once: one assignment or one dead letter
+    reasons = {d["source"]["offset"]: d["error"] for d in dead}
+    assert sorted(reasons) == sorted(offsets_of_outliers)
+    return reasons
+
+
+def _close_to_centres(means: np.ndarray, tolerance: float = 0.15) -> None:
+    order = np.argsort(means[:, 0])
+    np.testing.assert_allclose(means[order], CENTRES, atol=tolerance)
+
+
+def test_outliers_are_dead_lettered_not_learned_and_the_model_stays_right(broker):
+    """1e300, 2**65 (warm-up and later) and 1e6 mid-stream: dead letters with the reason, no assignment, not
+    learned; the consumer finishes and the means are the simulated mixture's within 0.15."""
+    topic = unique("outliers")
+    values = _stream(3000)
+    settings = _settings(broker, topic, max_records=len(values))
+    ensure_topics(settings, input_partitions=1)
+    produce(broker.bootstrap_servers, topic, values)
+
+    counters = run_consumer(settings)
+
+    reasons = _check_outputs(broker, settings, values, OUTLIERS)
+    for offset, (_, reason) in OUTLIERS.items():
+        assert reason in reasons[offset], reasons[offset]
+    assert "(threshold 1e+06)" in reasons[2400]
+    assert counters.dead_lettered == 4
+    model = OnlineGMM.from_dict(Checkpoint.parse(TopicStore(settings, sink=None).load(settings.checkpoint_key)).model)
+    assert model.n_seen == 3000
+    _close_to_centres(model.means_)
+
+
+def test_each_keyed_model_refuses_its_own_outliers(broker):
+    """--model-key: the outliers of key "x" are dead-lettered by its model; both keys' models stay right."""
+    topic = unique("outliers-keyed")
+    x, y = _stream(3000, seed=1), _stream(3000, seed=2, outliers=False)
+    values, keys = [], []
+    for i in range(max(len(x), len(y))):
+        for key, stream in (("x", x), ("y", y)):
+            if i < len(stream):
+                record = json.loads(stream[i])
+                record["sensor"] = key
+                values.append(json.dumps(record).encode())
+                keys.append(key.encode())
+    settings = _settings(broker, topic, max_records=len(values), model_key="sensor")
+    ensure_topics(settings, input_partitions=2)
+    produce(broker.bootstrap_servers, topic, values, keys)
+
+    run_consumer(settings)
+
+    dead = read_all(broker.bootstrap_servers, settings.topics["dead_letter"])
+    assert len(dead) == 4 and all(json.loads(d["value"])["sensor"] == "x" for d in dead)
+    assignments = read_all(broker.bootstrap_servers, settings.topics["assignments"])
+    assert len(assignments) + len(dead) == len(values)
+    stored = TopicStore(settings, sink=None).load_prefix(f"{settings.group_id}/model/")
+    documents = [ModelCheckpoint.parse(raw) for raw in stored.values()]
+    models = {document.model_key: OnlineGMM.from_dict(document.model) for document in documents}
+    assert models["x"].n_seen == 3000 and models["y"].n_seen == len(y)
+    for model in models.values():
+        _close_to_centres(model.means_)
+
+
+def test_replicated_model_refuses_outliers(broker):
+    """--replicate: outliers are dead-lettered and never reach the statistics log; the model stays right."""
+    topic = unique("outliers-replicated")
+    values = _stream(3000, seed=3)
+    settings = _settings(broker, topic, max_records=len(values), replicate=True)
+    ensure_topics(settings, input_partitions=1)
+    produce(broker.bootstrap_servers, topic, values)
+
+    run_consumer(settings)
+
+    _check_outputs(broker, settings, values, OUTLIERS)
+    log = read_all(broker.bootstrap_servers, settings.topics["statistics"])
+    assert sum(message["count"] for message in log) == 3000  # the 4 outliers never reach the statistics
+    newcomer = ReplicatedLearner(settings.model_copy(update={"instance_id": "new"}), TopicStore(settings, sink=None))
+    try:
+        newcomer.finish()  # the latest shared checkpoint plus the rest of the log
+    finally:
+        newcomer.close()
+    assert newcomer.state.model.n_seen == 3000
+    _close_to_centres(newcomer.state.model.means_)
+
+
+@pytest.mark.parametrize("threshold", ["inf"])
+def test_regression_consumer_refuses_an_absurd_target_and_the_threshold_can_be_turned_off(broker, threshold):
+    """--target: y = 1e6 among lines near 0-20 is dead-lettered; with --outlier-threshold inf it is learned,
+    but y = 1e300 (too large for the statistics) is dead-lettered either way."""
+    rng = np.random.default_rng(4)
+    x = rng.uniform(0, 10, 1000)
+    y = np.where(rng.random(1000) < 0.5, 0.5 * x + 1.0, 1.5 * x + 2.0) + rng.normal(0, 0.1, 1000)
+    values = [json.dumps({"a": float(a), "y": float(b)}).encode() for a, b in zip(x, y, strict=True)]
+    values.insert(500, json.dumps({"a": 1.0, "y": 1e6}).encode())
+    values.insert(700, json.dumps({"a": 1.0, "y": 1e300}).encode())
+    for name, overrides, expected in (
+        ("on", {}, {500: "outlier: squared distance", 700: "too large"}),
+        ("off", {"outlier_threshold": threshold}, {700: "too large"}),
+    ):
+        topic = unique(f"outliers-regression-{name}")
+        settings = _settings(broker, topic, features=["a"], target="y", max_records=len(values), **overrides)
+        ensure_topics(settings, input_partitions=1)
+        produce(broker.bootstrap_servers, topic, values)
+        run_consumer(settings)
+        reasons = _check_outputs(broker, settings, values, expected)
+        for offset, reason in expected.items():
+            assert reason in reasons[offset], reasons[offset]
+        model = OnlineRegressionMixture.from_dict(
+            Checkpoint.parse(TopicStore(settings, sink=None).load(settings.checkpoint_key)).model
+        )
+        assert model.n_seen == len(values) - len(expected)

@@ -166,6 +166,15 @@ class OnlineGMM(OnlineMixture, base.Clusterer):
         yield {"n_components": 2, "warmup": 20, "batch_size": 8, "seed": 42}
         yield {"n_components": 3, "covariance_type": "diag", "warmup": 30, "batch_size": 5, "averaging": 2, "seed": 1}
         yield {"n_components": 2, "warmup": 20, "batch_size": 8, "seed": 3, "missing": "marginalize"}
+        # the outlier guard skipping, with a threshold low enough to act on small test streams
+        yield {
+            "n_components": 2,
+            "warmup": 20,
+            "batch_size": 8,
+            "seed": 5,
+            "outliers": "skip",
+            "outlier_threshold": 99.0,
+        }
 
     def _reset(self) -> None:
         super()._reset()

@@ -109,6 +109,15 @@ class OnlineRegressionMixture(OnlineMixture, base.MiniBatchRegressor):
     def _unit_test_params(cls):
         yield {"n_components": 2, "warmup": 20, "batch_size": 8, "seed": 42}
         yield {"n_components": 3, "warmup": 30, "batch_size": 4, "averaging": 3, "seed": 7}
+        # the outlier guard skipping, with a threshold low enough to act on small test streams
+        yield {
+            "n_components": 2,
+            "warmup": 20,
+            "batch_size": 8,
+            "seed": 5,
+            "outliers": "skip",
+            "outlier_threshold": 99.0,
+        }
 
     def _reset(self) -> None:
         super()._reset()

@@ -67,10 +67,11 @@ class _Stop:
 
     def __init__(self) -> None:
         self.event = threading.Event()
+        self._installed = False
 
     @contextlib.contextmanager
     def on_signals(self):
-        if threading.current_thread() is not threading.main_thread():
+        if self._installed or threading.current_thread() is not threading.main_thread():
             yield
             return
         previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
@@ -87,9 +88,11 @@ class _Stop:
 
         for sig in previous:
             signal.signal(sig, handle)
+        self._installed = True
         try:
             yield
         finally:
+            self._installed = False
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
 
@@ -166,6 +169,8 @@ def run_consumer(
         answerer.revoked(partitions)
 
     submitted: _Submitted | None = None  # the batch the answerer is working on
+    signals = contextlib.ExitStack()  # the handlers stay through the close below: a signal then is a repeat too
+    signals.enter_context(stopper.on_signals())
     try:
         source = make_source(settings, on_assigned, on_revoked)
         with stopper.on_signals():
@@ -211,7 +216,10 @@ def run_consumer(
             if source is not None:
                 source.close()
         finally:
-            answerer.close()
+            try:
+                answerer.close()
+            finally:
+                signals.close()
     logger.info(
         "stopped after %d records this run; in total %d records: %d assigned, %d dead-lettered, %d drift events",
         polled,

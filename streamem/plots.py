@@ -205,8 +205,9 @@ def selection(components, bic, aic=None, *, title: str | None = None):
     return figure
 
 
-def online_trace(history, *, title: str | None = None):
-    """An online model's weights and means over time; `history` is a list of (n_seen, weights, means)."""
+def online_trace(history, *, name: str = "first feature", title: str | None = None):
+    """An online model's weights and means over time; `history` is a list of (n_seen, weights, means);
+    the means shown are those of the first feature (`name`)."""
     seen = np.array([h[0] for h in history])
     weights = np.array([h[1] for h in history])
     means = np.array([np.asarray(h[2])[:, 0] for h in history])
@@ -216,7 +217,7 @@ def online_trace(history, *, title: str | None = None):
         bottom.plot(seen, means[:, k], color=_colour(k))
     top.set_ylabel("weight")
     top.legend(fontsize=8)
-    bottom.set_ylabel("mean (first feature)")
+    bottom.set_ylabel(f"mean {name}" if name != "first feature" else "mean (first feature)")
     bottom.set_xlabel("records learned")
     top.set_title(title or "Online model over time")
     return figure

@@ -427,5 +427,5 @@ def check_table(
         ).fit(X)
     report = compare(online, batch, X[~np.isnan(X).any(axis=1)])
     if out_dir is not None and history:
-        plots.save(plots.online_trace(history), pathlib.Path(out_dir) / "online.png")
+        plots.save(plots.online_trace(history, name=names[0]), pathlib.Path(out_dir) / "online.png")
     return report

@@ -158,7 +158,7 @@ def test_report_tables_warnings_and_progress(tmp_path):
 
 
 def test_figures_name_the_features_on_their_axes(faithful):
-    """The 1-D mixture, responsibilities and regression figures label their axes with the feature names."""
+    """The 1-D mixture, responsibilities, regression and online figures label their axes with the feature names."""
     from streamem import plots
 
     model = se.GaussianMixture(2, random_state=0).fit(faithful[:, :1])
@@ -170,3 +170,5 @@ def test_figures_name_the_features_on_their_axes(faithful):
     lines = se.RegressionMixture(2, random_state=0).fit(X, y)
     figure = plots.regression_lines(lines, X, y, names=("dose",), target="response")
     assert (figure.axes[0].get_xlabel(), figure.axes[0].get_ylabel()) == ("dose", "response")
+    history = [(n, [0.5, 0.5], [[0.0], [5.0]]) for n in range(0, 1000, 100)]
+    assert plots.online_trace(history, name="eruptions").axes[1].get_ylabel() == "mean eruptions"

@@ -111,22 +111,31 @@ class OnlineMixture:
     def _distance_rule(self) -> bool:
         return self.outliers != "learn" and self.outlier_threshold is not None
 
-    def _screen_rows(self, rows: np.ndarray, names, batch=None) -> guard.OutlierScreen:
+    def _screen_rows(
+        self, rows: np.ndarray, names, batch=None, values_fit: bool = False, log_prob=None
+    ) -> guard.OutlierScreen | None:
         """Screen rows in the buffer's layout (extra trailing columns only get the too-large rule).
 
         `batch`: the rows already prepared for the next update; a family that scores them anyway
-        keeps that work for the update (see `_push_rows`)."""
+        keeps that work for the update (see `_push_rows`). `values_fit`: the caller checked that
+        no value is too large; then None means no row is refused (the learning paths' fast exit).
+        `log_prob`: the rows' component log-densities under the predictive parameters, if the
+        caller has them (`assign_and_screen_many`)."""
         n, width = rows.shape[0], self._width()
-        distance, what, blame = np.zeros(n), guard.WARM_UP, np.zeros(n, dtype=int)
+        distance, what, blame = None, guard.WARM_UP, None
         if self._distance_rule and n:
             judged = self._judged(rows[:, :width])
             if self._engine is not None:
-                distance, what, blame, log_prob = self._model_distances(judged, batch)
-                self._scored = None if log_prob is None else (batch, log_prob)
+                distance, what, blame, reusable = self._model_distances(judged, batch, log_prob)
+                self._scored = None if reusable is None else (batch, reusable)
             else:
                 reference = self._warm_up_reference()
                 if reference is not None:
                     distance, blame = guard.robust_distance(judged, reference)
+        if values_fit and (distance is None or distance.max() <= self.outlier_threshold):  # NaN: not <=
+            return None
+        if distance is None:
+            distance, blame = np.zeros(n), np.zeros(n, dtype=int)
         threshold = self.outlier_threshold if self._distance_rule else None
         return guard.make_screen(rows, names, threshold, distance, what, blame)
 
@@ -157,12 +166,12 @@ class OnlineMixture:
             span = min(span, 2 * size - self._count)
         return span
 
-    def _guarded(self, rows: np.ndarray, labels=None, screen=None, offset: int = 0) -> np.ndarray:
+    def _guarded(self, rows: np.ndarray, labels=None, screen=None, offset: int = 0, values_fit: bool = False):
         """The rows to learn: outliers raise `OutlierError` (the first one, naming its row) or are
         skipped and counted, as `outliers` says. A value too large always raises, unless skipped."""
         if screen is None:
-            screen = self._screen_rows(rows, self._screen_names())
-        if not screen.outlier.any():
+            screen = self._screen_rows(rows, self._screen_names(), values_fit=values_fit)
+        if screen is None or not screen.outlier.any():
             return rows
         if self.outliers == "skip":
             self.n_outliers += int(screen.outlier.sum())
@@ -228,23 +237,26 @@ class OnlineMixture:
     def _push_rows(self, rows: np.ndarray, labels=None) -> None:
         self.skipped_ = ()
         start, n = 0, rows.shape[0]
+        # one check of the whole frame for values too large (NaN, a missing value, takes the slow path)
+        values_fit = n == 0 or bool(rows.max() < guard.TOO_LARGE and rows.min() > -guard.TOO_LARGE)
+        guarded = self._distance_rule or not values_fit
         while start < n:
             capacity = self._capacity()
             span = min(self._screen_span(capacity), n - start)
             chunk, chunk_labels = rows[start : start + span], None if labels is None else labels[start : start + span]
             offset, start = start, start + span
-            if self._count == 0 and span == capacity and self._engine is not None:
+            if guarded and self._count == 0 and span == capacity and self._engine is not None:
                 # A whole mini-batch is at hand: screen it as the update will see it, so the
                 # update reuses the screen's log-densities (one pass over the rows, not two).
                 batch = self._prepare(chunk, self._engine.stats.shift)
-                screen = self._screen_rows(chunk, self._screen_names(), batch)
-                if not screen.outlier.any():
+                screen = self._screen_rows(chunk, self._screen_names(), batch, values_fit)
+                if screen is None or not screen.outlier.any():
                     self.n_seen += capacity
                     self._flush(chunk, batch)
                     continue
                 chunk = self._guarded(chunk, chunk_labels, screen, offset)
-            else:
-                chunk = self._guarded(chunk, chunk_labels, offset=offset)
+            elif guarded:
+                chunk = self._guarded(chunk, chunk_labels, offset=offset, values_fit=values_fit)
             take = chunk.shape[0]
             if take == 0:
                 continue

@@ -16,6 +16,7 @@ from streamem._validation import (
     record_values,
     record_values_with_missing,
 )
+from streamem.families.base import log_responsibilities
 from streamem.families.gaussian import (
     _LOG_2PI,
     COVARIANCE_TYPES,
@@ -210,11 +211,12 @@ class OnlineGMM(OnlineMixture, base.Clusterer):
         radius = np.sqrt(self.outlier_threshold / trace) - np.linalg.norm(key.means - centre, axis=1)
         return centre, float(radius.max())
 
-    def _model_distances(self, rows: np.ndarray, batch=None):
+    def _model_distances(self, rows: np.ndarray, batch=None, log_prob=None):
         """Squared Mahalanobis distance of each row to its closest component, the rule's tag, that
         component's most deviant feature, and the log-densities `log_prob(batch)` when `batch` (the
         rows prepared for the next update) was given and they are the update's (None otherwise).
         Rows with missing features: per-feature standardised distance of the observed ones.
+        `log_prob`: the rows' log-densities under `_params()`, when the caller has them already.
 
         On the hot path (no missing value, nothing far) this is one subtraction and one reduction
         over the (n, K) log-densities: min_k D2_k = -2 max_k (log N_k - c_k)."""
@@ -222,7 +224,7 @@ class OnlineGMM(OnlineMixture, base.Clusterer):
         reusable = batch is not None and not batch.has_missing and params is self._engine.params
         n, d = rows.shape
         missing = np.isnan(rows).any(axis=1) if self.missing == "marginalize" else None
-        log_prob = None
+        given, log_prob = log_prob is not None, log_prob
         with np.errstate(over="ignore", invalid="ignore"):
             if missing is not None and missing.any():
                 complete = np.where(missing[:, None], 0.0, rows)
@@ -230,9 +232,10 @@ class OnlineGMM(OnlineMixture, base.Clusterer):
                 partial = rows[missing][:, None, :] - params.means
                 squared[missing] = np.nansum(partial * partial / _diagonal_variances(params), axis=2)
             else:
-                if not reusable:
-                    batch = self._gaussian.prepare(rows, params.weights @ params.means)
-                log_prob = self._gaussian.log_prob(batch, params)
+                if not given:
+                    if not reusable:
+                        batch = self._gaussian.prepare(rows, params.weights @ params.means)
+                    log_prob = self._gaussian.log_prob(batch, params)
                 squared = log_prob - (params.log_det_precision - 0.5 * d * _LOG_2PI)
             distance = squared.min(axis=1) if missing is not None and missing.any() else -2.0 * squared.max(axis=1)
             blame = np.zeros(n, dtype=int)
@@ -390,6 +393,23 @@ class OnlineGMM(OnlineMixture, base.Clusterer):
         """
         log_likelihood, log_resp = self._e_step_frame(X)
         return np.exp(log_resp), log_likelihood
+
+    def assign_and_screen_many(self, X: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, OutlierScreen]:
+        """`assign_many` and `screen_many` of X from one E-step (the Kafka consumer's hot path): the
+        squared Mahalanobis distances come from the log-densities the responsibilities are made of
+        (before the warm-up, or with missing values, the two are computed apart)."""
+        names = self._feature_names or tuple(sorted(X.columns, key=str))
+        rows = _frame_values(X, names, self.missing == "marginalize")
+        if self._engine is None or not self._distance_rule or np.isnan(rows).any():
+            with np.errstate(over="ignore", invalid="ignore"):  # an absurd row's answer is dropped anyway
+                return (*self.assign_many(X), self.screen_many(X))
+        params = self._params()
+        batch = self._gaussian.prepare(rows, params.weights @ params.means)
+        with np.errstate(over="ignore", invalid="ignore"):  # an absurd row's answer is dropped anyway
+            log_prob = self._gaussian.log_prob(batch, params)
+            screen = self._screen_rows(rows, names, log_prob=log_prob)
+            log_likelihood, log_resp = log_responsibilities(self._gaussian.weighted_log_prob(batch, params, log_prob))
+        return np.exp(log_resp), log_likelihood, screen
 
     def _e_step_frame(self, X: pd.DataFrame):
         names = self._feature_names or tuple(sorted(X.columns, key=str))

@@ -165,7 +165,7 @@ class OnlineRegressionMixture(OnlineMixture, base.MiniBatchRegressor):
         centre, variance, seen = self._running_spread()
         return centre, math.sqrt(self.outlier_threshold * float(variance[seen].min(initial=np.inf)))
 
-    def _model_distances(self, rows: np.ndarray, batch=None):
+    def _model_distances(self, rows: np.ndarray, batch=None, log_prob=None):
         """Per row: the squared distance of the target and features from their running means, in
         running variances (floored at reg_noise; a feature never seen away from 0 is not judged:
         a new one has no spread yet; nor is a 0, see `_judged`), the rule's tag, and the column
@@ -323,6 +323,12 @@ class OnlineRegressionMixture(OnlineMixture, base.MiniBatchRegressor):
             )
         log_likelihood, resp = responsibilities(weighted)
         return resp, log_likelihood, means @ params.weights
+
+    def assign_and_screen_many(self, X: pd.DataFrame, y) -> tuple[np.ndarray, np.ndarray, np.ndarray, OutlierScreen]:
+        """`assign_many` and `screen_many` of (X, y) (the Kafka consumer's call): (responsibilities,
+        log p(y | x), E[y | x], the outlier screen)."""
+        with np.errstate(over="ignore", invalid="ignore"):  # an absurd row's answer is dropped anyway
+            return (*self.assign_many(X, y), self.screen_many(X, y))
 
     def _component_means(self, X: pd.DataFrame) -> np.ndarray:
         features = frame_values(X, X.columns)

@@ -229,3 +229,21 @@ def test_skip_mode_reports_the_rows_it_skipped():
     assert model.n_seen == 430 + 298 and model.n_outliers == 2
     model.learn_one({"x": 1.0}, 2.0)
     assert model.skipped_ == ()
+
+
+@pytest.mark.parametrize("warm", [False, True])
+def test_assign_and_screen_many_is_assign_many_plus_screen_many(warm):
+    """The consumer's one-E-step call gives assign_many's numbers bit for bit and screen_many's verdicts."""
+    model = _warm_gmm() if warm else se.OnlineGMM(2, batch_size=50, warmup=200, seed=0)
+    if not warm:
+        model.learn_many(_frame(_points(100)))
+    frame = _frame(_points(300, seed=6))
+    frame.loc[5, "x0"], frame.loc[50, "x1"], frame.loc[70, "x0"] = ABSURD
+    resp, log_likelihood, screen = model.assign_and_screen_many(frame)
+    clean = ~screen.outlier
+    expected_resp, expected_log_likelihood = model.assign_many(frame[clean])
+    np.testing.assert_array_equal(resp[clean], expected_resp)
+    np.testing.assert_array_equal(log_likelihood[clean], expected_log_likelihood)
+    reference = model.screen_many(frame)
+    assert np.flatnonzero(screen.outlier).tolist() == np.flatnonzero(reference.outlier).tolist() == [5, 50, 70]
+    np.testing.assert_allclose(screen.distance[clean], reference.distance[clean], rtol=1e-9, atol=1e-9)

@@ -74,14 +74,19 @@ def outlier_threshold(settings: ConsumerSettings) -> float | None:
     return None if math.isinf(settings.outlier_threshold) else settings.outlier_threshold
 
 
-def screen(model, settings: ConsumerSettings, frame: pd.DataFrame, target=None):
-    """Which rows the model's outlier guard refuses (`OutlierScreen`), under this run's threshold.
+def assign_and_screen(model, settings: ConsumerSettings, frame: pd.DataFrame, target=None):
+    """(responsibilities, log-likelihoods, predictions or None, `OutlierScreen`) of a batch under
+    this run's threshold, from one E-step (the distances come from the same log-densities).
 
-    The consumer dead-letters them before answering; the model itself skips (never raises on) any
-    it would still refuse while learning, so a refusal can never stop the consumer.
+    The consumer dead-letters the rows the screen refuses instead of answering them; the model
+    itself skips (never raises on) any it would still refuse while learning, so a refusal can
+    never stop the consumer.
     """
     model.set_outlier_rule("skip", outlier_threshold(settings))  # a restored model keeps its own otherwise
-    return model.screen_many(frame) if target is None else model.screen_many(frame, target)
+    if target is None:
+        responsibilities, log_likelihood, screened = model.assign_and_screen_many(frame)
+        return responsibilities, log_likelihood, None, screened
+    return model.assign_and_screen_many(frame, target)
 
 
 def _model_type(settings: ConsumerSettings):
@@ -202,14 +207,16 @@ class _Learner:
         self.counters.dead_lettered += len(reasons)
         return outputs
 
-    def _answer(self, state: _Model, records, values: np.ndarray, learn: np.ndarray, model_key=None):
+    def _answer(self, state: _Model, records, values: np.ndarray, learn: np.ndarray, model_key=None, scored=None):
         """Score the rows with the model as it is (prequential), learn the rows marked in `learn`;
-        a row the model's outlier guard refuses gets a dead letter instead, and is not learned."""
+        a row the model's outlier guard refuses gets a dead letter instead, and is not learned.
+        (`scored`: the rows' answers, already screened.)"""
         settings, model = self.settings, state.model
         d = len(settings.features)
         frame = pd.DataFrame(values[:, :d], columns=settings.features)
-        screened = screen(model, settings, frame, None if settings.target is None else pd.Series(values[:, d]))
-        if screened.outlier.any():
+        target = None if settings.target is None else pd.Series(values[:, d])
+        resp, log_likelihood, predictions, screened = scored or assign_and_screen(model, settings, frame, target)
+        if screened is not None and screened.outlier.any():
             outputs = self._dead_letter_outliers(
                 records, {int(i): screened.reason(int(i)) for i in np.flatnonzero(screened.outlier)}
             )
@@ -217,20 +224,17 @@ class _Learner:
             answered, drifts = ([], [])
             if keep.any():
                 kept = [record for record, good in zip(records, keep, strict=True) if good]
-                answered, drifts = self._answer(state, kept, values[keep], learn[keep], model_key)
+                answers = (resp[keep], log_likelihood[keep], None if predictions is None else predictions[keep], None)
+                answered, drifts = self._answer(state, kept, values[keep], learn[keep], model_key, answers)
             rest = iter(answered)
             return [output if output is not None else next(rest) for output in outputs], drifts
         seen_before, was_warm = model.n_seen, model.is_warm
-        if settings.target is None:
-            resp, log_likelihood = model.assign_many(frame)
-            predictions = None
+        if target is None:
             if learn.all():
                 model.learn_many(frame)
             elif learn.any():
                 model.learn_many(frame[learn])
         else:
-            target = pd.Series(values[:, d])
-            resp, log_likelihood, predictions = model.assign_many(frame, target)
             if learn.all():
                 model.learn_many(frame, target)
             elif learn.any():

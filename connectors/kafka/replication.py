@@ -39,7 +39,15 @@ from connectors.kafka.checkpoint import (
     restore_model,
 )
 from connectors.kafka.clients import input_positions
-from connectors.kafka.learners import Counters, _Learner, _Model, _offset_list, new_model, outlier_threshold, screen
+from connectors.kafka.learners import (
+    Counters,
+    _Learner,
+    _Model,
+    _offset_list,
+    assign_and_screen,
+    new_model,
+    outlier_threshold,
+)
 from connectors.kafka.settings import ConsumerSettings
 from streamem.drift import WeightDriftDetector
 from streamem.families.gaussian import GaussianStats
@@ -113,17 +121,17 @@ class ReplicatedLearner(_Learner):
         values, good = decoded.values, decoded.good
         model = self.state.model
         frame = pd.DataFrame(values, columns=self.settings.features)
-        screened = self._screen(frame, values)
+        resp, log_likelihood, screened = self._assign_and_screen(frame, values)
         if screened.outlier.any():  # dead letters; never answered, never published as statistics
             reasons = {int(i): screened.reason(int(i)) for i in np.flatnonzero(screened.outlier)}
             for position, dead in zip(good, self._dead_letter_outliers(records, reasons), strict=True):
                 outputs[position] = dead if dead is not None else outputs[position]
             keep = ~screened.outlier
-            records, values, frame = [r for r, k in zip(records, keep, strict=True) if k], values[keep], frame[keep]
+            records, values = [r for r, k in zip(records, keep, strict=True) if k], values[keep]
             good = [position for position, k in zip(good, keep, strict=True) if k]
+            resp, log_likelihood = resp[keep], log_likelihood[keep]
             if not records:
                 return outputs
-        resp, log_likelihood = model.assign_many(frame)
         answered = schemas.assignments(
             records,
             self.topics["assignments"],
@@ -151,15 +159,19 @@ class ReplicatedLearner(_Learner):
                 )
         return outputs + drifts + self._publish(records, values)
 
-    def _screen(self, frame: pd.DataFrame, values: np.ndarray):
-        """The outlier guard: the model's once warm; before, the robust distance from the median of
-        the records waiting for the warm-up together with this batch's (a median that one absurd
-        record cannot move, so the first batch is screened too)."""
+    def _assign_and_screen(self, frame: pd.DataFrame, values: np.ndarray):
+        """(responsibilities, log-likelihoods, outlier screen): the model's screen once it is warm;
+        before, the robust distance from the median of the records waiting for the warm-up together
+        with this batch's (a median that one absurd record cannot move, so the first batch is
+        screened too)."""
         model = self.state.model
         if model.is_warm:
-            return screen(model, self.settings, frame)
+            resp, log_likelihood, _, screened = assign_and_screen(model, self.settings, frame)
+            return resp, log_likelihood, screened
         reference = np.vstack([*self.warmup_rows, values])
-        return screen_against(values, self.settings.features, reference, outlier_threshold(self.settings))
+        screened = screen_against(values, self.settings.features, reference, outlier_threshold(self.settings))
+        with np.errstate(over="ignore", invalid="ignore"):  # an absurd row's answer is dropped anyway
+            return (*model.assign_many(frame), screened)
 
     def _publish(self, records, values: np.ndarray) -> list[schemas.OutputRecord]:
         """Statistics messages for these records: mini-batches once the model is warm, else warm-up."""

@@ -247,3 +247,26 @@ def test_assign_and_screen_many_is_assign_many_plus_screen_many(warm):
     reference = model.screen_many(frame)
     assert np.flatnonzero(screen.outlier).tolist() == np.flatnonzero(reference.outlier).tolist() == [5, 50, 70]
     np.testing.assert_allclose(screen.distance[clean], reference.distance[clean], rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("covariance_type", ["full", "tied", "diag", "spherical"])
+def test_learn_ones_quick_check_never_lets_an_outlier_through(covariance_type):
+    """The ball learn_one checks in C only passes records the full screen passes (rows from 1 to 1e4 sd out)."""
+    model = _warm_gmm(covariance_type=covariance_type, outlier_threshold=1e4)
+    rng = np.random.default_rng(7)
+    rows = rng.normal(size=(4000, 2)) * np.logspace(0, 4, 4000)[:, None]
+    passed = np.array([model._quick_pass(row) for row in rows.tolist()])
+    refused = model.screen_many(_frame(rows)).outlier
+    assert passed.any() and refused.any()
+    assert not (passed & refused).any()
+
+
+def test_regression_quick_check_never_lets_an_outlier_through():
+    """OnlineRegressionMixture's ball passes only records its full screen passes."""
+    model = _warm_regression(outlier_threshold=1e4)
+    rng = np.random.default_rng(8)
+    rows = np.array([5.0, 5.0]) + rng.normal(size=(4000, 2)) * np.logspace(0, 4, 4000)[:, None]
+    passed = np.array([model._quick_pass(row) for row in rows.tolist()])
+    refused = model.screen_many(pd.DataFrame({"x": rows[:, 1]}), pd.Series(rows[:, 0])).outlier
+    assert passed.any() and refused.any()
+    assert not (passed & refused).any()

@@ -19,9 +19,10 @@ from kafka import KafkaProducer
 from connectors.kafka import records as schemas
 from connectors.kafka.broker import EmbeddedBroker
 from connectors.kafka.checkpoint import Checkpoint, TopicStore
+from connectors.kafka.clients import DeliveryFailed, make_sink
 from connectors.kafka.observability import Observability
 from connectors.kafka.pipeline import run_consumer
-from connectors.kafka.records import InputRecord, RecordDecoder, dead_letter
+from connectors.kafka.records import InputRecord, OutputRecord, RecordDecoder, dead_letter
 from connectors.kafka.topics import ensure_topics
 from tests.kafka_helpers import TopicCounter, produce, read_all, unique, wait_for
 from tests.test_kafka_consumer import _start, good_values, make_settings
@@ -241,3 +242,31 @@ def test_an_outage_beyond_the_limit_stops_with_one_clear_line():
             process.kill()
             process.wait()
         outage.stop()
+
+
+def test_healthz_fails_while_a_checkpoint_waits_longer_than_delivery_stall_s():
+    """/healthz is 503 (and says why) while outputs wait past delivery_stall_s, 200 once delivered."""
+    observability = Observability(delivery_stall_s=0.0)
+    port = observability.serve(0, host="127.0.0.1")
+    try:
+        with observability.delivering():
+            status, text = _get(port, "/healthz")
+            assert status == 503 and text.startswith("outputs not acknowledged for")
+        assert _get(port, "/healthz") == (200, "ok\n")
+        assert _metric(_get(port, "/metrics")[1], "streamem_delivery_wait_seconds") == 0.0
+    finally:
+        observability.close()
+
+
+@pytest.mark.parametrize("client", ["kafka-python", "confluent"])
+def test_a_record_no_retry_can_send_fails_at_once_in_one_line(broker, client):
+    """An output over the producer's request limit raises DeliveryFailed at once (no retries until the limit)."""
+    settings = make_settings(broker, unique("toolarge"), client=client, delivery_timeout_s=300)
+    sink = make_sink(settings)
+    try:
+        with pytest.raises(DeliveryFailed, match="an output record cannot be sent: .*") as failed:
+            sink.send([OutputRecord(settings.topics["assignments"], None, b"x" * (2 * MAX_REQUEST))])
+            sink.flush()
+        assert "\n" not in str(failed.value)
+    finally:
+        sink.close()

@@ -99,7 +99,7 @@ class Observability:
     @property
     def delivered(self) -> bool:
         """False while outputs wait too long for the broker (as during an outage)."""
-        return self.delivery_wait_s() < self.delivery_stall_s
+        return self._delivering_since is None or self.delivery_wait_s() < self.delivery_stall_s
 
     @property
     def alive(self) -> bool:

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from connectors.kafka.checkpoint import CheckpointError, PartitionOffset
+from connectors.kafka.checkpoint import CheckpointError, DirectoryStore, PartitionOffset
 from connectors.kafka.pipeline import run_consumer
 from connectors.kafka.topics import ensure_topics
 from tests.kafka_helpers import produce, read_all, unique
@@ -210,3 +210,15 @@ def test_keyed_models_refuse_other_settings_and_reset_each_model(broker, tmp_pat
     models = [json.loads(p.read_text()) for p in tmp_path.glob("*model*.json")]
     assert len(models) == 2 and all(m["model"]["params"]["n_components"] == 3 for m in models)
     assert sum(m["model"]["n_seen"] for m in models) == 600  # the fresh models learned this run's records only
+
+
+@pytest.mark.parametrize("model_key", ["s" * 256, "κ" * 256, "a/b%c+d~e" * 40])
+def test_directory_store_keeps_long_keys(tmp_path, model_key):
+    """A key whose quoted file name would pass the file system's 255-byte limit is stored, found by
+    prefix and loaded back (a 256-character model key gave 'File name too long' at a checkpoint)."""
+    store = DirectoryStore(tmp_path)
+    key = f"group/model/{model_key}"
+    store.save_all([(key, b'{"long": true}'), ("group/model/short", b'{"short": true}'), ("group/0", b"{}")])
+    assert store.load(key) == b'{"long": true}'
+    assert store.load_prefix("group/model/") == {key: b'{"long": true}', "group/model/short": b'{"short": true}'}
+    assert all(len(path.name.encode()) <= 255 for path in tmp_path.iterdir())

@@ -18,6 +18,7 @@ Every error names where the checkpoint is (file, or state topic and key) and the
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import pathlib
@@ -218,13 +219,32 @@ def make_store(settings: ConsumerSettings, sink):
 
 
 class DirectoryStore:
-    """One file per key, replaced atomically (write, fsync, rename)."""
+    """One file per key, replaced atomically (write, fsync, rename).
+
+    A file is named by its key, percent-encoded. A key whose name would pass the file
+    systems' 255-byte limit (a long or non-ASCII model key) is named by a readable
+    prefix, `+` (which percent-encoding never leaves bare) and a hash of the key, with
+    the key itself in a `.key` file beside it, so `load_prefix` can still say whose it is.
+    """
+
+    _LONGEST_NAME = 200  # bytes, leaving room for ".json.partial" under the 255-byte limit
 
     def __init__(self, directory: pathlib.Path):
         self.directory = pathlib.Path(directory)
 
     def _path(self, key: str) -> pathlib.Path:
-        return self.directory / (urllib.parse.quote(key, safe="") + ".json")
+        name = urllib.parse.quote(key, safe="")
+        if len(name) > self._LONGEST_NAME:
+            name = f"{name[:120]}+{hashlib.sha256(key.encode()).hexdigest()}"
+        return self.directory / (name + ".json")
+
+    def _write(self, path: pathlib.Path, value: bytes) -> None:
+        partial = path.with_suffix(path.suffix + ".partial")
+        with open(partial, "wb") as handle:
+            handle.write(value)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(partial, path)
 
     def where(self, key: str) -> str:
         """How error messages name the checkpoint of `key`."""
@@ -234,12 +254,9 @@ class DirectoryStore:
         self.directory.mkdir(parents=True, exist_ok=True)
         for key, value in entries:
             path = self._path(key)
-            partial = path.with_suffix(".json.partial")
-            with open(partial, "wb") as handle:
-                handle.write(value)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(partial, path)
+            if "+" in path.name:
+                self._write(path.with_suffix(".key"), key.encode())
+            self._write(path, value)
 
     def load(self, key: str) -> bytes | None:
         path = self._path(key)
@@ -250,7 +267,10 @@ class DirectoryStore:
             return {}
         found = {}
         for path in self.directory.glob("*.json"):
-            key = urllib.parse.unquote(path.name.removesuffix(".json"))
+            if "+" in path.name:
+                key = path.with_suffix(".key").read_text()
+            else:
+                key = urllib.parse.unquote(path.name.removesuffix(".json"))
             if key.startswith(prefix):
                 found[key] = path.read_bytes()
         return found

@@ -228,6 +228,8 @@ def test_kill_9_mid_stream_then_restart_loses_nothing(broker):
     for watcher in helpers:  # none outlives the consumer: each sees its pipe to the consumer close
         assert select.select([watcher], [], [], 30)[0], "a helper process outlived the killed consumer"
         os.close(watcher)
+    last_words = victim.stderr.read()  # the model process shares the consumer's stderr
+    assert "Traceback" not in last_words and "Logging error" not in last_words, last_words[-2000:]
 
     run_consumer(settings.model_copy(update={"max_records": _unlearned(settings, total)}))  # from the checkpoint
 

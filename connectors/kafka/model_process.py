@@ -23,6 +23,7 @@ import logging
 import logging.handlers
 import multiprocessing
 import signal
+import sys
 import threading
 import traceback
 
@@ -239,7 +240,10 @@ class _PipeHandler(logging.handlers.QueueHandler):
     """Sends each record (formatted, picklable) through a pipe instead of a queue: no locks to leak."""
 
     def enqueue(self, record: logging.LogRecord) -> None:
-        self.queue.send(record)
+        try:
+            self.queue.send(record)
+        except OSError:  # the consumer is gone (e.g. kill -9): say it on the stderr we share, in one line
+            print(f"streamem model process: {record.levelname} {record.getMessage()}", file=sys.stderr)
 
 
 def _serve(settings: ConsumerSettings, connection, logs, level: int) -> None:

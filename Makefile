@@ -30,6 +30,8 @@ bench: $(STAMP)
 	$(PY) benchmarks/online.py
 	$(PY) benchmarks/kafka_pipeline.py
 	$(PY) benchmarks/drift.py
+	$(PY) benchmarks/outliers.py
+	$(PY) benchmarks/soak.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis build *.egg-info

@@ -119,7 +119,7 @@ def _register_fit(commands) -> None:
 
 
 def _fit(args) -> int:
-    from streamem.report import fit_table
+    from streamem.report import MissingExtra, fit_table
 
     try:
         document = fit_table(
@@ -134,7 +134,7 @@ def _fit(args) -> int:
             n_init=args.n_init,
             seed=args.seed,
         )
-    except (ValueError, FileNotFoundError) as error:
+    except (ValueError, FileNotFoundError, MissingExtra) as error:
         print(f"streamem fit: {error}", file=sys.stderr)
         return 2
     print(
@@ -164,7 +164,7 @@ def _register_check(commands) -> None:
 
 
 def _check(args) -> int:
-    from streamem.report import check_table
+    from streamem.report import MissingExtra, check_table
 
     try:
         report = check_table(
@@ -179,7 +179,7 @@ def _check(args) -> int:
             missing=args.missing,
             na_values=args.na_values,
         )
-    except (ValueError, FileNotFoundError) as error:
+    except (ValueError, FileNotFoundError, MissingExtra) as error:
         print(f"streamem check: {error}", file=sys.stderr)
         return 2
     print(report)

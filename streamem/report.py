@@ -26,6 +26,7 @@ from streamem.regression_mixture import RegressionMixture
 
 __all__ = [
     "FIT_FORMAT",
+    "MissingExtra",
     "Table",
     "check_table",
     "fit_document",
@@ -177,6 +178,18 @@ def parse_components(value) -> list[int]:
     return list(range(low, high + 1))
 
 
+class MissingExtra(ImportError):
+    """An optional dependency a command needs is not installed; the message names the extra."""
+
+
+def _require_plots() -> None:
+    """Fail before any work or file when the figures cannot be drawn (matplotlib is the `plots` extra)."""
+    try:
+        import matplotlib.figure  # noqa: F401 - only whether it imports
+    except ImportError:
+        raise MissingExtra("figures need matplotlib: pip install 'streamem[plots]'", name="matplotlib") from None
+
+
 def fit_table(
     path,
     out_dir,
@@ -193,9 +206,10 @@ def fit_table(
 ) -> dict:
     """Fit the batch core to a CSV file and write model.json, figures and report.md into `out_dir`.
 
-    Everything is checked (components, the table) before `out_dir` is created. `progress` gets a
+    Everything is checked (matplotlib, components, the table) before `out_dir` is created. `progress` gets a
     line per K tried (rewritten in place with a carriage return when it is a terminal).
     """
+    _require_plots()
     candidates = parse_components(components)
     if target is not None and missing != "error":
         raise ValueError("missing values are supported for Gaussian mixtures only, not with a target")
@@ -401,6 +415,8 @@ def check_table(
     from streamem.compare import compare
     from streamem.online_gmm import OnlineGMM
 
+    if out_dir is not None:
+        _require_plots()
     X, names, _ = load_table(path, columns, na_values=na_values, missing=missing)
     warmup = warmup or max(components, min(500, len(X) // 2))
     online = OnlineGMM(

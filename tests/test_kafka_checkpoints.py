@@ -29,7 +29,7 @@ def _one_line_refusal(result: subprocess.CompletedProcess) -> str:
     """The refusal line on stderr (exit 2, no traceback)."""
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr, result.stderr
-    (line,) = [x for x in result.stderr.splitlines() if x.startswith("streamem: ")]
+    (line,) = [x for x in result.stderr.splitlines() if x.startswith("streamem run: ")]
     return line
 
 
@@ -164,7 +164,7 @@ def test_a_bad_checkpoint_stops_the_cli_with_one_line(learned_400):
     """streamem run on a bad checkpoint exits 2 with one line on stderr naming file and field, no traceback."""
     path = _edit_checkpoint(learned_400, lambda d: d["detector"].pop("params"))
     line = _one_line_refusal(_cli(learned_400, "--checkpoint-dir", str(learned_400.checkpoint_dir)))
-    assert line.startswith(f"streamem: checkpoint file {path}: field 'detector.params' is missing")
+    assert line.startswith(f"streamem run: checkpoint file {path}: field 'detector.params' is missing")
 
 
 def test_max_records_counts_this_run_only(learned_400):
@@ -222,3 +222,227 @@ def test_directory_store_keeps_long_keys(tmp_path, model_key):
     assert store.load(key) == b'{"long": true}'
     assert store.load_prefix("group/model/") == {key: b'{"long": true}', "group/model/short": b'{"short": true}'}
     assert all(len(path.name.encode()) <= 255 for path in tmp_path.iterdir())
+
+
+# -- a missing checkpoint is judged per partition ----------------------------------------------------
+def _two_partition_group(broker, tmp_path, name: str):
+    """A two-partition input of 600 records, all learned and committed by instance 'a' (checkpoint in tmp_path)."""
+    topic = unique(name)
+    settings = make_settings(
+        broker, topic, max_records=600, checkpoint_dir=tmp_path, model_process=False, instance_id="a"
+    )
+    ensure_topics(settings, input_partitions=2)
+    produce(broker.bootstrap_servers, topic, good_values(600), keys=[str(i % 2).encode() for i in range(600)])
+    run_consumer(settings)
+    return settings
+
+
+def test_a_partition_no_visible_checkpoint_learned_is_refused(broker, tmp_path):
+    """Committed partitions 0 and 1, and the only other checkpoint covers partition 0: a newcomer is refused,
+    naming partition 1 (it was a fresh start with a warning because *some* other checkpoint existed)."""
+    settings = _two_partition_group(broker, tmp_path, "uncovered")
+    store = DirectoryStore(tmp_path)
+    document = json.loads(store.load("%s/a" % settings.group_id))
+    document["key"] = f"{settings.group_id}/b"
+    document["offsets"] = [o for o in document["offsets"] if o["partition"] == 0]
+    store.save_all([(f"{settings.group_id}/b", json.dumps(document).encode())])
+    store._path(f"{settings.group_id}/a").unlink()
+    newcomer = settings.model_copy(update={"instance_id": "c", "max_records": 10})
+    with pytest.raises(CheckpointError) as refused:
+        run_consumer(newcomer)
+    message = str(refused.value)
+    assert f"{settings.input_topic}[1]" in message and f"{settings.input_topic}[0]" not in message, message
+    assert "--reset-model" in message
+
+
+def test_a_renamed_instance_starts_fresh_where_another_checkpoint_covers_every_partition(broker, tmp_path, caplog):
+    """Instance 'a' renamed 'b': every committed partition was learned by the checkpoint of 'a', so 'b' starts a
+    fresh model of its own at the committed offsets, with a WARNING that names the checkpoint it does not use."""
+    settings = _two_partition_group(broker, tmp_path, "renamed")
+    produce(broker.bootstrap_servers, settings.input_topic, good_values(100), keys=[b"0"] * 100)
+    renamed = settings.model_copy(update={"instance_id": "b", "max_records": 100})
+    with caplog.at_level("WARNING", logger="connectors.kafka"):
+        run_consumer(renamed)
+    warning = " ".join(r.getMessage() for r in caplog.records if r.levelname == "WARNING")
+    assert f"{settings.group_id}/a" in warning and "starts fresh" in warning, warning
+    saved = json.loads(DirectoryStore(tmp_path).load(f"{settings.group_id}/b"))
+    assert saved["model"]["n_seen"] == 100
+
+
+# -- keyed models are checked when the consumer starts ---------------------------------------------
+@pytest.fixture
+def keyed_600(broker, tmp_path):
+    """--model-key: 600 records of keys 0 and 1 learned and checkpointed in tmp_path; 600 more waiting."""
+    topic = unique("keyedcheck")
+    settings = make_settings(
+        broker, topic, max_records=600, model_key="id_mod", checkpoint_dir=tmp_path, model_process=False, warmup=50
+    )
+    ensure_topics(settings, input_partitions=1)
+    values = [json.dumps({**json.loads(v), "id_mod": i % 2}).encode() for i, v in enumerate(good_values(1200))]
+    produce(broker.bootstrap_servers, topic, values)
+    run_consumer(settings)
+    return settings
+
+
+def _edit_key(settings, key: str, edit) -> str:
+    store = DirectoryStore(settings.checkpoint_dir)
+    name = f"{settings.group_id}/model/{key}"
+    document = json.loads(store.load(name))
+    edit(document)
+    store.save_all([(name, json.dumps(document).encode())])
+    return str(store._path(name))
+
+
+def test_a_key_model_learned_past_the_end_is_refused_at_start(keyed_600):
+    """A key model with learned_through 10**9 (it would never learn again) is refused at start naming its file
+    and field; --reset-model starts that key fresh with a warning."""
+    path = _edit_key(keyed_600, "1", lambda d: d["learned_through"][0].update(offset=10**9))
+    with pytest.raises(CheckpointError) as refused:
+        run_consumer(keyed_600.model_copy(update={"max_records": 10}))
+    message = str(refused.value)
+    assert message.startswith(f"checkpoint file {path}: field 'learned_through'"), message
+    assert "past its end 1200" in message
+
+    run_consumer(keyed_600.model_copy(update={"reset_model": True}))
+    model = json.loads(DirectoryStore(keyed_600.checkpoint_dir).load(f"{keyed_600.group_id}/model/1"))
+    assert model["model"]["n_seen"] == 300 and model["learned_through"][0]["offset"] == 1200
+
+
+def test_a_bad_key_model_is_refused_before_any_record(keyed_600):
+    """A key model whose document is bad is refused at start, even when none of its records come in this run."""
+    path = _edit_key(keyed_600, "1", lambda d: d["model"].pop("n_seen"))
+    with pytest.raises(CheckpointError) as refused:
+        run_consumer(keyed_600.model_copy(update={"max_records": 0}))
+    assert str(refused.value).startswith(f"checkpoint file {path}: field 'model.n_seen' is missing")
+
+
+# -- which setting differences matter -------------------------------------------------------------
+def test_a_setting_the_checkpoint_did_not_record_is_no_difference(learned_400):
+    """A checkpoint written before a setting existed (its name absent from `settings`) resumes: only recorded
+    names are compared."""
+    _edit_checkpoint(learned_400, lambda d: d["settings"].pop("step_floor"))
+    counters = run_consumer(learned_400)
+    assert counters.records_in == 800
+
+
+def test_seed_and_warmup_do_not_matter_to_a_warm_model(learned_400):
+    """A warm model resumed with another seed and warm-up length resumes (they act only before warm-up ends)."""
+    counters = run_consumer(learned_400.model_copy(update={"seed": 7, "warmup": 300}))
+    assert counters.records_in == 800
+
+
+def test_warmup_is_refused_for_a_cold_model(broker, tmp_path):
+    """A model still in warm-up (100 of 200 records) resumed with --warmup 300 is refused: the warm-up it
+    would finish is the checkpoint's."""
+    topic = unique("cold")
+    settings = make_settings(broker, topic, max_records=100, checkpoint_dir=tmp_path, model_process=False)
+    ensure_topics(settings, input_partitions=1)
+    produce(broker.bootstrap_servers, topic, good_values(300))
+    run_consumer(settings)
+    with pytest.raises(CheckpointError, match="warmup: checkpoint 200, flags 300"):
+        run_consumer(settings.model_copy(update={"warmup": 300}))
+
+
+def test_features_in_another_order_are_the_same_model(learned_400):
+    """--features b,a resumes a model written with a,b: the model maps features by name, so its means keep
+    their columns (the feature 'a' mean stays the data's 'a' mean)."""
+    before = json.loads(next(learned_400.checkpoint_dir.glob("*.json")).read_text())
+    run_consumer(learned_400.model_copy(update={"features": ["b", "a"]}))
+    after = json.loads(next(learned_400.checkpoint_dir.glob("*.json")).read_text())
+    assert after["model"]["n_seen"] == 800
+    import numpy as np
+
+    values = np.array([[json.loads(v)["a"], json.loads(v)["b"]] for v in good_values(800)])
+    means = np.array(after["model"]["params"]["means"])
+    weights = np.array(after["model"]["params"]["weights"])
+    np.testing.assert_allclose(weights @ means, values.mean(axis=0), atol=0.5)
+    assert before["model"]["features"] == after["model"]["features"]
+
+
+def test_features_in_another_order_are_another_replicated_model():
+    """With --replicate the statistics log holds rows by position: another feature order is a difference."""
+    from connectors.kafka.checkpoint import model_settings, settings_differences
+    from connectors.kafka.settings import ConsumerSettings
+
+    written = model_settings(ConsumerSettings(features=["a", "b"], replicate=True))
+    assert settings_differences(written, ConsumerSettings(features=["b", "a"], replicate=True), warm=True)
+    assert not settings_differences(written, ConsumerSettings(features=["a", "b"], replicate=True), warm=True)
+
+
+# -- start-up failures are one line ----------------------------------------------------------------
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_input_positions_and_the_sink_say_an_unreachable_broker_in_one_line():
+    """input_positions and the kafka-python sink, with no broker: BrokerUnreachable (the topics.py message)
+    within about connect_timeout_s (were a 30 s TimeoutError and a raw NoBrokersAvailable)."""
+    import time
+
+    from connectors.kafka.clients import input_positions, make_sink
+    from connectors.kafka.settings import ConsumerSettings
+    from connectors.kafka.topics import BrokerUnreachable
+
+    settings = ConsumerSettings(
+        features=["a"], input_topic="t", bootstrap_servers=f"127.0.0.1:{_closed_port()}", connect_timeout_s=1
+    )
+    for lookup in (make_sink, input_positions):
+        start = time.monotonic()
+        with pytest.raises(BrokerUnreachable, match="cannot reach the Kafka bootstrap servers .* within 1 s"):
+            lookup(settings)
+        assert time.monotonic() - start < 10, lookup
+
+
+def test_the_model_process_says_an_unreachable_broker_in_one_line():
+    """run_consumer in a model process with no broker: BrokerUnreachable with one line, not LearnerFailed
+    carrying a traceback."""
+    from connectors.kafka.settings import ConsumerSettings
+    from connectors.kafka.topics import BrokerUnreachable
+
+    settings = ConsumerSettings(
+        features=["a"], input_topic="t", bootstrap_servers=f"127.0.0.1:{_closed_port()}", connect_timeout_s=1
+    )
+    with pytest.raises(BrokerUnreachable) as unreachable:
+        run_consumer(settings)
+    assert "\n" not in str(unreachable.value) and "Traceback" not in str(unreachable.value)
+
+
+def test_a_refused_replica_is_told_what_to_do(broker, tmp_path):
+    """A replica refused for its checkpoint's settings names the remedy (--reset-model is not allowed with
+    --replicate): restore the flag, or a new group and statistics topic."""
+    topic = unique("replica")
+    settings = make_settings(
+        broker, topic, max_records=400, replicate=True, checkpoint_dir=tmp_path, model_process=False, warmup=200
+    )
+    ensure_topics(settings, input_partitions=1)
+    produce(broker.bootstrap_servers, topic, good_values(800))
+    run_consumer(settings)
+    with pytest.raises(CheckpointError) as refused:
+        run_consumer(settings.model_copy(update={"n_components": 3, "max_records": 10}))
+    message = str(refused.value)
+    assert "n_components: checkpoint 2, flags 3" in message
+    assert "--n-components 2" in message and "new --group-id and --statistics-topic" in message, message
+
+
+def test_a_replica_refused_for_its_offsets_is_told_which_key_to_delete(broker, tmp_path):
+    """A replica whose own checkpoint has an offset past the end is told to delete that key (the replica then
+    rebuilds from the group's replica checkpoint and the statistics log)."""
+    topic = unique("replicaoff")
+    settings = make_settings(
+        broker, topic, max_records=400, replicate=True, checkpoint_dir=tmp_path, model_process=False, warmup=200
+    )
+    ensure_topics(settings, input_partitions=1)
+    produce(broker.bootstrap_servers, topic, good_values(800))
+    run_consumer(settings)
+    store = DirectoryStore(tmp_path)
+    document = json.loads(store.load(settings.checkpoint_key))
+    document["offsets"][0]["offset"] = 10**9
+    store.save_all([(settings.checkpoint_key, json.dumps(document).encode())])
+    with pytest.raises(CheckpointError) as refused:
+        run_consumer(settings.model_copy(update={"max_records": 10}))
+    message = str(refused.value)
+    assert "past its end 800" in message and f"delete {store.where(settings.checkpoint_key)}" in message, message

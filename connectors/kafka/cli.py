@@ -55,7 +55,8 @@ def register_run(commands) -> None:
     for flag, name in settings_flags().items():
         field = ConsumerSettings.model_fields[name]
         text = f"{field.description} [env STREAMEM_{name.upper()}]"
-        if field.default is not None and not field.is_required() and field.default_factory is None:
+        shown = "(default:" in (field.description or "")  # a default the description words better
+        if field.default is not None and not field.is_required() and field.default_factory is None and not shown:
             # shown by hand: the argparse default stays SUPPRESS, so the environment and file can fill it
             text += f" (default: {field.default})"
         choices = _choices(field.annotation)
@@ -121,7 +122,7 @@ def _settings(args) -> ConsumerSettings:
     try:
         return load_settings(flags, args.config)
     except (ValidationError, FileNotFoundError, ValueError) as error:
-        print(f"streamem: invalid settings: {error}", file=sys.stderr)
+        print(f"streamem run: invalid settings: {error}", file=sys.stderr)
         raise SystemExit(2) from None
 
 
@@ -146,7 +147,7 @@ def _run(args) -> int:
     try:
         counters = run_consumer(settings, on_batch=progress_log, observability=observability)
     except CheckpointError as error:  # a checkpoint it may not resume from: one line, no traceback
-        print(f"streamem: {error}", file=sys.stderr)
+        print(f"streamem run: {error}", file=sys.stderr)
         return 2
     except (DeliveryFailed, LearnerFailed) as error:  # nothing was committed past the failure
         logger.error("stopped: %s", error)

@@ -33,6 +33,7 @@ raise `reg_covar`, or turn the distance rule off (`outlier_threshold=None` or `o
 from __future__ import annotations
 
 import dataclasses
+import warnings
 
 import numpy as np
 
@@ -121,7 +122,8 @@ def robust_reference(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     1.2533 x the mean absolute deviation (the sd for normal data); where that is 0 too (a
     constant so far), max(|median|, 1): no spread seen, so a change is judged by its size.
     """
-    with np.errstate(all="ignore"):
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a column all NaN (never judged): centre 0 below
         centre = np.nanmedian(rows, axis=0)
         deviation = np.abs(rows - centre)
         scale = _MAD_TO_SD * np.nanmedian(deviation, axis=0)

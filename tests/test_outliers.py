@@ -270,3 +270,83 @@ def test_regression_quick_check_never_lets_an_outlier_through():
     refused = model.screen_many(pd.DataFrame({"x": rows[:, 1]}), pd.Series(rows[:, 0])).outlier
     assert passed.any() and refused.any()
     assert not (passed & refused).any()
+
+
+# -- a stream that has moved is not locked out; the warm-up's first records are reported ------------------
+# Bound used below: with batch_size=B the guard re-warms at the (B // 2 + 1)-th refusal within the last B
+# screened records, so after a shift at most B // 2 + 1 records are refused, then `warmup` records later the
+# model is warm on the new level.
+SHIFT_BATCH, SHIFT_WARMUP = 50, 200
+
+
+def _shifted_gmm(before: np.ndarray, after: np.ndarray, one_by_one: bool) -> se.OnlineGMM:
+    model = se.OnlineGMM(1, batch_size=SHIFT_BATCH, warmup=SHIFT_WARMUP, seed=0, outliers="skip")
+    for block in (before, after):
+        if one_by_one:
+            for row in block.tolist():
+                model.learn_one({"x0": row[0], "x1": row[1]})
+        else:
+            model.learn_many(_frame(block))
+    return model
+
+
+@pytest.mark.parametrize("one_by_one", [False, True])
+def test_a_feature_constant_then_moved_by_one_is_learned_again(one_by_one):
+    """Reviewer's repro: x1 exactly 0 for 1,000 records then 1: at most B//2+1 records refused, then the
+    model re-warms and its mean of x1 is the new level 1 (x0 ~ N(3, 1) throughout)."""
+    rng = np.random.default_rng(5)
+    before = np.column_stack([rng.normal(3.0, 1.0, 1000), np.zeros(1000)])
+    after = np.column_stack([rng.normal(3.0, 1.0, 1000), np.ones(1000)])
+    model = _shifted_gmm(before, after, one_by_one)
+    assert model.n_outliers <= SHIFT_BATCH // 2 + 1
+    assert model.is_warm
+    assert model.means_[0, 1] == pytest.approx(1.0, abs=1e-9)
+    assert model.means_[0, 0] == pytest.approx(after[:, 0].mean(), abs=0.15)
+
+
+@pytest.mark.parametrize("one_by_one", [False, True])
+def test_a_precise_sensor_whose_level_moves_by_5000_sd_is_learned_again(one_by_one):
+    """Reviewer's repro: sd 0.001 around 2, then around 7: bounded refusals, then the mean is 7 within 0.001."""
+    rng = np.random.default_rng(6)
+    before = np.column_stack([rng.normal(2.0, 0.001, 1000), rng.normal(0.0, 1.0, 1000)])
+    after = np.column_stack([rng.normal(7.0, 0.001, 1000), rng.normal(0.0, 1.0, 1000)])
+    model = _shifted_gmm(before, after, one_by_one)
+    assert model.n_outliers <= SHIFT_BATCH // 2 + 1
+    assert model.means_[0, 0] == pytest.approx(7.0, abs=1e-3)
+
+
+def test_regression_whose_feature_moves_is_learned_again():
+    """A regression feature constant at 0 then at 1: bounded refusals, then the running spread follows it."""
+    rng = np.random.default_rng(7)
+    x = np.concatenate([np.zeros(1000), np.ones(1000)])
+    z = rng.uniform(0, 10, 2000)
+    y = 0.5 * z + 1.0 + x + rng.normal(0.0, 0.1, 2000)
+    model = se.OnlineRegressionMixture(1, batch_size=SHIFT_BATCH, warmup=SHIFT_WARMUP, seed=0, outliers="skip")
+    model.learn_many(pd.DataFrame({"x": x[:1000], "z": z[:1000]}), pd.Series(y[:1000]))
+    model.learn_many(pd.DataFrame({"x": x[1000:], "z": z[1000:]}), pd.Series(y[1000:]))
+    assert model.n_outliers <= SHIFT_BATCH // 2 + 1
+    assert model.n_seen >= 2000 - SHIFT_BATCH
+    assert model.coef_[0, list(model.feature_names_).index("z")] == pytest.approx(0.5, abs=0.02)
+
+
+def test_isolated_absurd_records_do_not_trigger_the_moved_stream_escape():
+    """One absurd record in every 10 (1e6, 2**65 in a N(0,1)/N(6,1) stream): each refused, none learned."""
+    model = _warm_gmm(outliers="skip")
+    points = _points(1000, seed=9)
+    points[::10, 0] = np.where(np.arange(100) % 2 == 0, 1e6, 2.0**65)
+    model.learn_many(_frame(points))
+    assert model.n_outliers == 100
+    order = np.argsort(model.means_[:, 0])
+    np.testing.assert_allclose(model.means_[order], CENTRES, atol=0.15)
+
+
+def test_a_warm_up_outlier_among_the_first_20_records_is_reported_in_skipped():
+    """Reviewer's repro: a=1e5 at position 3 of a fresh model's first 100 records is in skipped_ (not silently
+    dropped at the warm-up fit)."""
+    points = _points(100, seed=11)
+    points[3, 0] = 1e5
+    model = se.OnlineGMM(2, batch_size=50, warmup=60, seed=0, outliers="skip")
+    model.learn_many(_frame(points))
+    assert [position for position, _ in model.skipped_] == [3]
+    assert model.n_outliers == 1 and model.n_seen == 99
+    assert model.screen_many(_frame(points)).outlier.tolist() == [i == 3 for i in range(100)]

@@ -2,7 +2,8 @@
 
 Dead letters are bounded (a payload prefix with its size, hash and a truncation flag), model keys
 have a length limit, and the sink retries through an outage up to `delivery_timeout_s`, with
-/healthz saying 503 while outputs wait, and a clean one-line exit when the limit passes.
+/readyz saying 503 while outputs wait (and /healthz 200: a liveness probe must not restart the pod),
+and a clean one-line exit when the limit passes.
 """
 
 from __future__ import annotations
@@ -162,18 +163,18 @@ def test_a_consumer_dead_letters_a_huge_record_and_goes_on(broker, tmp_path, pay
 
 
 # -- broker outages ------------------------------------------------------------------------------
-def _healthz(port: int) -> tuple[int, str]:
-    """One probe of /healthz, a fifth of a second after the previous one (a kubelet probes every few seconds)."""
+def _readyz(port: int) -> tuple[int, str]:
+    """One probe of /readyz, a fifth of a second after the previous one (a kubelet probes every few seconds)."""
     threading.Event().wait(0.2)
-    return _get(port, "/healthz")
+    return _get(port, "/readyz")
 
 
 @pytest.mark.parametrize("client", ["kafka-python", "confluent"])
-def test_an_outage_is_ridden_out_with_healthz_503_meanwhile(client):
-    """A checkpoint that meets a stopped broker waits (/healthz 503, the wait metric grows) and is delivered
-    once the broker is back on its port: no error, /healthz 200 again."""
+def test_an_outage_is_ridden_out_with_readyz_503_meanwhile(client):
+    """A checkpoint that meets a stopped broker waits (/readyz 503, the wait metric grows, /healthz stays 200 so
+    no liveness probe restarts it) and is delivered once the broker is back on its port: no error."""
     outage = EmbeddedBroker().start()  # its own broker: this test stops it
-    observability = Observability(delivery_stall_s=1.0)
+    observability = Observability(delivery_stall_s=1.0, delivery_timeout_s=60)
     port = observability.serve(0, host="127.0.0.1")
     try:
         topic = unique("outage")
@@ -197,9 +198,10 @@ def test_an_outage_is_ridden_out_with_healthz_503_meanwhile(client):
             counter.close()
         outage.stop()
         stop.set()  # the last checkpoint now waits for the broker
-        status, text = wait_for(lambda: (lambda h: h if h[0] == 503 else None)(_healthz(port)), 30, "/healthz 503")
+        status, text = wait_for(lambda: (lambda h: h if h[0] == 503 else None)(_readyz(port)), 30, "/readyz 503")
         assert text.startswith("outputs not acknowledged for")
         assert _metric(_get(port, "/metrics")[1], "streamem_delivery_wait_seconds") >= 1.0
+        assert _get(port, "/healthz") == (200, "ok\n")  # riding it out: not a reason to restart
         outage = EmbeddedBroker(port=outage.port).start()  # back, empty, on the same port
         thread.join(90)
         assert not thread.is_alive() and "error" not in result, result.get("error")
@@ -244,14 +246,17 @@ def test_an_outage_beyond_the_limit_stops_with_one_clear_line():
         outage.stop()
 
 
-def test_healthz_fails_while_a_checkpoint_waits_longer_than_delivery_stall_s():
-    """/healthz is 503 (and says why) while outputs wait past delivery_stall_s, 200 once delivered."""
+def test_readyz_fails_while_a_checkpoint_waits_longer_than_delivery_stall_s():
+    """/readyz is 503 (and says why) while outputs wait past delivery_stall_s, 200 once delivered; /healthz 200."""
     observability = Observability(delivery_stall_s=0.0)
     port = observability.serve(0, host="127.0.0.1")
     try:
+        observability.ready()
         with observability.delivering():
-            status, text = _get(port, "/healthz")
+            status, text = _get(port, "/readyz")
             assert status == 503 and text.startswith("outputs not acknowledged for")
+            assert _get(port, "/healthz") == (200, "ok\n")
+        assert _get(port, "/readyz") == (200, "ready\n")
         assert _get(port, "/healthz") == (200, "ok\n")
         assert _metric(_get(port, "/metrics")[1], "streamem_delivery_wait_seconds") == 0.0
     finally:
@@ -270,3 +275,90 @@ def test_a_record_no_retry_can_send_fails_at_once_in_one_line(broker, client):
         assert "\n" not in str(failed.value)
     finally:
         sink.close()
+
+
+@pytest.mark.parametrize("delivery_timeout_s", [300.0, 1800.0])
+def test_the_group_keeps_a_consumer_through_the_longest_delivery_wait(broker, delivery_timeout_s):
+    """The consumer's max poll interval is longer than a checkpoint can block riding out an outage (two
+    deliveries of delivery_timeout_s each, then a margin): the group does not evict it mid ride-out."""
+    from connectors.kafka.clients import ConfluentSource, KafkaPythonSource, max_poll_interval_ms
+
+    settings = make_settings(broker, unique("poll"), delivery_timeout_s=delivery_timeout_s)
+    source = KafkaPythonSource(settings, start_offsets=lambda partitions: {})
+    try:
+        interval_ms = source._consumer.config["max_poll_interval_ms"]
+    finally:
+        source.close()
+    assert interval_ms == max_poll_interval_ms(settings) > 2 * delivery_timeout_s * 1000 + 30_000
+    ConfluentSource(settings, start_offsets=lambda partitions: {}).close()  # librdkafka takes the same value
+
+
+@pytest.mark.parametrize("delivery_timeout_s", [300.0, 1800.0])
+def test_liveness_outlasts_the_longest_delivery_wait(delivery_timeout_s):
+    """/healthz holds for as long as the group keeps the consumer minus a margin, and longer than two ride-outs."""
+    from connectors.kafka.clients import longest_checkpoint_s
+
+    limit_s = Observability(delivery_timeout_s=delivery_timeout_s).delivery_limit_s
+    assert limit_s == longest_checkpoint_s(delivery_timeout_s) > 2 * delivery_timeout_s
+
+
+def test_a_record_the_broker_rejects_for_good_fails_at_once_in_one_line(broker):
+    """A rejection in a delivery report (confluent: the broker's INVALID_TOPIC for a topic name it refuses) is
+    not retried until delivery_timeout_s: DeliveryFailed at once, in one line naming the broker's error."""
+    import time
+
+    settings = make_settings(broker, unique("rejected"), client="confluent", delivery_timeout_s=30)
+    sink = make_sink(settings)
+    started = time.monotonic()
+    try:
+        with pytest.raises(DeliveryFailed, match="an output record cannot be sent: .*Invalid topic") as failed:
+            sink.send([OutputRecord("bad topic!", None, b"{}")])
+            sink.flush()
+        assert "\n" not in str(failed.value)
+        assert time.monotonic() - started < 15  # one attempt, not 30 s of retries
+    finally:
+        sink.close()
+
+
+def _kafka_python_errors(codes):
+    from kafka.errors import for_code
+
+    return [for_code(code)("the broker said no") for code in codes]
+
+
+def _confluent_errors(codes):
+    from confluent_kafka import KafkaError, KafkaException
+
+    return [KafkaError(code) for code in codes] + [KafkaException(KafkaError(code)) for code in codes]
+
+
+# Kafka protocol error codes: the same numbers in both clients' error objects
+REJECTED_FOR_GOOD = {
+    10: "MESSAGE_TOO_LARGE (the topic's max.message.bytes)",
+    17: "INVALID_TOPIC_EXCEPTION",
+    18: "RECORD_LIST_TOO_LARGE",
+    29: "TOPIC_AUTHORIZATION_FAILED",
+    31: "CLUSTER_AUTHORIZATION_FAILED",
+    87: "INVALID_RECORD",
+}
+PASSING = {3: "UNKNOWN_TOPIC_OR_PARTITION", 6: "NOT_LEADER_OR_FOLLOWER", 7: "REQUEST_TIMED_OUT", 15: "COORDINATOR"}
+
+
+@pytest.mark.parametrize("client", ["kafka-python", "confluent"])
+def test_broker_rejections_are_fatal_and_outages_are_not(client):
+    """Real client error objects: what the broker refuses for good is fatal (no retry can send it), what an outage
+    gives (timeouts, transport errors, leaders moving) is retried."""
+    from confluent_kafka import KafkaError
+    from kafka.errors import KafkaConnectionError, KafkaTimeoutError
+
+    from connectors.kafka.clients import rejected_for_good
+
+    if client == "kafka-python":
+        fatal = _kafka_python_errors(REJECTED_FOR_GOOD)
+        passing = _kafka_python_errors(PASSING) + [KafkaTimeoutError("expired"), KafkaConnectionError("refused")]
+    else:
+        fatal = _confluent_errors(REJECTED_FOR_GOOD)
+        passing = _confluent_errors(PASSING) + _confluent_errors([KafkaError._MSG_TIMED_OUT, KafkaError._TRANSPORT])
+        passing.append("flush timed out")
+    assert [error for error in fatal if not rejected_for_good(error)] == []
+    assert [error for error in passing if rejected_for_good(error)] == []

@@ -90,3 +90,55 @@ def test_liveness_fails_when_the_loop_stalls():
         assert _get(port, "/healthz") == (200, "ok\n")
     finally:
         observability.close()
+
+
+def test_a_delivery_wait_fails_readiness_but_not_liveness_within_the_limit():
+    """While a checkpoint waits for the broker (within delivery_timeout_s), /readyz is 503 and says why, and
+    /healthz stays 200 although the loop does not turn meanwhile: a kubelet must not restart a pod riding out
+    an outage."""
+    observability = Observability(stall_after_s=0.2, delivery_stall_s=0.1, delivery_timeout_s=300.0)
+    port = observability.serve(0, host="127.0.0.1")
+    try:
+        observability.ready()
+        observability.turned()
+        with observability.delivering():
+            wait_for(lambda: observability.delivery_wait_s() > 0.5, 10, "a wait past stall_after_s")
+            status, text = _get(port, "/readyz")
+            assert status == 503 and text.startswith("outputs not acknowledged for"), text
+            assert _get(port, "/healthz") == (200, "ok\n")
+            assert _metric(_get(port, "/metrics")[1], "streamem_delivery_wait_seconds") > 0.5
+        observability.turned()
+        assert _get(port, "/readyz") == (200, "ready\n")
+        assert _metric(_get(port, "/metrics")[1], "streamem_delivery_wait_seconds") == 0.0
+    finally:
+        observability.close()
+
+
+def test_liveness_fails_once_a_delivery_wait_passes_the_limit():
+    """/healthz turns 503 only when a checkpoint has waited past delivery_limit_s (the sink gives up before:
+    waiting longer means the process is stuck)."""
+    observability = Observability(stall_after_s=0.1, delivery_stall_s=0.1, delivery_limit_s=0.8)
+    port = observability.serve(0, host="127.0.0.1")
+    try:
+        observability.ready()
+        with observability.delivering():
+            started = time.monotonic()
+            assert _get(port, "/healthz") == (200, "ok\n")
+            wait_for(lambda: _get(port, "/healthz")[0] == 503, 10, "/healthz 503 past the limit")
+            assert time.monotonic() - started >= 0.8
+            status, text = _get(port, "/healthz")
+            assert status == 503 and "longer than an outage is ridden out" in text, text
+    finally:
+        observability.close()
+
+
+def test_the_delivery_thresholds_come_from_the_sink():
+    """/readyz's delivery threshold is the sink's attempt length (one constant, not two); /healthz's is at least
+    two full ride-outs (the outputs, then the checkpoint record), each delivery_timeout_s plus a last attempt."""
+    from connectors.kafka.clients import ATTEMPT_S
+
+    assert Observability().delivery_stall_s == ATTEMPT_S
+    assert Observability(delivery_timeout_s=4.0).delivery_stall_s == 4.0  # an attempt never outlasts the limit
+    for timeout_s in (3.0, 300.0, 1800.0):
+        limit_s = Observability(delivery_timeout_s=timeout_s).delivery_limit_s
+        assert limit_s >= 2 * (timeout_s + min(ATTEMPT_S, timeout_s))

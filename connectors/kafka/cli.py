@@ -138,7 +138,7 @@ def _run(args) -> int:
     _require_client(settings.client)
     configure_logging(settings.log_level, settings.log_format)
     logger.info("settings: %s", settings.redacted())
-    observability = Observability()
+    observability = Observability(delivery_timeout_s=settings.delivery_timeout_s)
     if settings.http_port is not None:
         port = observability.serve(settings.http_port)
         logger.info("serving /metrics, /healthz and /readyz on port %d", port)

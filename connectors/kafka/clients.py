@@ -22,7 +22,18 @@ from typing import Protocol
 from connectors.kafka.records import InputRecord, OutputRecord
 from connectors.kafka.settings import ConsumerSettings
 
-__all__ = ["DeliveryFailed", "InputPositions", "Sink", "Source", "input_positions", "make_sink", "make_source"]
+__all__ = [
+    "DeliveryFailed",
+    "InputPositions",
+    "Sink",
+    "Source",
+    "input_positions",
+    "longest_checkpoint_s",
+    "make_sink",
+    "make_source",
+    "max_poll_interval_ms",
+    "rejected_for_good",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -48,8 +59,22 @@ class Sink(Protocol):
     def close(self) -> None: ...
 
 
-ATTEMPT_S = 10.0  # one delivery attempt at most: short, so that backoff and /healthz stay responsive
+ATTEMPT_S = 10.0  # one delivery attempt at most: short, so that backoff and /readyz stay responsive
 BACKOFF_CAP_S = 5.0
+FLUSH_GRACE_S = 5.0  # a flush waits this much past an attempt, by when its records have expired
+
+
+def longest_checkpoint_s(delivery_timeout_s: float) -> float:
+    """The longest a checkpoint blocks while riding out an outage: two deliveries (the outputs, then the
+    checkpoint record itself on the state topic), each up to `delivery_timeout_s` plus its last attempt."""
+    return 2 * (delivery_timeout_s + min(ATTEMPT_S, delivery_timeout_s) + FLUSH_GRACE_S)
+
+
+def max_poll_interval_ms(settings: ConsumerSettings) -> int:
+    """The consumers' max poll interval: a checkpoint does not poll, so the group must keep a member for the
+    longest checkpoint plus a margin for one batch (Kafka's default, 300 s, equals the default
+    delivery_timeout_s: a long outage would get the consumer evicted from its group mid ride-out)."""
+    return int(1000 * max(300.0, longest_checkpoint_s(settings.delivery_timeout_s) + 60.0))
 
 
 class _ResendingSink:
@@ -96,6 +121,8 @@ class _ResendingSink:
             if failure is None:
                 self._pending.clear()
                 return
+            if rejected_for_good(failure[1]):  # reported back by the broker: no retry can send it either
+                raise DeliveryFailed(f"an output record cannot be sent: {_one_line(failure[1])}")
             left = deadline - time.monotonic()
             if left <= 0:
                 raise DeliveryFailed(
@@ -140,7 +167,7 @@ class _ResendingSink:
         self._producer = None
 
     def _failed(self, error: BaseException) -> None:
-        if self._fatal(error):  # no retry can send this record
+        if rejected_for_good(error):  # no retry can send this record
             raise DeliveryFailed(f"an output record cannot be sent: {_one_line(error)}") from None
         self._failure = error
 
@@ -157,6 +184,30 @@ class _ResendingSink:
 def _one_line(error: object, limit: int = 300) -> str:
     text = " ".join(str(error).split()) or type(error).__name__
     return text if len(text) <= limit else text[:limit] + "..."
+
+
+# Kafka protocol error codes (the same numbers in kafka-python's `errno` and confluent's `code()`) for what the
+# broker refuses for good: the record or batch is too large for the topic's max.message.bytes (10, 18),
+# the topic name is invalid (17), the record fails validation (87), or the producer may not write (29, 31).
+# Retrying them only delays the same answer until delivery_timeout_s.
+REJECTED_FOR_GOOD = frozenset({10, 17, 18, 29, 31, 87})
+
+
+def rejected_for_good(error: object) -> bool:
+    """Whether a client's error (raised at send, or reported in a future or a delivery callback) says no
+    retry can deliver the record; outage errors (timeouts, transport, leaders moving) are not."""
+    if error is not None and type(error).__name__ == "KafkaException" and getattr(error, "args", None):
+        error = error.args[0]  # confluent's exception wraps its KafkaError
+    code = getattr(error, "code", None)
+    if callable(code):  # confluent_kafka.KafkaError
+        return code() in REJECTED_FOR_GOOD
+    errno = getattr(type(error), "errno", None)  # kafka-python's error classes
+    return isinstance(error, Exception) and errno in REJECTED_FOR_GOOD
+
+
+def _worst(failures: list) -> object:
+    """The failure to act on: one no retry can cure if there is one, else the first."""
+    return next((error for error in failures if rejected_for_good(error)), failures[0])
 
 
 StartOffsets = Callable[[list[Partition]], dict[Partition, int]]
@@ -275,6 +326,7 @@ class KafkaPythonSource:
             auto_offset_reset="earliest",
             session_timeout_ms=settings.session_timeout_ms,
             heartbeat_interval_ms=settings.heartbeat_interval_ms,
+            max_poll_interval_ms=max_poll_interval_ms(settings),
             max_poll_records=settings.max_poll_records,
             reconnect_backoff_max_ms=1000,
             client_id=f"streamem-{settings.instance_id}",
@@ -371,18 +423,13 @@ class KafkaPythonSink(_ResendingSink):
 
     def _wait(self) -> tuple[int, object] | None:
         try:
-            self._producer.flush(timeout=self._attempt_s + 5.0)  # the records expire before this
+            self._producer.flush(timeout=self._attempt_s + FLUSH_GRACE_S)  # the records expire before this
         except self._client_errors as error:
             self._futures = []
             return len(self._pending), error
         failures = [f.exception for f in self._futures if not f.succeeded()]
         self._futures = []
-        return (len(failures), failures[0]) if failures else None
-
-    def _fatal(self, error: BaseException) -> bool:
-        from kafka.errors import MessageSizeTooLargeError
-
-        return isinstance(error, MessageSizeTooLargeError)
+        return (len(failures), _worst(failures)) if failures else None
 
     def _close_producer(self, timeout_s: float) -> int:
         unsent = sum(not f.is_done for f in self._futures)
@@ -412,6 +459,7 @@ class ConfluentSource:
                 "auto.offset.reset": "earliest",
                 "session.timeout.ms": settings.session_timeout_ms,
                 "heartbeat.interval.ms": settings.heartbeat_interval_ms,
+                "max.poll.interval.ms": max_poll_interval_ms(settings),
                 "client.id": f"streamem-{settings.instance_id}",
                 **confluent_security(settings),
             }
@@ -515,16 +563,11 @@ class ConfluentSink(_ResendingSink):
                     self._producer.poll(0.05)
 
     def _wait(self) -> tuple[int, object] | None:
-        remaining = self._producer.flush(self._attempt_s + 5.0)  # the records time out before this
+        remaining = self._producer.flush(self._attempt_s + FLUSH_GRACE_S)  # the records time out before this
         failures, self._failures = self._failures, []
         if failures or remaining:
-            return len(failures) + remaining, failures[0] if failures else "flush timed out"
+            return len(failures) + remaining, _worst(failures) if failures else "flush timed out"
         return None
-
-    def _fatal(self, error: BaseException) -> bool:
-        from confluent_kafka import KafkaError
-
-        return bool(error.args) and getattr(error.args[0], "code", lambda: None)() == KafkaError.MSG_SIZE_TOO_LARGE
 
     def _close_producer(self, timeout_s: float) -> int:
         unsent = self._producer.flush(timeout_s)

@@ -1,10 +1,20 @@
 """Operations: Prometheus metrics, liveness/readiness endpoints, and JSON log lines.
 
 One small HTTP server (standard library) serves `/metrics` (Prometheus text
-format, from prometheus-client), `/healthz` (liveness: the consume loop turned
-within `stall_after_s`, and no checkpoint has waited more than `delivery_stall_s`
-for the broker to acknowledge the outputs) and `/readyz` (readiness: the consumer
-has partitions and its checkpoint is loaded).
+format, from prometheus-client), `/healthz` and `/readyz`. The two probes split
+what a broker outage means:
+
+- `/readyz` (readiness: "do not count on me now", for routing and alerts) is 503
+  until the consumer holds partitions, while the loop is stalled, and while a
+  checkpoint has waited more than one delivery attempt (`delivery_stall_s`) for
+  the broker to acknowledge the outputs: outputs cannot be delivered.
+- `/healthz` (liveness: "restart me") is 503 only when the process is stuck: the
+  loop has not turned for `stall_after_s` outside a checkpoint, or a checkpoint
+  has waited longer than it can while riding out an outage (`delivery_limit_s`,
+  from `delivery_timeout_s`: the sink gives up then). A liveness probe on it
+  never restarts a consumer riding out an outage.
+
+`streamem_delivery_wait_seconds` says how long the current checkpoint has waited.
 """
 
 from __future__ import annotations
@@ -18,15 +28,31 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from connectors.kafka.clients import ATTEMPT_S, longest_checkpoint_s
+
 __all__ = ["ClientLogThrottle", "JsonFormatter", "Observability", "configure_logging", "quiet_client_loggers"]
 
 
 class Observability:
     """Metrics and health of one consumer process."""
 
-    def __init__(self, stall_after_s: float = 60.0, delivery_stall_s: float = 10.0):
-        """`delivery_stall_s`: a checkpoint waiting longer than this for acknowledgements means the
-        outputs cannot be delivered (a broker outage); the default is one delivery attempt."""
+    def __init__(
+        self,
+        stall_after_s: float = 60.0,
+        delivery_stall_s: float | None = None,
+        delivery_timeout_s: float = 300.0,
+        delivery_limit_s: float | None = None,
+    ):
+        """Parameters
+        ----------
+        stall_after_s : the loop not turning this long (outside a checkpoint) means it is stuck.
+        delivery_stall_s : a checkpoint waiting longer than this for acknowledgements means the outputs
+            cannot be delivered (a broker outage): /readyz fails. Default: one delivery attempt of the
+            sink (`clients.ATTEMPT_S`, or `delivery_timeout_s` if shorter, as the sink does).
+        delivery_timeout_s : the sink's limit (the `delivery_timeout_s` setting).
+        delivery_limit_s : /healthz fails when a checkpoint waits longer than this. Default: the longest
+            a checkpoint blocks riding out an outage (`clients.longest_checkpoint_s`).
+        """
         self.registry = CollectorRegistry()
         self.records_in = Counter("streamem_records_in", "input records consumed", registry=self.registry)
         self.assigned = Counter(
@@ -51,7 +77,10 @@ class Observability:
         )
         self.delivery_wait.set_function(self.delivery_wait_s)
         self.stall_after_s = stall_after_s
-        self.delivery_stall_s = delivery_stall_s
+        if delivery_limit_s is None:
+            delivery_limit_s = longest_checkpoint_s(delivery_timeout_s)
+        self.delivery_limit_s = delivery_limit_s
+        self.delivery_stall_s = min(ATTEMPT_S, delivery_timeout_s) if delivery_stall_s is None else delivery_stall_s
         self._delivering_since: float | None = None
         self._last_turn = time.monotonic()
         self._ready = False
@@ -66,12 +95,14 @@ class Observability:
     @contextlib.contextmanager
     def delivering(self):
         """Around a checkpoint: flushing the outputs, storing the checkpoint, committing. It blocks
-        while the broker is away, and /healthz fails once it has blocked for `delivery_stall_s`."""
+        while the broker is away: /readyz fails once it has blocked for `delivery_stall_s`, /healthz
+        only past `delivery_limit_s`."""
         self._delivering_since = time.monotonic()
         try:
             yield
         finally:
             self._delivering_since = None
+            self._last_turn = time.monotonic()  # the loop turns on from here: the wait was not a stall
 
     def ready(self, value: bool = True) -> None:
         self._ready = value
@@ -98,22 +129,33 @@ class Observability:
 
     @property
     def delivered(self) -> bool:
-        """False while outputs wait too long for the broker (as during an outage)."""
+        """False while outputs wait longer than one attempt for the broker (as during an outage)."""
         return self._delivering_since is None or self.delivery_wait_s() < self.delivery_stall_s
+
+    def health(self) -> str:
+        """What /healthz (liveness) says: "ok", or why the process is stuck."""
+        if self._delivering_since is not None:  # the loop waits for the broker, up to the sink's limit
+            wait = self.delivery_wait_s()
+            if wait < self.delivery_limit_s:
+                return "ok"
+            return f"outputs not acknowledged for {wait:.0f} s, longer than an outage is ridden out"
+        return "ok" if time.monotonic() - self._last_turn < self.stall_after_s else "stalled"
+
+    def readiness(self) -> str:
+        """What /readyz says: "ready", or why not (outputs that cannot be delivered, first)."""
+        if not self.delivered:
+            return f"outputs not acknowledged for {self.delivery_wait_s():.0f} s"
+        if self.health() != "ok":
+            return "not ready"
+        return "ready" if self._ready else "not ready"
 
     @property
     def alive(self) -> bool:
-        return time.monotonic() - self._last_turn < self.stall_after_s and self.delivered
-
-    def health(self) -> str:
-        """What /healthz says: "ok", or why not."""
-        if not self.delivered:
-            return f"outputs not acknowledged for {self.delivery_wait_s():.0f} s"
-        return "ok" if self.alive else "stalled"
+        return self.health() == "ok"
 
     @property
     def is_ready(self) -> bool:
-        return self._ready and self.alive
+        return self.readiness() == "ready"
 
     def serve(self, port: int, host: str = "0.0.0.0") -> int:  # noqa: S104 - a container's probe port
         """Start the HTTP server in a daemon thread; returns the bound port (0 picks a free one)."""
@@ -127,8 +169,9 @@ class Observability:
                     health = observability.health()
                     body, status, kind = f"{health}\n".encode(), (200 if health == "ok" else 503), "text/plain"
                 elif self.path == "/readyz":
-                    ok = observability.is_ready
-                    body, status, kind = (b"ready\n" if ok else b"not ready\n"), (200 if ok else 503), "text/plain"
+                    readiness = observability.readiness()
+                    body, status = f"{readiness}\n".encode(), (200 if readiness == "ready" else 503)
+                    kind = "text/plain"
                 else:
                     body, status, kind = b"not found\n", 404, "text/plain"
                 self.send_response(status)

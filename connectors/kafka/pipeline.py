@@ -126,7 +126,7 @@ def run_consumer(
     def checkpoint() -> None:
         nonlocal unsaved, last_checkpoint
         if unsaved:
-            # blocks through a broker outage (up to delivery_timeout_s): /healthz says so meanwhile
+            # blocks through a broker outage (up to delivery_timeout_s): /readyz says so meanwhile
             with observability.delivering() if observability is not None else contextlib.nullcontext():
                 answerer.checkpoint()  # 1. every output acknowledged, 2. checkpoint stored
                 owned = source.assigned()  # a partition lost in a rebalance is its new owner's to commit

@@ -72,7 +72,8 @@ class TopicCounter:
         partitions = self.consumer.partitions_for_topic(topic) or {0}
         assigned = [TopicPartition(topic, p) for p in partitions]
         self.consumer.assign(assigned)
-        # from the start: "latest" is wrong on Tansu (KAFKA.md), and records may predate this counter
+        # from the start: Tansu answers "latest" with the last batch's base offset + 1, not the end of the
+        # partition, and records may predate this counter
         self.consumer.seek_to_beginning(*assigned)
         self.seen = 0
 

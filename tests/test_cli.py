@@ -182,3 +182,10 @@ def test_reset_model_help_shows_one_default():
     start = text.index("--reset-model, --no-reset-model")
     entry = text[start : text.index(" --", start + 32)]
     assert entry.count("default") == 1, entry
+
+
+def test_max_records_help_says_in_this_run():
+    """`run --help` says --max-records counts the records of this run (not those restored from a checkpoint)."""
+    text = _help("run")
+    start = text.index("--max-records MAX_RECORDS stop")
+    assert "in this run" in text[start : text.index(" --", start + 20)]

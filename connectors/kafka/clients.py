@@ -7,8 +7,8 @@ The sink's guarantee: `send` queues records; `flush` returns only when the broke
 has acknowledged every record sent since the last flush, or raises
 `DeliveryFailed`; the loop commits nothing past an unacknowledged record. A
 producer whose sends failed is replaced by a new one before the records are
-sent again (an idempotent producer that lost its producer id never recovers on
-its own, see KAFKA.md).
+sent again (an idempotent producer that lost its producer id, as after a broker
+restart, never recovers on its own: its sends fail until it is replaced).
 """
 
 from __future__ import annotations

@@ -5,8 +5,9 @@ model as it stands, then publishes each mini-batch's expected sufficient
 statistics, normalised per record and tagged with the input offsets they cover,
 to the single-partition statistics topic. A replica changes its model only by
 applying that log in order, its own messages included, so all replicas that have
-read the log to the same offset hold the same model (statistics add; see
-DESIGN.md). Rules that make the replay deterministic:
+read the log to the same offset hold the same model (expected sufficient
+statistics add, so the model depends only on the log's contents and order).
+Rules that make the replay deterministic:
 
 - the first "init" message in the log (a warm-up fit of `warmup` records) starts
   the model; a later init (another replica warmed up at the same time) is applied

@@ -79,7 +79,12 @@ class ConsumerSettings(BaseSettings):
     drift_every: int = Field(1000, ge=1, description="publish a drift record every this many input records")
 
     # -- how -------------------------------------------------------------------------------------
-    max_records: int | None = Field(None, ge=1, description="stop cleanly after this many input records")
+    max_records: int | None = Field(
+        None,
+        ge=1,
+        description="stop cleanly after this many input records in this run "
+        "(those of earlier runs, restored from the checkpoint, do not count)",
+    )
     max_poll_records: int = Field(1024, ge=1, description="records per poll")
     model_process: bool = Field(
         True, description="run the model in a child process, beside the Kafka client (a second core)"

@@ -1,6 +1,7 @@
 """What every model family shares: sufficient statistics that add, scale and re-centre.
 
-A family is defined by its expected sufficient statistics (see DESIGN.md). Batch EM,
+A family is defined by its expected sufficient statistics (what the E-step sums over
+records; the M-step maps them to parameters in closed form). Batch EM,
 stepwise EM, checkpoints and merging workers all manipulate these objects and never
 look inside a family's parameters.
 """

@@ -362,3 +362,21 @@ def test_broker_rejections_are_fatal_and_outages_are_not(client):
         passing.append("flush timed out")
     assert [error for error in fatal if not rejected_for_good(error)] == []
     assert [error for error in passing if rejected_for_good(error)] == []
+
+
+def test_long_text_is_cut_one_way_everywhere():
+    """Errors, dead letters, delivery failures and demo samples are cut by one helper: at most `limit`
+    characters, ending in '… (N characters)' with N the whole length; short text is kept whole."""
+    from connectors.kafka import clients, demo
+    from connectors.kafka.text import shorten
+
+    assert shorten("abc", 3) == "abc"
+    cut = shorten("x" * 1000, 50)
+    assert len(cut) == 50 and cut.endswith("… (1000 characters)") and cut.startswith("x" * 30)
+    error = dead_letter(_source(b"{}"), "dead", "e" * 10_000)
+    assert json.loads(error.value)["error"] == shorten("e" * 10_000, schemas.DEAD_LETTER_ERROR_CHARACTERS)
+    decoded = RecordDecoder(["a"]).decode_batch([json.dumps({"a": "x" * 500}).encode()]).errors[0][1]
+    assert decoded.endswith("… (502 characters)"), decoded
+    assert clients._one_line("y" * 1000) == shorten("y" * 1000, 300)
+    sample = demo._shorten(json.dumps({"v": "z" * 1000}))
+    assert len(sample) <= 400 and sample.endswith(" characters)"), sample

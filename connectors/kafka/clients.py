@@ -21,6 +21,7 @@ from typing import Protocol
 
 from connectors.kafka.records import InputRecord, OutputRecord
 from connectors.kafka.settings import ConsumerSettings
+from connectors.kafka.text import shorten
 
 __all__ = [
     "DeliveryFailed",
@@ -182,8 +183,8 @@ class _ResendingSink:
 
 
 def _one_line(error: object, limit: int = 300) -> str:
-    text = " ".join(str(error).split()) or type(error).__name__
-    return text if len(text) <= limit else text[:limit] + "..."
+    """An error for a log line: on one line, cut to `limit` characters."""
+    return shorten(" ".join(str(error).split()) or type(error).__name__, limit)
 
 
 # Kafka protocol error codes (the same numbers in kafka-python's `errno` and confluent's `code()`) for what the

@@ -11,6 +11,7 @@ import numpy as np
 from connectors.kafka.broker import EmbeddedBroker
 from connectors.kafka.pipeline import Progress, run_consumer
 from connectors.kafka.settings import ConsumerSettings
+from connectors.kafka.text import shorten
 from connectors.kafka.topics import ensure_topics
 
 __all__ = ["produce_regimes", "run_demo", "REGIMES"]
@@ -155,9 +156,8 @@ def _rounded(value):
 
 
 def _shorten(record: str, width: int = 400) -> str:
-    """A sample output record for the terminal: numbers rounded, and cut with an ellipsis only if still long."""
-    text = json.dumps(_rounded(json.loads(record)), separators=(", ", ": "), ensure_ascii=False)
-    return text if len(text) <= width else text[: width - 1] + "…"
+    """A sample output record for the terminal: numbers rounded, and cut (`text.shorten`) only if still long."""
+    return shorten(json.dumps(_rounded(json.loads(record)), separators=(", ", ": "), ensure_ascii=False), width)
 
 
 def _show_samples(bootstrap_servers: str, topics: dict, out, middle: int) -> None:

@@ -24,6 +24,8 @@ import orjson
 from pydantic import ConfigDict, StrictFloat, StrictInt, StrictStr, TypeAdapter, ValidationError
 from typing_extensions import TypedDict
 
+from connectors.kafka.text import shorten
+
 __all__ = [
     "DEAD_LETTER_ERROR_CHARACTERS",
     "DEAD_LETTER_KEY_BYTES",
@@ -196,8 +198,7 @@ def _describe(error: ValidationError) -> str:
         return f"field {field!r} is not finite (NaN or infinity)"
     received = first.get("input")
     shown = orjson.dumps(received).decode() if _jsonable(received) else repr(received)
-    if len(shown) > _SHOWN_CHARACTERS:  # a 500 KB string would make a 500 KB error (and log line)
-        shown = f"{shown[:_SHOWN_CHARACTERS]}... ({len(shown)} characters)"
+    shown = shorten(shown, _SHOWN_CHARACTERS)  # a 500 KB string would make a 500 KB error (and log line)
     if kind in ("string_type", "int_type") or "string" in first["msg"]:
         return f"field {field!r} is not a string or an integer: {shown}"
     return f"field {field!r} is not a number: {shown}"
@@ -315,12 +316,6 @@ def _prefix(raw: bytes, limit: int) -> tuple[str, str]:
     return raw[:limit].decode("utf-8", errors="ignore"), "utf-8"
 
 
-def _bounded_error(error: str) -> str:
-    if len(error) <= DEAD_LETTER_ERROR_CHARACTERS:
-        return error
-    return f"{error[:DEAD_LETTER_ERROR_CHARACTERS]}... ({len(error)} characters)"
-
-
 def dead_letter(record: InputRecord, topic: str, error: str) -> OutputRecord:
     """{"source", "key", "error", "value", "encoding", "size", "sha256", "truncated", "key_truncated"}.
 
@@ -341,7 +336,7 @@ def dead_letter(record: InputRecord, topic: str, error: str) -> OutputRecord:
     body = {
         "source": source_of(record),
         "key": None if key is None else _prefix(key, DEAD_LETTER_KEY_BYTES)[0],
-        "error": _bounded_error(error),
+        "error": shorten(error, DEAD_LETTER_ERROR_CHARACTERS),
         "value": value,
         "encoding": encoding,
         "size": size,

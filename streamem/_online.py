@@ -70,6 +70,8 @@ class OnlineMixture:
         self._screened = 0  # records screened so far: the moved-stream window counts from it
         self._refused: list = []  # (screened index, row) refused by the distance rule in the last window
         self._moved = False  # the window says the stream has moved: re-warm before the next record
+        self._calls = 0  # learn calls so far: tells a warm-up row of this call from an earlier one
+        self._origins: list = []  # (call, position in it) of each warm-up buffer row, for skipped_
 
     @property
     def _schedule(self) -> StepSize:
@@ -244,11 +246,12 @@ class OnlineMixture:
         positions = {position for _, (position, _) in taken}
         self.skipped_ = [entry for entry in self.skipped_ if entry[0] not in positions]
         self.n_outliers -= len(taken)
-        self._engine, self._buffer, self._count = None, None, 0
+        self._engine, self._buffer, self._count, self._origins = None, None, 0, []
         self._scorer = self._reference = self._fast = self._scored = None
         for row in rows:
             self._ensure_buffer(width)
             self._buffer[self._count] = row
+            self._origins.append((-1, 0))  # taken back, not reported again
             self._count += 1
             self.n_seen += 1
             if self._count == self._buffer.shape[0]:
@@ -296,12 +299,15 @@ class OnlineMixture:
     def _push_row(self, row) -> None:
         self.skipped_ = ()
         self._screened += 1
+        self._calls += 1
         if not self._quick_pass(row) and not self._guarded(np.array([row], dtype=float)).shape[0]:
             if self._moved:
                 self._rewarm()
             return
         self._ensure_buffer(self._width())
         self._buffer[self._count] = row
+        if self._engine is None:
+            self._origins.append((self._calls, 0))
         self._count += 1
         self.n_seen += 1
         if self._count == self._buffer.shape[0]:
@@ -309,6 +315,7 @@ class OnlineMixture:
 
     def _push_rows(self, rows: np.ndarray, labels=None) -> None:
         self.skipped_ = ()
+        self._calls += 1
         start, n = 0, rows.shape[0]
         # one check of the whole frame for values too large (NaN, a missing value, takes the slow path)
         values_fit = n == 0 or bool(rows.max() < guard.TOO_LARGE and rows.min() > -guard.TOO_LARGE)
@@ -321,6 +328,7 @@ class OnlineMixture:
             self._screened += span
             chunk, chunk_labels = rows[start : start + span], None if labels is None else labels[start : start + span]
             offset, start = start, start + span
+            skipped = len(self.skipped_)
             if guarded and self._count == 0 and span == capacity and self._engine is not None:
                 # A whole mini-batch is at hand: screen it as the update will see it, so the
                 # update reuses the screen's log-densities (one pass over the rows, not two).
@@ -336,6 +344,9 @@ class OnlineMixture:
             take = chunk.shape[0]
             if take == 0:
                 continue
+            if self._engine is None:  # where each warm-up row came from, for `_screened_warm_up`
+                gone = {position for position, _ in self.skipped_[skipped:]} if take < span else ()
+                self._origins.extend((self._calls, p) for p in range(offset, offset + span) if p not in gone)
             if self._count == 0 and take == capacity:
                 # a whole mini-batch is at hand: update from it without copying
                 self.n_seen += capacity
@@ -357,7 +368,8 @@ class OnlineMixture:
         self._scorer = None
         self._reference = None
         if self._engine is None:
-            self._warm_up(self._screened_warm_up(rows))
+            origins, self._origins = self._origins, []
+            self._warm_up(self._screened_warm_up(rows, origins))
             self._buffer = None  # capacity changes from warmup to batch_size
         else:
             scored, self._scored = self._scored, None
@@ -365,17 +377,26 @@ class OnlineMixture:
                 batch = self._prepare(rows, self._engine.stats.shift)
             self._engine.update(batch, scored[1] if scored is not None and scored[0] is batch else None)
 
-    def _screened_warm_up(self, rows: np.ndarray) -> np.ndarray:
+    def _screened_warm_up(self, rows: np.ndarray, origins: list) -> np.ndarray:
         """The warm-up rows without those beyond the threshold from the whole buffer's median:
-        the first 20 records had no reference when they came, so they are checked here (left out
-        of the fit and counted in `n_outliers`, whatever `outliers` says: they were accepted)."""
+        records that came while fewer than 20 were buffered and at hand had no reference, so they
+        are checked here (left out of the fit and counted in `n_outliers`, whatever `outliers`
+        says: they were accepted). Those of the current learn call are reported in `skipped_`;
+        one from an earlier call can only be logged (a caller such as the Kafka consumer has
+        answered it already; it sees such records only when a model's first 20 come in pieces)."""
         if not self._distance_rule:
             return rows
         judged = self._judged(rows[:, : self._width()])
-        distance, _ = guard.robust_distance(judged, guard.robust_reference(judged))
+        distance, blame = guard.robust_distance(judged, guard.robust_reference(judged))
         far = ~(distance <= self.outlier_threshold)
         if not far.any():
             return rows
+        if len(origins) == rows.shape[0]:
+            screen = guard.make_screen(
+                rows[:, : self._width()], self._screen_names(), self.outlier_threshold, distance, guard.WARM_UP, blame
+            )
+            reported = [(origins[i][1], screen.error(i)) for i in np.flatnonzero(far) if origins[i][0] == self._calls]
+            self.skipped_ = sorted([*self.skipped_, *reported], key=lambda entry: entry[0])
         dropped = int(far.sum())
         self.n_seen -= dropped
         self.n_outliers += dropped
@@ -423,6 +444,7 @@ class OnlineMixture:
         self._count = 0
         self._scorer = None
         self._reference = None
+        self._origins = []
 
     def _params(self):
         """Parameters to predict with: warm model, or the provisional one during warm-up."""
@@ -520,6 +542,7 @@ class OnlineMixture:
         self._buffer = None
         self._count = 0
         self._reference = None
+        self._origins = [(-1, 0)] * len(rows)  # learned in an earlier life: not reportable
         if rows:
             array = np.asarray(rows, dtype=float)
             self._ensure_buffer(array.shape[1])

@@ -93,7 +93,9 @@ class OnlineGMM(OnlineMixture, base.Clusterer):
         distance to the closest component (for a record with missing features, the
         per-feature standardised distance of its observed ones). Default 1e6, i.e. 1000
         standard deviations: P(refusing a Gaussian record) < 1e-200000 for d <= 100, and the
-        10-20 sd days of real stock returns (squared distance <= 238) are learned. During the
+        10-20 sd days of real stock returns (squared distance <= 67, benchmarks/outliers.py) are
+        learned. With ``"skip"``, a stream that has moved (more than half of the last
+        `batch_size` records refused) makes the model warm up again from them. During the
         warm-up the distance is measured from the buffered records' median in robust standard
         deviations. None: only the too-large rule.
 

@@ -253,10 +253,9 @@ class OnlineRegressionMixture(OnlineMixture, base.MiniBatchRegressor):
     def learn_many(self, X: pd.DataFrame, y: pd.Series) -> None:
         """Learn from a DataFrame and its targets, vectorised; same model as a `learn_one` loop."""
         features = frame_values(X, X.columns)
-        targets = np.asarray(pd.Series(y), dtype=object)
-        if len(targets) != len(features):
-            raise ValueError(f"y has {len(targets)} values but X has {len(features)} rows")
-        checked = np.array([check_target_value(value) for value in targets], dtype=float)
+        checked = _target_values(y)
+        if len(checked) != len(features):
+            raise ValueError(f"y has {len(checked)} values but X has {len(features)} rows")
         with self._transaction():
             self._learn_features(list(X.columns))
             rows = np.zeros((len(features), self._width()))
@@ -272,7 +271,7 @@ class OnlineRegressionMixture(OnlineMixture, base.MiniBatchRegressor):
         too-large rule.
         """
         features = frame_values(X, X.columns)
-        target = np.array([check_target_value(value) for value in np.asarray(pd.Series(y), dtype=object)])
+        target = _target_values(y)
         if len(target) != len(features):
             raise ValueError(f"y has {len(target)} values but X has {len(features)} rows")
         new = [name for name in X.columns if name not in self._index]
@@ -404,6 +403,17 @@ def _widen_stats(stats: RegressionStats, old_d: int, added: int) -> RegressionSt
     shift = np.zeros(new_p)
     shift[order] = stats.shift
     return RegressionStats(shift=shift, mass=stats.mass, xx=xx, xy=xy, yy=stats.yy)
+
+
+def _target_values(y) -> np.ndarray:
+    """The targets as floats. A numeric Series (or array) is checked in one pass (~0.01 us a value);
+    the per-value check, which names the problem, runs for other dtypes or when a value is not finite."""
+    series = y if isinstance(y, pd.Series) else pd.Series(y)
+    if series.dtype.kind in "fiub":
+        values = series.to_numpy(dtype=float)
+        if np.isfinite(values).all():
+            return values
+    return np.array([check_target_value(value) for value in np.asarray(series, dtype=object)], dtype=float)
 
 
 def _check_record(x) -> None:

@@ -167,3 +167,57 @@ def test_regression_consumer_refuses_an_absurd_target_and_the_threshold_can_be_t
             Checkpoint.parse(TopicStore(settings, sink=None).load(settings.checkpoint_key)).model
         )
         assert model.n_seen == len(values) - len(expected)
+
+
+def _sensor_stream(n_before: int, n_after: int, seed: int = 5) -> list[bytes]:
+    """A precise sensor (sd 0.001) at 2.0, then at 7.0 (5000 sd away); b ~ N(0, 1) throughout."""
+    rng = np.random.default_rng(seed)
+    level = np.concatenate([np.full(n_before, 2.0), np.full(n_after, 7.0)])
+    a, b = level + rng.normal(0.0, 0.001, level.size), rng.normal(size=level.size)
+    return [json.dumps({"a": float(x), "b": float(y)}).encode() for x, y in zip(a, b, strict=True)]
+
+
+@pytest.mark.parametrize("model_key", [None, "sensor"])
+def test_a_stream_that_moves_is_learned_again_not_dead_lettered_for_ever(broker, model_key):
+    """Reviewer's repro: a sd-0.001 sensor moving by 5 after 1,200 records: at most batch_size // 2 + 1 = 26
+    dead letters (the refusals that start the new warm-up in the next poll are answered), then the records are
+    learned again and the model's mean is the new level 7 within 0.001 (also per key with --model-key)."""
+    topic = unique("outliers-moved")
+    values = _sensor_stream(1200, 1200)
+    if model_key is not None:
+        values = [json.dumps({**json.loads(v), "sensor": "s"}).encode() for v in values]
+    settings = _settings(broker, topic, n_components=1, max_records=len(values), model_key=model_key)
+    ensure_topics(settings, input_partitions=1)
+    produce(broker.bootstrap_servers, topic, values)
+
+    run_consumer(settings)
+
+    dead = read_all(broker.bootstrap_servers, settings.topics["dead_letter"])
+    assignments = read_all(broker.bootstrap_servers, settings.topics["assignments"])
+    assert len(dead) <= settings.batch_size // 2 + 1
+    assert len(assignments) + len(dead) == len(values)
+    if model_key is None:
+        document = Checkpoint.parse(TopicStore(settings, sink=None).load(settings.checkpoint_key)).model
+    else:
+        stored = TopicStore(settings, sink=None).load_prefix(f"{settings.group_id}/model/")
+        (document,) = [ModelCheckpoint.parse(raw).model for raw in stored.values()]
+    model = OnlineGMM.from_dict(document)
+    assert model.is_warm
+    assert model.means_[0, 0] == pytest.approx(7.0, abs=1e-3)
+
+
+def test_an_outlier_among_a_fresh_models_first_20_records_is_dead_lettered(broker):
+    """Reviewer's repro: a=1e5 at offset 3 of a fresh model's first 100 records: a dead letter, not an
+    assignment (99 assigned)."""
+    topic = unique("outliers-first-20")
+    values = _stream(100, seed=8, outliers=False)
+    values[3] = json.dumps({"a": 1e5, "b": 0.0}).encode()
+    settings = _settings(broker, topic, max_records=len(values))
+    ensure_topics(settings, input_partitions=1)
+    produce(broker.bootstrap_servers, topic, values)
+
+    counters = run_consumer(settings)
+
+    reasons = _check_outputs(broker, settings, values, [3])
+    assert "outlier: squared robust distance" in reasons[3]
+    assert (counters.assigned, counters.dead_lettered) == (99, 1)

@@ -350,3 +350,23 @@ def test_a_warm_up_outlier_among_the_first_20_records_is_reported_in_skipped():
     assert [position for position, _ in model.skipped_] == [3]
     assert model.n_outliers == 1 and model.n_seen == 99
     assert model.screen_many(_frame(points)).outlier.tolist() == [i == 3 for i in range(100)]
+
+
+@pytest.mark.parametrize("one_by_one", [False, True])
+def test_a_record_left_out_of_the_warm_up_fit_is_reported_by_the_call_that_fits(one_by_one):
+    """warmup=10 (fewer than the 20 records a reference needs): a=1e5 among them is left out of the fit
+    and reported in skipped_ by the call that fits (the frame's position; 0 for learn_one)."""
+    points = _points(10, seed=12)
+    points[3, 0] = 1e5
+    model = se.OnlineGMM(2, batch_size=50, warmup=10, seed=0, outliers="skip")
+    if one_by_one:
+        reported = []
+        for i, row in enumerate(points.tolist()):
+            model.learn_one({"x0": row[0], "x1": row[1]})
+            reported += [(i, position) for position, _ in model.skipped_]
+        assert reported == []  # a=1e5 came with call 3, the fit came with call 9: only logged
+    else:
+        model.learn_many(_frame(points))
+        assert [position for position, _ in model.skipped_] == [3]
+        assert "squared robust distance" in str(model.skipped_[0][1])
+    assert model.n_outliers == 1 and model.n_seen == 9

@@ -22,14 +22,13 @@ from connectors.kafka.checkpoint import (
     CheckpointError,
     ModelCheckpoint,
     PartitionOffset,
-    check_missing,
-    check_resume,
+    is_warm_state,
     model_settings,
     restore_detector,
     restore_model,
-    resumed_or_reset,
 )
 from connectors.kafka.clients import input_positions
+from connectors.kafka.resume import check_missing, check_resume, refuse_or_reset, resumed_or_reset
 from connectors.kafka.settings import ConsumerSettings
 from streamem.drift import WeightDriftDetector
 from streamem.schedules import StepSize
@@ -207,6 +206,21 @@ class _Learner:
         self.counters.dead_lettered += len(reasons)
         return outputs
 
+    @staticmethod
+    def _offer_outliers(model, frame: pd.DataFrame, target, offered: np.ndarray) -> np.ndarray:
+        """Give the model the rows its screen refused (`offered`); True for those it learned after all."""
+        taken = np.zeros(len(offered), dtype=bool)
+        if not offered.any():
+            return taken
+        if target is None:
+            model.learn_many(frame[offered])
+        else:
+            model.learn_many(frame[offered], target[offered])
+        positions = np.flatnonzero(offered)
+        taken[positions] = True
+        taken[[int(positions[i]) for i, _ in model.skipped_]] = False
+        return taken
+
     def _answer(self, state: _Model, records, values: np.ndarray, learn: np.ndarray, model_key=None, scored=None):
         """Score the rows with the model as it is (prequential), learn the rows marked in `learn`;
         a row the model's outlier guard refuses gets a dead letter instead, and is not learned.
@@ -217,15 +231,34 @@ class _Learner:
         target = None if settings.target is None else pd.Series(values[:, d])
         resp, log_likelihood, predictions, screened = scored or assign_and_screen(model, settings, frame, target)
         if screened is not None and screened.outlier.any():
-            outputs = self._dead_letter_outliers(
-                records, {int(i): screened.reason(int(i)) for i in np.flatnonzero(screened.outlier)}
-            )
             keep = ~screened.outlier
             answered, drifts = ([], [])
             if keep.any():
                 kept = [record for record, good in zip(records, keep, strict=True) if good]
                 answers = (resp[keep], log_likelihood[keep], None if predictions is None else predictions[keep], None)
                 answered, drifts = self._answer(state, kept, values[keep], learn[keep], model_key, answers)
+            # The refused rows still go to the model (which skips them): that is how it sees a stream
+            # that has moved (most recent records refused) and warms up again from them; the rows it
+            # then takes are answered, as the model as it was scored them, not dead-lettered.
+            taken = self._offer_outliers(model, frame, target, screened.outlier & learn)
+            outputs = self._dead_letter_outliers(
+                records, {int(i): screened.reason(int(i)) for i in np.flatnonzero(screened.outlier & ~taken)}
+            )
+            if taken.any():
+                seen = model.n_seen - int(taken.sum())
+                taken_answers = schemas.assignments(
+                    [record for record, t in zip(records, taken, strict=True) if t],
+                    self.topics["assignments"],
+                    resp[taken],
+                    log_likelihood[taken],
+                    seen,
+                    None if predictions is None else predictions[taken],
+                    model_key,
+                )
+                self.counters.assigned += len(taken_answers)
+                for i, answer in zip(np.flatnonzero(taken), taken_answers, strict=True):
+                    outputs[int(i)] = answer
+                state.dirty = True
             rest = iter(answered)
             return [output if output is not None else next(rest) for output in outputs], drifts
         seen_before, was_warm = model.n_seen, model.is_warm
@@ -313,7 +346,7 @@ class InstanceLearner(_Learner):
         found = store.load_prefix(f"{settings.group_id}/")
         raw = found.get(key)
         if raw is None:
-            others = [k for k in found if k != key]
+            others = {k: v for k, v in found.items() if k != key}
             resumed_or_reset(settings, lambda: check_missing(settings, where, input_positions(settings), others))
             return
         restored = resumed_or_reset(settings, lambda: self._restore(raw, where))
@@ -330,7 +363,8 @@ class InstanceLearner(_Learner):
         """The model, offsets and counters of a checkpoint, each checked (CheckpointError otherwise)."""
         checkpoint = Checkpoint.parse(raw, where)
         positions = input_positions(self.settings)
-        offsets = check_resume(self.settings, where, checkpoint.settings, checkpoint.offsets, positions)
+        warm = is_warm_state(checkpoint.model)
+        offsets = check_resume(self.settings, where, checkpoint.settings, checkpoint.offsets, positions, warm)
         for field in ("model", "detector"):
             if getattr(checkpoint, field) is None:
                 raise CheckpointError(
@@ -390,21 +424,36 @@ class KeyedLearner(_Learner):
         self.models: dict[str, _Model] = {}
         self.stored: dict[str, bytes] = {}
         self.stale = True  # stored checkpoints to be re-read before the next batch
+        self.discarded: dict[str, bytes] = {}  # stored models refused at start that --reset-model starts fresh
         key, where = settings.checkpoint_key, store.where(settings.checkpoint_key)
         found = store.load_prefix(f"{settings.group_id}/")
+        positions = input_positions(settings)
+        self._check_stored_models(found, positions)
         raw = found.get(key)
         if raw is None:
-            if not any(k.startswith(self.prefix) for k in found):  # no model of the group's either
-                others = [k for k in found if k != key]
-                resumed_or_reset(settings, lambda: check_missing(settings, where, input_positions(settings), others))
+            others = {k: v for k, v in found.items() if k != key}
+            resumed_or_reset(settings, lambda: check_missing(settings, where, positions, others))
             return
         counters = resumed_or_reset(settings, lambda: self._counters(raw, where))
         if counters is not None:
             self.counters = counters
 
+    def _check_stored_models(self, found: dict[str, bytes], positions) -> None:
+        """Check every stored key model now (document, settings, learned-through offsets against the input),
+        not when its key's first record comes in, hours into a run."""
+        for name, raw in sorted(found.items()):
+            if not name.startswith(self.prefix):
+                continue
+            where = self.store.where(name)
+            try:
+                self._restore(raw, where, positions)
+            except CheckpointError as error:
+                refuse_or_reset(self.settings, error, f"the model of key {name[len(self.prefix) :]!r} starts fresh")
+                self.discarded[name] = raw
+
     def _counters(self, raw: bytes, where: str) -> Counters:
         checkpoint = Checkpoint.parse(raw, where)
-        check_resume(self.settings, where, checkpoint.settings, [], None)  # offsets are the models'
+        check_resume(self.settings, where, checkpoint.settings, [], None, warm=True)  # offsets are the models'
         return Counters(**checkpoint.counters.model_dump())
 
     def start_offsets(self, assigned: list[Partition]) -> dict[Partition, int]:
@@ -426,7 +475,7 @@ class KeyedLearner(_Learner):
             return state
         raw = self.stored.get(self.prefix + key)
         state = None
-        if raw is not None:
+        if raw is not None and raw != self.discarded.get(self.prefix + key):  # checked at start, or a peer's since
             state = resumed_or_reset(self.settings, lambda: self._restore(raw, self.store.where(self.prefix + key)))
             if state is not None:
                 logger.info("model %s restored: %d records learned", key, state.model.n_seen)
@@ -435,13 +484,18 @@ class KeyedLearner(_Learner):
         self.models[key] = state
         return state
 
-    def _restore(self, raw: bytes, where: str) -> _Model:
+    def _restore(self, raw: bytes, where: str, positions=None) -> _Model:
+        """A stored key model, checked; its learned-through offsets against `positions` when given (at start:
+        a peer's checkpoint read later may be past the end the consumer saw then)."""
         document = ModelCheckpoint.parse(raw, where)
-        check_resume(self.settings, where, document.settings, [], None)
+        warm = is_warm_state(document.model)
+        through = check_resume(
+            self.settings, where, document.settings, document.learned_through, positions, warm, "learned_through"
+        )
         return _Model(
             restore_model(_model_type(self.settings), document.model, where),
             restore_detector(document.detector, where),
-            {(o.topic, o.partition): o.offset for o in document.learned_through},
+            through,
         )
 
     def process(self, batch):

@@ -219,7 +219,7 @@ class OnlineMixture:
             return
         window, base = self.batch_size, self._screened - rows.shape[0]
         self._refused = [(i, row) for i, row in self._refused if i >= self._screened - window]
-        self._refused.extend((base + int(i), (offset + int(i), rows[i].copy())) for i in refused)
+        self._refused.extend((base + int(i), (self._calls, offset + int(i), rows[i].copy())) for i in refused)
         self._refused = [(i, row) for i, row in self._refused if i >= self._screened - window]
         self._moved = len(self._refused) > window // 2
 
@@ -238,12 +238,12 @@ class OnlineMixture:
             len(taken),
             int(self.n_updates),
         )
-        width = self._buffer.shape[1] if self._buffer is not None else max(row.shape[0] for _, (_, row) in taken)
+        width = self._buffer.shape[1] if self._buffer is not None else max(row.shape[0] for _, (_, _, row) in taken)
         rows = np.zeros((len(taken), width))
-        for j, (_, (_, row)) in enumerate(taken):
+        for j, (_, (_, _, row)) in enumerate(taken):
             rows[j, : row.shape[0]] = row  # a regression may have widened since (new features read 0)
-        # rows of this call taken back are no longer skipped
-        positions = {position for _, (position, _) in taken}
+        # rows of this call taken back are no longer skipped (an earlier call's were reported by it)
+        positions = {position for _, (call, position, _) in taken if call == self._calls}
         self.skipped_ = [entry for entry in self.skipped_ if entry[0] not in positions]
         self.n_outliers -= len(taken)
         self._engine, self._buffer, self._count, self._origins = None, None, 0, []

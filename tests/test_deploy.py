@@ -27,19 +27,39 @@ def _manifests() -> list[dict]:
     return [doc for path in sorted((DEPLOY / "k8s").glob("*.yaml")) for doc in yaml.safe_load_all(path.read_text())]
 
 
+WORKLOADS = ("Deployment", "StatefulSet")
+
+
+def test_instance_ids_survive_a_rollout():
+    """Each consumer pod's instance id (its checkpoint key) is the same after a rollout: a pod name only in a
+    StatefulSet (<name>-<ordinal>); a Deployment's pod names change on every rollout, and each new name would
+    start a fresh model."""
+    workloads = [doc for doc in _manifests() if doc["kind"] in WORKLOADS]
+    assert workloads
+    for doc in workloads:
+        (container,) = doc["spec"]["template"]["spec"]["containers"]
+        source = {item["name"]: item for item in container.get("env", [])}.get("STREAMEM_INSTANCE_ID")
+        assert source is not None, f"{doc['kind']} {doc['metadata']['name']}: no STREAMEM_INSTANCE_ID"
+        from_pod_name = source.get("valueFrom", {}).get("fieldRef", {}).get("fieldPath") == "metadata.name"
+        if doc["kind"] == "Deployment":
+            assert not from_pod_name and doc["spec"]["replicas"] == 1, "a Deployment's pod names change"
+        else:
+            assert from_pod_name and doc["spec"]["podManagementPolicy"] == "Parallel"
+
+
 def _env_names(names) -> set[str]:
     return {name for name in names if name.startswith("STREAMEM_")}
 
 
 def test_every_environment_variable_is_a_setting():
-    """Each STREAMEM_* variable in compose, the ConfigMap, the Deployment and the Dockerfile names a setting."""
+    """Each STREAMEM_* variable in compose, the ConfigMap, the consumer workload and the Dockerfile names a setting."""
     names = set()
     for service in _compose()["services"].values():
         names |= _env_names(service.get("environment", {}))
     for doc in _manifests():
         if doc["kind"] == "ConfigMap":
             names |= _env_names(doc["data"])
-        if doc["kind"] == "Deployment":
+        if doc["kind"] in WORKLOADS:
             for container in doc["spec"]["template"]["spec"]["containers"]:
                 names |= _env_names(item["name"] for item in container.get("env", []))
     names |= set(re.findall(r"\b(STREAMEM_[A-Z_]+)=", (DEPLOY / "Dockerfile").read_text()))
@@ -85,12 +105,13 @@ def test_kubernetes_manifests_are_consistent():
     docs = {doc["kind"]: doc for doc in _manifests() if doc["kind"] != "Secret"}
     secrets = {doc["metadata"]["name"]: doc for doc in _manifests() if doc["kind"] == "Secret"}
     port = int(docs["ConfigMap"]["data"]["STREAMEM_HTTP_PORT"])
-    container = docs["Deployment"]["spec"]["template"]["spec"]["containers"][0]
+    (workload,) = [doc for kind, doc in docs.items() if kind in WORKLOADS]
+    container = workload["spec"]["template"]["spec"]["containers"][0]
     assert container["ports"][0]["containerPort"] == port
     assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
     assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
-    assert docs["Deployment"]["spec"]["replicas"] >= 2
-    assert docs["Deployment"]["spec"]["template"]["spec"]["securityContext"]["runAsNonRoot"] is True
+    assert workload["spec"]["replicas"] >= 2
+    assert workload["spec"]["template"]["spec"]["securityContext"]["runAsNonRoot"] is True
     for item in container["env"]:
         ref = item.get("valueFrom", {}).get("secretKeyRef")
         if ref:

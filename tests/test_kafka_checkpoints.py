@@ -129,8 +129,8 @@ def test_offsets_of_another_topic_are_refused(learned_400):
 
 def test_an_offset_before_the_first_record_resumes_at_the_first():
     """Offsets below a partition's first offset (deleted by retention) resume there; above the end are problems."""
-    from connectors.kafka.checkpoint import check_resume
     from connectors.kafka.clients import InputPositions
+    from connectors.kafka.resume import check_resume
     from connectors.kafka.settings import ConsumerSettings
 
     settings = ConsumerSettings(features=["a"], input_topic="t")
@@ -242,7 +242,7 @@ def test_a_partition_no_visible_checkpoint_learned_is_refused(broker, tmp_path):
     naming partition 1 (it was a fresh start with a warning because *some* other checkpoint existed)."""
     settings = _two_partition_group(broker, tmp_path, "uncovered")
     store = DirectoryStore(tmp_path)
-    document = json.loads(store.load("%s/a" % settings.group_id))
+    document = json.loads(store.load(f"{settings.group_id}/a"))
     document["key"] = f"{settings.group_id}/b"
     document["offsets"] = [o for o in document["offsets"] if o["partition"] == 0]
     store.save_all([(f"{settings.group_id}/b", json.dumps(document).encode())])
@@ -353,15 +353,17 @@ def test_features_in_another_order_are_the_same_model(learned_400):
     import numpy as np
 
     values = np.array([[json.loads(v)["a"], json.loads(v)["b"]] for v in good_values(800)])
-    means = np.array(after["model"]["params"]["means"])
-    weights = np.array(after["model"]["params"]["weights"])
-    np.testing.assert_allclose(weights @ means, values.mean(axis=0), atol=0.5)
+    import streamem as se
+
+    model = se.OnlineGMM.from_dict(after["model"])
+    np.testing.assert_allclose(model.weights_ @ model.means_, values.mean(axis=0), atol=0.5)
     assert before["model"]["features"] == after["model"]["features"]
 
 
 def test_features_in_another_order_are_another_replicated_model():
     """With --replicate the statistics log holds rows by position: another feature order is a difference."""
-    from connectors.kafka.checkpoint import model_settings, settings_differences
+    from connectors.kafka.checkpoint import model_settings
+    from connectors.kafka.resume import settings_differences
     from connectors.kafka.settings import ConsumerSettings
 
     written = model_settings(ConsumerSettings(features=["a", "b"], replicate=True))

@@ -9,11 +9,10 @@ key in a compacted state topic, or as one file per key in a directory
 - `<group>/model/<model key>` (with `--model-key`): one keyed model and detector,
   with the next offset of each partition it has learned through.
 
-Each document also records the model settings it was written with (`MODEL_SETTINGS`):
-a consumer refuses to resume from a checkpoint whose settings differ from its flags,
-or whose offsets do not fit its input topic, or (when the group has committed
-offsets) to start without one, unless `--reset-model` tells it to start a fresh model.
-Every error names where the checkpoint is (file, or state topic and key) and the field.
+Each document also records the model settings it was written with (`MODEL_SETTINGS`).
+Whether a consumer may resume from what it finds here is decided in
+`connectors.kafka.resume`; this module only stores, parses and restores. Every error
+names where the checkpoint is (file, or state topic and key) and the field.
 """
 
 from __future__ import annotations
@@ -39,6 +38,7 @@ __all__ = [
     "DirectoryStore",
     "ModelCheckpoint",
     "TopicStore",
+    "is_warm_state",
     "make_store",
     "model_settings",
 ]
@@ -46,9 +46,10 @@ __all__ = [
 logger = logging.getLogger(__name__)
 CHECKPOINT_VERSION = 1
 
-# The settings that make the model what it is: a checkpoint written with other values is refused
-# on resume (unless --reset-model). Everything else (drift_every, checkpoint cadence, polling,
-# client, output topics, logging, security) may change from one run to the next.
+# The settings that make the model what it is: a checkpoint records them, and one written with other
+# values is refused on resume (see connectors.kafka.resume for which differences count). Everything
+# else (drift_every, checkpoint cadence, polling, client, output topics, logging, security) may change
+# from one run to the next.
 MODEL_SETTINGS = (
     "features",
     "target",
@@ -71,18 +72,6 @@ class CheckpointError(ValueError):
 def model_settings(settings: ConsumerSettings) -> dict[str, Any]:
     """The model settings of these flags, as JSON values (what a checkpoint records)."""
     return orjson.loads(orjson.dumps({name: getattr(settings, name) for name in MODEL_SETTINGS}))
-
-
-def settings_differences(stored: dict[str, Any] | None, settings: ConsumerSettings) -> list[str]:
-    """'name: checkpoint X, flags Y' for each model setting that differs (none if nothing was recorded)."""
-    if stored is None:
-        return []
-    current = model_settings(settings)
-    return [
-        f"{name}: checkpoint {stored.get(name)!r}, flags {current[name]!r}"
-        for name in MODEL_SETTINGS
-        if stored.get(name) != current[name]
-    ]
 
 
 class PartitionOffset(BaseModel):
@@ -187,6 +176,11 @@ class ModelCheckpoint(_Document):
     detector: DetectorDocument
     learned_through: list[PartitionOffset]
     settings: dict[str, Any] | None = None
+
+
+def is_warm_state(state: dict | None) -> bool:
+    """Whether a stored model state has finished its warm-up (its engine exists from then on)."""
+    return isinstance(state, dict) and state.get("engine") is not None
 
 
 def restore_model(model_type, state: dict, where: str, field: str = "model"):
@@ -336,108 +330,3 @@ class TopicStore:
                     raise CheckpointError(f"could not read the state topic {self.topic!r} to its end in {timeout_s}s")
         finally:
             consumer.close()
-
-
-# -- resuming -------------------------------------------------------------------------------------
-Partition = tuple[str, int]
-_RESET_HINT = "add --reset-model to start a fresh model at the group's committed offsets instead"
-
-
-def refuse_or_reset(settings: ConsumerSettings, error: CheckpointError) -> None:
-    """Refuse to start (raise `error`, with the remedy) unless --reset-model; with it, say loudly
-    that the model starts fresh."""
-    if not settings.reset_model:
-        raise CheckpointError(f"{error}; {_RESET_HINT}") from None
-    logger.warning("%s; --reset-model: a fresh model starts at the group's committed offsets", error)
-
-
-def resumed_or_reset(settings: ConsumerSettings, load):
-    """`load()`, or None (a fresh model) when it raises CheckpointError and --reset-model allows that."""
-    try:
-        return load()
-    except CheckpointError as error:
-        refuse_or_reset(settings, error)
-        return None
-
-
-def _committed_text(positions) -> str:
-    return ", ".join(f"{positions.topic}[{p}]={o}" for p, o in sorted(positions.committed.items()))
-
-
-def check_missing(settings: ConsumerSettings, where: str, positions, others: list[str]) -> None:
-    """No checkpoint for this consumer: CheckpointError when the group has committed offsets and no
-    checkpoint at all (a fresh model would start at them and never learn the records before).
-
-    `others` are the group's other checkpoint keys: with them, this is a new instance joining a
-    running group, whose model starts at the committed offsets of the partitions it is given.
-    """
-    if not positions.committed:
-        return  # a new group: the model starts at the beginning of the input
-    if others:
-        logger.warning(
-            "no checkpoint %s: this instance's model starts fresh at the group's committed offsets %s "
-            "(the group has other checkpoints: %s)",
-            where,
-            _committed_text(positions),
-            ", ".join(sorted(others)[:5]),
-        )
-        return
-    raise CheckpointError(
-        f"consumer group {settings.group_id!r} has committed offsets {_committed_text(positions)} "
-        f"but there is no checkpoint ({where}): a fresh model would never learn the records before them"
-    )
-
-
-def check_resume(
-    settings: ConsumerSettings, where: str, stored_settings: dict | None, offsets: list[PartitionOffset], positions
-) -> dict[Partition, int]:
-    """The offsets to resume from; CheckpointError (one line naming each problem) for
-    other model settings than the flags', offsets on another topic or on a partition the input
-    does not have (the checkpoint belongs to another input: records would be learned twice or
-    never), and offsets past a partition's end (the input was recreated, or the checkpoint is not
-    this input's). An offset before a partition's first offset (records deleted by retention)
-    is only a warning: the model resumes at the first record still there.
-    """
-    problems = []
-    differences = settings_differences(stored_settings, settings)
-    if differences:
-        problems.append("written with other model settings (" + "; ".join(differences) + ")")
-    resume: dict[Partition, int] = {}
-    for entry in offsets:
-        tp = (entry.topic, entry.partition)
-        if positions is None:
-            resume[tp] = entry.offset
-            continue
-        if entry.topic != positions.topic:
-            problems.append(
-                f"offsets of topic {entry.topic!r}, not of the input topic {positions.topic!r} "
-                f"(partition {entry.partition} offset {entry.offset})"
-            )
-            continue
-        if entry.partition not in positions.ranges:
-            problems.append(
-                f"offset {entry.offset} for partition {entry.topic}[{entry.partition}], "
-                f"which does not exist (the topic has {len(positions.ranges)} partitions)"
-            )
-            continue
-        first, end = positions.ranges[entry.partition]
-        if entry.offset > end:
-            problems.append(f"offset {entry.offset} for {entry.topic}[{entry.partition}] is past its end {end}")
-            continue
-        if entry.offset < first:
-            logger.warning(
-                "checkpoint %s: offset %d for %s[%d] is before its first offset %d (records deleted): "
-                "resuming at %d; the deleted records were never learned",
-                where,
-                entry.offset,
-                entry.topic,
-                entry.partition,
-                first,
-                first,
-            )
-            resume[tp] = first
-            continue
-        resume[tp] = entry.offset
-    if problems:
-        raise CheckpointError(f"checkpoint {where}: " + "; ".join(problems))
-    return resume

@@ -22,6 +22,7 @@ from typing import Protocol
 from connectors.kafka.records import InputRecord, OutputRecord
 from connectors.kafka.settings import ConsumerSettings
 from connectors.kafka.text import shorten
+from connectors.kafka.topics import BrokerUnreachable, connect_timeout_options, silent_client
 
 __all__ = [
     "DeliveryFailed",
@@ -98,7 +99,11 @@ class _ResendingSink:
         self._pending: list[OutputRecord] = []
         self._failure: BaseException | None = None  # why the current producer cannot deliver, if it cannot
         self._producer = None
-        self._producer = self._new_producer(self._attempt_s)
+        with silent_client():
+            try:  # the first producer: no broker answering within connect_timeout_s is said in one line
+                self._producer = self._new_producer(self._attempt_s, bootstrap_s=settings.connect_timeout_s)
+            except self._client_errors as error:
+                raise BrokerUnreachable.of(settings, error) from None
 
     def send(self, records: list[OutputRecord]) -> None:
         self._pending.extend(records)
@@ -271,13 +276,24 @@ class InputPositions:
     committed: dict[int, int]  # the group's committed offset, for the partitions that have one
 
 
-def input_positions(settings: ConsumerSettings, timeout_s: float = 30.0) -> InputPositions:
+def input_positions(settings: ConsumerSettings) -> InputPositions:
     """Look up the input topic's partitions, their offset ranges and the group's committed offsets.
 
     Blocking: call it at start-up, never from a rebalance callback. Reading committed offsets
     with a manual assignment does not join the group. (Always through kafka-python: one short
-    look-up, whichever client consumes.)
+    look-up, whichever client consumes.) Raises `BrokerUnreachable` (one line) when the broker
+    does not answer within `connect_timeout_s`.
     """
+    from kafka.errors import KafkaError
+
+    with silent_client():
+        try:
+            return _input_positions(settings, settings.connect_timeout_s)
+        except (KafkaError, TimeoutError) as error:
+            raise BrokerUnreachable.of(settings, error) from None
+
+
+def _input_positions(settings: ConsumerSettings, timeout_s: float) -> InputPositions:
     from kafka import KafkaConsumer, TopicPartition
 
     topic = settings.input_topic
@@ -286,6 +302,7 @@ def input_positions(settings: ConsumerSettings, timeout_s: float = 30.0) -> Inpu
         group_id=settings.group_id,
         enable_auto_commit=False,
         fetch_max_wait_ms=50,
+        **connect_timeout_options(KafkaConsumer, settings),
         **kafka_python_security(settings),
     )
     try:
@@ -398,7 +415,7 @@ class KafkaPythonSink(_ResendingSink):
 
         return (KafkaError,)
 
-    def _new_producer(self, timeout_s: float):
+    def _new_producer(self, timeout_s: float, bootstrap_s: float | None = None):
         from kafka import KafkaProducer
 
         self._futures: list = []
@@ -413,7 +430,7 @@ class KafkaPythonSink(_ResendingSink):
             delivery_timeout_ms=milliseconds,
             request_timeout_ms=min(30_000, max(1000, milliseconds - 500)),
             max_block_ms=milliseconds,  # a send waiting for metadata or buffer space
-            bootstrap_timeout_ms=milliseconds,  # a new producer while the broker is away
+            bootstrap_timeout_ms=int((bootstrap_s or timeout_s) * 1000),  # a new producer while the broker is away
             client_id=f"streamem-{self._settings.instance_id}",
             **kafka_python_security(self._settings),
         )
@@ -531,7 +548,7 @@ class ConfluentSink(_ResendingSink):
 
         return (KafkaException,)
 
-    def _new_producer(self, timeout_s: float):
+    def _new_producer(self, timeout_s: float, bootstrap_s: float | None = None):
         from confluent_kafka import Producer
 
         self._failures: list = []

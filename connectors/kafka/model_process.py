@@ -33,6 +33,7 @@ from connectors.kafka.clients import DeliveryFailed
 from connectors.kafka.learners import Counters, OffsetBook, Partition
 from connectors.kafka.records import InputRecord
 from connectors.kafka.settings import ConsumerSettings
+from connectors.kafka.topics import BrokerUnreachable
 
 __all__ = ["AnswererHandle", "LearnerFailed"]
 
@@ -193,6 +194,8 @@ class _Child:
             raise LearnerFailed(f"the model process failed:\n{value}")
         if status == "refused":  # a checkpoint it may not resume from: its message says why
             raise CheckpointError(value)
+        if status == "unreachable":  # no broker answered at start: one line, as ensure_topics says it
+            raise BrokerUnreachable(value)
         if status == "undelivered":  # outputs the broker did not take in time: one line, no traceback
             raise DeliveryFailed(value)
         return value
@@ -246,6 +249,16 @@ class _PipeHandler(logging.handlers.QueueHandler):
             print(f"streamem model process: {record.levelname} {record.getMessage()}", file=sys.stderr)
 
 
+def _reply(connection, reply: tuple) -> bool:
+    """Send `reply`; False when the consumer is gone (e.g. stopped by a signal while this process
+    started): then this process just exits, without a traceback."""
+    try:
+        connection.send(reply)
+    except (BrokenPipeError, OSError):
+        return False
+    return True
+
+
 def _serve(settings: ConsumerSettings, connection, logs, level: int) -> None:
     """The child: build the answerer, then run the calls it is sent until told to stop."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -259,12 +272,17 @@ def _serve(settings: ConsumerSettings, connection, logs, level: int) -> None:
     try:
         answerer = Answerer(settings)
     except CheckpointError as error:
-        connection.send(("refused", str(error)))
+        _reply(connection, ("refused", str(error)))
+        return
+    except BrokerUnreachable as error:
+        _reply(connection, ("unreachable", str(error)))
         return
     except Exception:
-        connection.send(("error", traceback.format_exc()))
+        _reply(connection, ("error", traceback.format_exc()))
         return
-    connection.send(("ok", _books(answerer)))
+    if not _reply(connection, ("ok", _books(answerer))):
+        answerer.close()
+        return
     # Everything alive now (modules, the model, the clients) lives as long as the process: spare
     # the collector from walking it again on every full collection (a fifth of the model's time).
     gc.freeze()

@@ -22,6 +22,7 @@ a new replica starts before reading the rest of the log.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 
@@ -34,7 +35,7 @@ from connectors.kafka.checkpoint import (
     CHECKPOINT_VERSION,
     Checkpoint,
     CheckpointError,
-    check_resume,
+    is_warm_state,
     model_settings,
     restore_detector,
     restore_model,
@@ -49,6 +50,7 @@ from connectors.kafka.learners import (
     new_model,
     outlier_threshold,
 )
+from connectors.kafka.resume import check_resume, differing_settings
 from connectors.kafka.settings import ConsumerSettings
 from streamem.drift import WeightDriftDetector
 from streamem.families.gaussian import GaussianStats
@@ -59,6 +61,48 @@ __all__ = ["ReplicatedLearner"]
 
 logger = logging.getLogger(__name__)
 Partition = tuple[str, int]
+
+
+def checkpoint_settings(raw: bytes) -> dict | None:
+    """The settings a stored checkpoint recorded, if it can be read that far."""
+    try:
+        stored = orjson.loads(raw).get("settings")
+    except (orjson.JSONDecodeError, AttributeError):
+        return None
+    return stored if isinstance(stored, dict) else None
+
+
+def _flag(name: str, value) -> str:
+    flag = "--" + name.replace("_", "-")
+    if isinstance(value, bool) or value is None:
+        return flag if value else f"no {flag}"
+    return f"{flag} {','.join(map(str, value)) if isinstance(value, list) else value}"
+
+
+def _replica_remedy(settings: ConsumerSettings, key: str, where: str, stored: dict | None) -> str:
+    """What to do about a refused replica checkpoint (--reset-model does not apply to --replicate)."""
+    differing = differing_settings(stored, settings, warm=True)
+    if differing:  # the whole group's model (and its statistics log) has the checkpoint's settings
+        flags = " ".join(_flag(name, old) for name, old, _ in differing)
+        return (
+            f"start with the checkpoint's settings ({flags}), or give a new --group-id and --statistics-topic "
+            "for a fresh replicated model"
+        )
+    if key == settings.checkpoint_key:
+        return (
+            f"delete {where} (a tombstone on the state topic): the replica then rebuilds the model from "
+            f"{settings.group_id}/replica and the statistics log"
+        )
+    return "give a new --group-id and --statistics-topic for a fresh replicated model"
+
+
+@contextlib.contextmanager
+def _remedy_for_refusal(settings: ConsumerSettings, key: str, where: str, raw: bytes):
+    """A CheckpointError raised inside gets the remedy appended (the replica's refusals have no --reset-model)."""
+    try:
+        yield
+    except CheckpointError as error:
+        raise CheckpointError(f"{error}; {_replica_remedy(settings, key, where, checkpoint_settings(raw))}") from None
 
 
 class ReplicatedLearner(_Learner):
@@ -84,18 +128,22 @@ class ReplicatedLearner(_Learner):
             if raw is None:
                 continue
             where = store.where(key)
-            checkpoint = Checkpoint.parse(raw, where)
-            positions = input_positions(settings) if key == settings.checkpoint_key else None
-            offsets = check_resume(settings, where, checkpoint.settings, checkpoint.offsets, positions)
-            if key == settings.checkpoint_key:
-                self.book.advance(offsets)
-                self.counters = Counters(**checkpoint.counters.model_dump())
-                if checkpoint.detector is not None:
-                    self.state.detector = restore_detector(checkpoint.detector, where)
+            with _remedy_for_refusal(settings, key, where, raw):
+                checkpoint = Checkpoint.parse(raw, where)
+                positions = input_positions(settings) if key == settings.checkpoint_key else None
+                warm = is_warm_state((checkpoint.replica or {}).get("model"))
+                offsets = check_resume(settings, where, checkpoint.settings, checkpoint.offsets, positions, warm)
+                if key == settings.checkpoint_key:
+                    self.book.advance(offsets)
+                    self.counters = Counters(**checkpoint.counters.model_dump())
+                    if checkpoint.detector is not None:
+                        self.state.detector = restore_detector(checkpoint.detector, where)
             if checkpoint.replica:
-                candidates.append((checkpoint.replica, where))
+                candidates.append((checkpoint.replica, key, where, raw))
         if candidates:  # the most advanced replica state (every replica's state at an offset is the same)
-            self._restore(*max(candidates, key=lambda c: c[0].get("log_offset", -1)))
+            replica, key, where, raw = max(candidates, key=lambda c: c[0].get("log_offset", -1))
+            with _remedy_for_refusal(settings, key, where, raw):
+                self._restore(replica, where)
         self.log = _LogReader(settings, self.log_topic, self.log_offset)
 
     def _restore(self, replica: dict, where: str) -> None:

@@ -32,7 +32,9 @@ class ConsumerSettings(BaseSettings):
     input_topic: str = Field("streamem.input", description="topic of JSON records to learn from")
     group_id: str = Field("streamem", description="consumer group")
     instance_id: str = Field(
-        "0", description="this process's name within the group; its model checkpoint is stored under it"
+        "0",
+        description="this process's name within the group; its model checkpoint is stored under it, so keep it "
+        "the same across restarts (a new name starts a fresh model)",
     )
     assignments_topic: str | None = Field(None, description="default: <input-topic>.assignments")
     drift_topic: str | None = Field(None, description="default: <input-topic>.drift")

@@ -11,7 +11,7 @@ import logging
 
 from connectors.kafka.settings import ConsumerSettings
 
-__all__ = ["BrokerUnreachable", "ensure_topics"]
+__all__ = ["BrokerUnreachable", "connect_timeout_options", "ensure_topics", "silent_client"]
 
 logger = logging.getLogger(__name__)
 
@@ -19,9 +19,17 @@ logger = logging.getLogger(__name__)
 class BrokerUnreachable(RuntimeError):
     """No bootstrap server answered within `connect_timeout_s`."""
 
+    @classmethod
+    def of(cls, settings: ConsumerSettings, error: BaseException) -> BrokerUnreachable:
+        """The one-line report of `error` from a client that could not reach the bootstrap servers."""
+        return cls(
+            f"cannot reach the Kafka bootstrap servers {settings.bootstrap_servers} within "
+            f"{settings.connect_timeout_s:g} s ({type(error).__name__}); is the broker up, and the address right?"
+        )
+
 
 @contextlib.contextmanager
-def _silent_client():
+def silent_client():
     """kafka-python logs every refused connection at ERROR while it bootstraps; the caller says it in one line
     instead. Only --log-level DEBUG keeps those lines."""
     client = logging.getLogger("kafka")
@@ -34,6 +42,15 @@ def _silent_client():
         client.setLevel(previous)
 
 
+def connect_timeout_options(client_type, settings: ConsumerSettings) -> dict:
+    """The option that bounds a kafka-python client's bootstrap by `connect_timeout_s` (its name differs
+    between kafka-python 3 and 2)."""
+    for name in ("bootstrap_timeout_ms", "api_version_auto_timeout_ms"):
+        if name in client_type.DEFAULT_CONFIG:
+            return {name: int(settings.connect_timeout_s * 1000)}
+    return {}
+
+
 def _admin(settings: ConsumerSettings):
     from kafka import KafkaAdminClient
     from kafka.errors import KafkaError
@@ -41,19 +58,12 @@ def _admin(settings: ConsumerSettings):
     from connectors.kafka.clients import kafka_python_security
 
     options = kafka_python_security(settings)
-    timeout_ms = int(settings.connect_timeout_s * 1000)
-    for name in ("bootstrap_timeout_ms", "api_version_auto_timeout_ms"):  # kafka-python 3 / 2
-        if name in KafkaAdminClient.DEFAULT_CONFIG:
-            options[name] = timeout_ms
-            break
-    with _silent_client():
+    options.update(connect_timeout_options(KafkaAdminClient, settings))
+    with silent_client():
         try:
             return KafkaAdminClient(bootstrap_servers=settings.bootstrap_servers, **options)
         except KafkaError as error:
-            raise BrokerUnreachable(
-                f"cannot reach the Kafka bootstrap servers {settings.bootstrap_servers} within "
-                f"{settings.connect_timeout_s:g} s ({type(error).__name__}); is the broker up, and the address right?"
-            ) from None
+            raise BrokerUnreachable.of(settings, error) from None
 
 
 def ensure_topics(settings: ConsumerSettings, input_partitions: int | None = None) -> None:

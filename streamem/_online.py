@@ -34,6 +34,8 @@ OUTLIER_MODES = ("raise", "skip", "learn")
 
 logger = logging.getLogger(__name__)
 
+_REFUSED_BEFORE = -2  # the origin of a warm-up row a re-warm took from the refused records
+
 
 class OnlineMixture:
     """Mixin with the buffer / warm-up / update cycle (not public).
@@ -205,9 +207,12 @@ class OnlineMixture:
     # = 1e-6: 1e6 squared sds; a sensor with sd 0.001 shifting by 5: 2.5e7). Refused records are
     # never learned, so a model judging by its old parameters would refuse the new level for ever.
     # The guard then re-warms: the old statistics are dropped and the refused records of the window
-    # start a new warm-up (they are the evidence for the new level), which later records pass by
-    # the warm-up reference; `warmup` records later the model is warm on the new level. Isolated
-    # absurd records (one in 10 is still 5 in 50) never get there, nor do values too large.
+    # (at most batch_size; they stay reported as refused) start a new warm-up (they are the evidence
+    # for the new level), which later records pass by the warm-up reference; `warmup` records
+    # later the model is warm on the new level. Isolated absurd records (one in 10 is still 5 in
+    # 50) never get there, nor do values too large; a burst of absurd records that does costs the
+    # old statistics, but the warm-up fit leaves the burst out (the whole buffer's median is the
+    # records after it).
     # With "raise" nothing changes: the caller sees every refusal and decides.
 
     def _note_refused(self, rows: np.ndarray, screen: guard.OutlierScreen, offset: int) -> None:
@@ -242,16 +247,15 @@ class OnlineMixture:
         rows = np.zeros((len(taken), width))
         for j, (_, (_, _, row)) in enumerate(taken):
             rows[j, : row.shape[0]] = row  # a regression may have widened since (new features read 0)
-        # rows of this call taken back are no longer skipped (an earlier call's were reported by it)
-        positions = {position for _, (call, position, _) in taken if call == self._calls}
-        self.skipped_ = [entry for entry in self.skipped_ if entry[0] not in positions]
-        self.n_outliers -= len(taken)
+        # They stay reported (skipped_, n_outliers): they were refused when they came, and a burst of
+        # absurd records that looked like a move is left out again by the new warm-up fit, whose
+        # whole-buffer median the records after it set.
         self._engine, self._buffer, self._count, self._origins = None, None, 0, []
         self._scorer = self._reference = self._fast = self._scored = None
         for row in rows:
             self._ensure_buffer(width)
             self._buffer[self._count] = row
-            self._origins.append((-1, 0))  # taken back, not reported again
+            self._origins.append((_REFUSED_BEFORE, 0))  # reported and counted already, when refused
             self._count += 1
             self.n_seen += 1
             if self._count == self._buffer.shape[0]:
@@ -400,6 +404,8 @@ class OnlineMixture:
         dropped = int(far.sum())
         self.n_seen -= dropped
         self.n_outliers += dropped
+        if len(origins) == rows.shape[0]:  # a re-warm's refused records are counted once
+            self.n_outliers -= sum(origins[i][0] == _REFUSED_BEFORE for i in np.flatnonzero(far))
         logger.warning(
             "%s left %d warm-up record(s) out of its first fit: squared robust distance up to %.3g (threshold %.3g)",
             type(self).__name__,

@@ -33,11 +33,13 @@ own the guard would refuse such a stream for good. With `outliers="skip"` (the K
 mode), when more than half of the last `batch_size` records screened are refused by the distance
 rule, the model concludes that the stream has moved (outliers are rare: for Gaussian data fewer
 than 1 in 1e200000), logs one WARNING with the counts, drops its statistics and warms up again,
-starting from the refused records of that window: at most `batch_size // 2 + 1` records are
-refused after a shift (then taken back: learned, and no longer counted in `n_outliers`), and
-`warmup` records later the model is warm on the new level. Isolated absurd records (1e6 in a
-N(6, 1) stream, even one in ten) never reach half a window; values too large never count. With
-`outliers="raise"` the caller sees every refusal and the model never changes on its own.
+starting from the refused records of that window (which stay reported as refused): at most
+`batch_size` records are refused after a shift (`batch_size // 2 + 1` with `learn_one`; `learn_many`
+sees a mini-batch at a time), and `warmup` records later the model is warm on the new level.
+Isolated absurd records (1e6 in a N(6, 1) stream, even one in ten) never reach half a window;
+values too large never count. A burst of absurd records (30 in a row) looks like a move and costs
+the old statistics, but the new warm-up fit leaves it out (the records after it set the median).
+With `outliers="raise"` the caller sees every refusal and the model never changes on its own.
 """
 
 from __future__ import annotations

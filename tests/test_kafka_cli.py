@@ -85,3 +85,54 @@ def test_a_second_signal_ends_without_a_traceback(broker, signum, status):
         assert re.match(r"records \d+", out), out
     else:
         assert any(line.startswith("streamem run: interrupted: stopped at once") for line in stderr.splitlines())
+
+
+@pytest.mark.parametrize(
+    ("when", "signals", "status"),
+    [("settings: ", [signal.SIGTERM], 0), ("created topics", [signal.SIGTERM], 0),
+     ("created topics", [signal.SIGINT, signal.SIGINT], 130)],
+)  # fmt: skip
+def test_a_signal_during_start_up_stops_cleanly(broker, tmp_path, when, signals, status):
+    """A signal while the consumer starts (settings read, topics created, model process starting) is the same
+    as one later: SIGTERM -> exit 0 and the one-line summary, a second Ctrl-C -> one line and exit 130;
+    never a traceback (nor one from the model process, whose parent stopped waiting for it)."""
+    topic = unique("startup-signal")
+    produce(broker.bootstrap_servers, topic, [b'{"a": 1, "b": 2}'])
+    process = subprocess.Popen(
+        [sys.executable, "-m", "streamem", "run", "--bootstrap-servers", broker.bootstrap_servers,
+         "--input-topic", topic, "--features", "a,b", "--group-id", unique("g"), "--instance-id", topic,
+         "--checkpoint-dir", str(tmp_path)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    errors: queue.Queue = queue.Queue()
+    threading.Thread(target=_lines, args=(process.stderr, errors), daemon=True).start()
+    seen: list[str] = []
+
+    def wait_for_line(text: str, deadline: float) -> None:
+        while not any(text in line for line in seen):
+            line = errors.get(timeout=max(0.1, deadline - time.monotonic()))
+            assert line is not None, "".join(seen)
+            seen.append(line)
+
+    try:
+        deadline = time.monotonic() + 60
+        wait_for_line(when, deadline)
+        process.send_signal(signals[0])
+        if len(signals) > 1:
+            wait_for_line("finishing the current batch", deadline)
+            process.send_signal(signals[1])
+        process.wait(timeout=60)
+        out = process.stdout.read()
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    while (line := errors.get(timeout=10)) is not None:
+        seen.append(line)
+    stderr = "".join(seen)
+    assert "Traceback" not in stderr, stderr
+    assert process.returncode == status, stderr
+    if status == 0:
+        assert re.match(r"records \d+ .*this run", out), out
+    else:
+        assert "streamem run: interrupted: stopped at once" in stderr, stderr

@@ -127,6 +127,14 @@ def _settings(args) -> ConsumerSettings:
 
 
 def _run(args) -> int:
+    from connectors.kafka.signals import StopSignals  # light: installed before the heavy imports below
+
+    stopper = StopSignals()
+    with stopper.on_signals():  # before any start-up work: a signal during it stops as cleanly as one later
+        return _start_and_run(args, stopper.event)
+
+
+def _start_and_run(args, stop) -> int:
     from connectors.kafka.checkpoint import CheckpointError
     from connectors.kafka.clients import DeliveryFailed
     from connectors.kafka.model_process import LearnerFailed
@@ -142,10 +150,14 @@ def _run(args) -> int:
     if settings.http_port is not None:
         port = observability.serve(settings.http_port)
         logger.info("serving /metrics, /healthz and /readyz on port %d", port)
-    ensure_topics(settings)
     progress_log = _ProgressLog()
     try:
-        counters = run_consumer(settings, on_batch=progress_log, observability=observability)
+        if not stop.is_set():
+            ensure_topics(settings)
+        if stop.is_set():  # stopped before the model was loaded: there is nothing to finish
+            print("records 0 this run: stopped during start-up")
+            return 0
+        counters = run_consumer(settings, on_batch=progress_log, stop=stop, observability=observability)
     except CheckpointError as error:  # a checkpoint it may not resume from: one line, no traceback
         print(f"streamem run: {error}", file=sys.stderr)
         return 2

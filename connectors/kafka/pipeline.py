@@ -24,7 +24,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-import signal
 import threading
 import time
 from collections.abc import Callable
@@ -35,6 +34,7 @@ from connectors.kafka.clients import Partition, make_source
 from connectors.kafka.learners import Counters
 from connectors.kafka.model_process import AnswererHandle
 from connectors.kafka.settings import ConsumerSettings
+from connectors.kafka.signals import StopSignals
 
 __all__ = ["Counters", "Progress", "run_consumer"]
 
@@ -60,43 +60,6 @@ class _Submitted(NamedTuple):
     polled_at: float
 
 
-class _Stop:
-    """Set by SIGTERM/SIGINT: the loop finishes its batch, flushes, checkpoints, commits, exits 0.
-
-    A repeated SIGTERM changes nothing; a second SIGINT raises KeyboardInterrupt (abort, no final checkpoint)."""
-
-    def __init__(self) -> None:
-        self.event = threading.Event()
-        self._installed = False
-
-    @contextlib.contextmanager
-    def on_signals(self):
-        if self._installed or threading.current_thread() is not threading.main_thread():
-            yield
-            return
-        previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
-
-        def handle(signum, _frame):
-            name = signal.Signals(signum).name
-            if not self.event.is_set():
-                self.event.set()  # before logging: a signal arriving while this one logs is then a repeat
-                logger.info("signal %s: finishing the current batch, then stopping", name)
-            elif signum == signal.SIGINT:  # a second Ctrl-C: a person wants out now (the CLI says so in a line)
-                raise KeyboardInterrupt
-            else:  # GNU timeout signals the process, then its whole group: a repeated SIGTERM is no abort
-                logger.info("signal %s again: still finishing the current batch", name)
-
-        for sig in previous:
-            signal.signal(sig, handle)
-        self._installed = True
-        try:
-            yield
-        finally:
-            self._installed = False
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
-
-
 def run_consumer(
     settings: ConsumerSettings,
     on_batch: Callable[[Progress], None] | None = None,
@@ -109,10 +72,21 @@ def run_consumer(
     `observability` (a `connectors.kafka.observability.Observability`) is told each time the
     loop turns, when the consumer is ready, and what each batch did.
     """
-    stopper = _Stop()
-    if stop is not None:
-        stopper.event = stop
-    answerer = AnswererHandle(settings, in_child=settings.model_process)
+    stopper = StopSignals(stop)
+    signals = contextlib.ExitStack()  # the handlers stay through the close below: a signal then is a repeat too
+    signals.enter_context(stopper.on_signals())  # first: a signal while the model process starts is a stop too
+    try:
+        answerer = AnswererHandle(settings, in_child=settings.model_process)
+    except BaseException:
+        signals.close()
+        raise
+    if stopper.event.is_set():  # a signal during start-up: nothing polled, nothing to checkpoint
+        try:
+            answerer.close()
+        finally:
+            signals.close()
+        logger.info("stopped during start-up; in total %d records", answerer.counters.records_in)
+        return answerer.counters
     counters = answerer.counters
     uncommitted: dict[Partition, int] = {}
     unsaved = 0  # records answered since the last checkpoint
@@ -169,8 +143,6 @@ def run_consumer(
         answerer.revoked(partitions)
 
     submitted: _Submitted | None = None  # the batch the answerer is working on
-    signals = contextlib.ExitStack()  # the handlers stay through the close below: a signal then is a repeat too
-    signals.enter_context(stopper.on_signals())
     try:
         source = make_source(settings, on_assigned, on_revoked)
         with stopper.on_signals():

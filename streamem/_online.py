@@ -136,12 +136,10 @@ class OnlineMixture:
                 distance, what, blame, reusable = self._model_distances(judged, batch, log_prob)
                 self._scored = None if reusable is None else (batch, reusable)
             else:
-                reference = self._warm_up_reference()
-                if reference is None and self._count + n >= guard.MIN_REFERENCE:
-                    # the first records: the median of those buffered and these together (one
-                    # absurd record cannot move it), the rule --replicate applies to its first batch
+                reference = self._warm_up_reference()  # cached, once 20 are buffered
+                if reference is None:  # the first records: with those buffered (`guard.warm_up_reference`)
                     buffered = self._judged(self._buffer[: self._count, :width]) if self._count else judged[:0]
-                    reference = guard.robust_reference(np.vstack([buffered, judged]))
+                    reference = guard.warm_up_reference(buffered, judged)
                 if reference is not None:
                     distance, blame = guard.robust_distance(judged, reference)
         if values_fit and (distance is None or distance.max() <= self.outlier_threshold):  # NaN: not <=
@@ -163,7 +161,7 @@ class OnlineMixture:
         """
         if self._count < guard.MIN_REFERENCE:
             return None
-        size = guard.MIN_REFERENCE * 2 ** int(math.log2(self._count / guard.MIN_REFERENCE))
+        size = guard.reference_size(self._count)
         if self._reference is None or self._reference[0] != size:
             self._reference = (size, guard.robust_reference(self._judged(self._buffer[:size, : self._width()])))
         return self._reference[1]
@@ -174,8 +172,7 @@ class OnlineMixture:
         if self._engine is None and self._distance_rule:
             if self._count < guard.MIN_REFERENCE:
                 return min(span, guard.MIN_REFERENCE - self._count)
-            size = guard.MIN_REFERENCE * 2 ** int(math.log2(self._count / guard.MIN_REFERENCE))
-            span = min(span, 2 * size - self._count)
+            span = min(span, 2 * guard.reference_size(self._count) - self._count)
         return span
 
     def _guarded(self, rows: np.ndarray, labels=None, screen=None, offset: int = 0, values_fit: bool = False):

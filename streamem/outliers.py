@@ -45,13 +45,23 @@ With `outliers="raise"` the caller sees every refusal and the model never change
 from __future__ import annotations
 
 import dataclasses
+import math
 import warnings
 
 import numpy as np
 
 from streamem.exceptions import OutlierError
 
-__all__ = ["DEFAULT_THRESHOLD", "TOO_LARGE", "OutlierError", "OutlierScreen", "robust_reference", "screen_against"]
+__all__ = [
+    "DEFAULT_THRESHOLD",
+    "TOO_LARGE",
+    "OutlierError",
+    "OutlierScreen",
+    "robust_reference",
+    "screen_against",
+    "screen_warm_up",
+    "warm_up_reference",
+]
 
 DEFAULT_THRESHOLD = 1e6
 TOO_LARGE = 1e150
@@ -181,4 +191,35 @@ def screen_against(
     distance, blame = np.zeros(n), np.zeros(n, dtype=int)
     if threshold is not None and reference_rows is not None and len(reference_rows) >= MIN_REFERENCE:
         distance, blame = robust_distance(rows, robust_reference(reference_rows))
+    return make_screen(rows, names, threshold, distance, WARM_UP, blame)
+
+
+def reference_size(n_buffered: int) -> int:
+    """How many of `n_buffered` (>= 20) warm-up rows the reference is taken from: 20, 40, 80, ..."""
+    return MIN_REFERENCE * 2 ** int(math.log2(n_buffered / MIN_REFERENCE))
+
+
+def warm_up_reference(buffered: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """The warm-up rule's reference for `rows` arriving after `buffered` (both as judged).
+
+    Once 20 rows are buffered: the median and robust spread of the first 20, 40, 80, ... of them
+    (refreshed as the buffer doubles, so a record's reference depends only on how many came before
+    it). Before: of the buffered rows and these together, once they make 20 (a median that one
+    absurd record cannot move, so a fresh model's first records are screened too). None: fewer.
+    `OnlineGMM` / `OnlineRegressionMixture` and the Kafka consumer's --replicate share this rule.
+    """
+    if len(buffered) >= MIN_REFERENCE:
+        return robust_reference(buffered[: reference_size(len(buffered))])
+    if len(buffered) + len(rows) >= MIN_REFERENCE:
+        return robust_reference(np.vstack([buffered, rows]))
+    return None
+
+
+def screen_warm_up(rows: np.ndarray, names, buffered: np.ndarray, threshold: float | None) -> OutlierScreen:
+    """Screen rows arriving after `buffered` warm-up rows by `warm_up_reference`; the too-large rule always."""
+    n = rows.shape[0]
+    distance, blame = np.zeros(n), np.zeros(n, dtype=int)
+    reference = None if threshold is None else warm_up_reference(buffered, rows)
+    if reference is not None:
+        distance, blame = robust_distance(rows, reference)
     return make_screen(rows, names, threshold, distance, WARM_UP, blame)

@@ -55,7 +55,7 @@ from connectors.kafka.settings import ConsumerSettings
 from streamem.drift import WeightDriftDetector
 from streamem.families.gaussian import GaussianStats
 from streamem.gaussian_mixture import GaussianMixture
-from streamem.outliers import screen_against
+from streamem.outliers import screen_against, screen_warm_up
 
 __all__ = ["ReplicatedLearner"]
 
@@ -210,15 +210,14 @@ class ReplicatedLearner(_Learner):
 
     def _assign_and_screen(self, frame: pd.DataFrame, values: np.ndarray):
         """(responsibilities, log-likelihoods, outlier screen): the model's screen once it is warm;
-        before, the robust distance from the median of the records waiting for the warm-up together
-        with this batch's (a median that one absurd record cannot move, so the first batch is
-        screened too)."""
+        before, the library's warm-up rule (`streamem.outliers.warm_up_reference`) on the records
+        waiting for the warm-up and this batch."""
         model = self.state.model
         if model.is_warm:
             resp, log_likelihood, _, screened = assign_and_screen(model, self.settings, frame)
             return resp, log_likelihood, screened
-        reference = np.vstack([*self.warmup_rows, values])
-        screened = screen_against(values, self.settings.features, reference, outlier_threshold(self.settings))
+        waiting = np.vstack(self.warmup_rows) if self.warmup_rows else values[:0]
+        screened = screen_warm_up(values, self.settings.features, waiting, outlier_threshold(self.settings))
         with np.errstate(over="ignore", invalid="ignore"):  # an absurd row's answer is dropped anyway
             return (*model.assign_many(frame), screened)
 

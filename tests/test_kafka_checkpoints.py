@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from connectors.kafka.checkpoint import CheckpointError, DirectoryStore, PartitionOffset
+from connectors.kafka.checkpoint import CheckpointError, DirectoryStore, PartitionOffset, TopicStore
 from connectors.kafka.pipeline import run_consumer
 from connectors.kafka.topics import ensure_topics
 from tests.kafka_helpers import produce, read_all, unique
@@ -381,8 +381,8 @@ def _closed_port() -> int:
 
 
 def test_input_positions_and_the_sink_say_an_unreachable_broker_in_one_line():
-    """input_positions and the kafka-python sink, with no broker: BrokerUnreachable (the topics.py message)
-    within about connect_timeout_s (were a 30 s TimeoutError and a raw NoBrokersAvailable)."""
+    """input_positions, the kafka-python sink and the state-topic store, with no broker: BrokerUnreachable (the
+    topics.py message) within about connect_timeout_s (were a 30 s TimeoutError and raw client errors)."""
     import time
 
     from connectors.kafka.clients import input_positions, make_sink
@@ -392,7 +392,10 @@ def test_input_positions_and_the_sink_say_an_unreachable_broker_in_one_line():
     settings = ConsumerSettings(
         features=["a"], input_topic="t", bootstrap_servers=f"127.0.0.1:{_closed_port()}", connect_timeout_s=1
     )
-    for lookup in (make_sink, input_positions):
+    def state_topic(settings):
+        return TopicStore(settings, sink=None).load_prefix("group/")
+
+    for lookup in (make_sink, input_positions, state_topic):
         start = time.monotonic()
         with pytest.raises(BrokerUnreachable, match="cannot reach the Kafka bootstrap servers .* within 1 s"):
             lookup(settings)

@@ -294,15 +294,22 @@ class TopicStore:
 
     def load_prefix(self, prefix: str, timeout_s: float = 30.0) -> dict[str, bytes]:
         from kafka import KafkaConsumer, TopicPartition
+        from kafka.errors import KafkaError
 
         from connectors.kafka.clients import kafka_python_security
+        from connectors.kafka.topics import BrokerUnreachable, connect_timeout_options, silent_client
 
-        consumer = KafkaConsumer(
-            bootstrap_servers=self.settings.bootstrap_servers,
-            group_id=None,
-            enable_auto_commit=False,
-            **kafka_python_security(self.settings),
-        )
+        with silent_client():
+            try:
+                consumer = KafkaConsumer(
+                    bootstrap_servers=self.settings.bootstrap_servers,
+                    group_id=None,
+                    enable_auto_commit=False,
+                    **connect_timeout_options(KafkaConsumer, self.settings),
+                    **kafka_python_security(self.settings),
+                )
+            except KafkaError as error:  # no broker: one line, as ensure_topics says it
+                raise BrokerUnreachable.of(self.settings, error) from None
         wanted = prefix.encode()
         try:
             partitions = consumer.partitions_for_topic(self.topic) or set()

@@ -384,3 +384,22 @@ def test_a_record_left_out_of_the_warm_up_fit_is_reported_by_the_call_that_fits(
         assert [position for position, _ in model.skipped_] == [3]
         assert "squared robust distance" in str(model.skipped_[0][1])
     assert model.n_outliers == 1 and model.n_seen == 9
+
+
+@pytest.mark.parametrize(
+    ("y", "error", "message"),
+    [
+        ([1.0, "2.5", 3.0], TypeError, "target is not a number: '2.5'"),
+        ([1.0, None, 3.0], TypeError, "target is not a number: None"),
+        ([1.0, np.nan, 3.0], ValueError, "target is NaN"),
+        ([1.0, np.inf, 3.0], ValueError, "target is infinite"),
+    ],
+)
+def test_regression_targets_checked_in_one_pass_still_name_the_problem(y, error, message):
+    """screen_many / learn_many check targets vectorised, yet a text, None, NaN or inf target raises as before."""
+    model = _warm_regression()
+    X = pd.DataFrame({"x": [1.0, 2.0, 3.0]})
+    for call in (model.screen_many, model.learn_many):
+        with pytest.raises(error, match=message.replace("(", r"\(")):
+            call(X, pd.Series(y, dtype=object if isinstance(y[1], str) or y[1] is None else float))
+    assert model.screen_many(X, pd.Series([1.0, 2, True])).outlier.tolist() == [False, False, False]

@@ -8,14 +8,26 @@ truncated or tampered document raises `StateError` naming what is wrong.
 from __future__ import annotations
 
 import json
-from typing import Literal
+from typing import Annotated, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-__all__ = ["FORMAT_VERSION", "FitDocument", "OnlineStateDocument", "StateError", "parse_fit", "parse_state"]
+__all__ = [
+    "Count",
+    "FORMAT_VERSION",
+    "FitDocument",
+    "OnlineStateDocument",
+    "StateError",
+    "parse_fit",
+    "parse_state",
+]
 
 FORMAT_VERSION = 1
+
+# A count (records, updates, offsets): JSON writers (orjson) take integers below 2**63 only, so a
+# larger one would load and then make every later save fail; refused at load instead.
+Count = Annotated[int, Field(ge=0, lt=2**63)]
 
 
 class StateError(ValueError):
@@ -33,10 +45,10 @@ class StepDocument(_Strict):
 
 
 class EngineDocument(_Strict):
-    n_updates: float = Field(ge=0)
+    n_updates: float = Field(ge=0, lt=2**63)
     stats: dict[str, list]
     averaged: dict[str, list | float] | None = None
-    n_averaged: int = Field(ge=0)
+    n_averaged: Count
 
 
 class OnlineStateDocument(_Strict):
@@ -44,8 +56,8 @@ class OnlineStateDocument(_Strict):
     version: int
     params: dict[str, int | float | str | bool | None | list[str] | StepDocument]
     features: list[str] | None
-    n_seen: int = Field(ge=0)
-    n_outliers: int = Field(0, ge=0)  # records the outlier guard refused (absent before it existed)
+    n_seen: Count
+    n_outliers: Count = 0  # records the outlier guard refused (absent before it existed)
     buffer: list[list[float]]
     engine: EngineDocument | None
 
@@ -93,7 +105,7 @@ class FitDocument(BaseModel):
     family: Literal["gaussian", "regression"]
     features: list[str] = Field(min_length=1)
     n_components: int = Field(ge=1)
-    n_samples: int = Field(ge=1)
+    n_samples: int = Field(ge=1, lt=2**63)
     covariance_type: Literal["full", "tied", "diag", "spherical"] | None = None
     missing: Literal["error", "marginalize"] | None = None
     statistics: dict[str, list]
@@ -120,5 +132,47 @@ def parse_fit(document, family: str) -> FitDocument:
 
 
 def checked_statistics(stats: dict, shapes: dict[str, tuple[int, ...]]) -> dict[str, np.ndarray]:
-    """Statistics from a document as finite arrays of the expected shapes (or StateError)."""
-    return {name: check_array(stats.get(name), shape, f"stats.{name}") for name, shape in shapes.items()}
+    """Statistics from a document as finite arrays of the expected shapes, that sums of weights and of
+    squares could be (or StateError naming the field)."""
+    checked = {name: check_array(stats.get(name), shape, f"stats.{name}") for name, shape in shapes.items()}
+    d = shapes["shift"][0] if "shift" in shapes else None
+    for name, array in checked.items():
+        if name in _SUMS_OF_SQUARES or name == "mass":
+            packed = name == "second" and d is not None and d > 1 and array.shape[1] != d  # full/tied, not diag
+            _check_sum_of_squares(array, name, packed)
+    return checked
+
+
+# Statistics that are weighted sums of x x^T (or of squares): positive semi-definite by construction.
+# One that is not (a tampered or corrupted checkpoint) would be clipped silently by the M-step and
+# then make every record an outlier, so it is refused at load. The tolerance allows for rounding.
+_SUMS_OF_SQUARES = {"second", "xx", "yy"}
+_TOLERANCE = 1e-9
+
+
+def _check_sum_of_squares(array: np.ndarray, name: str, packed: bool) -> None:
+    """`packed`: rows are upper triangles of d x d matrices (full and tied moments), else diagonals."""
+    matrices = None
+    if array.ndim == 3:  # (K, p, p) matrices
+        matrices = array
+    elif packed:
+        d = int(round((np.sqrt(8 * array.shape[1] + 1) - 1) / 2))
+        rows, cols = np.triu_indices(d)
+        matrices = np.empty((array.shape[0], d, d))
+        matrices[:, rows, cols] = array
+        matrices[:, cols, rows] = array
+    if matrices is None:  # masses, diagonal moments, yy: non-negative numbers
+        scale = _TOLERANCE * max(1.0, float(np.max(np.abs(array), initial=0.0)))
+        if np.any(array < -scale):
+            raise StateError(f"model state field 'stats.{name}' has negative values: it must be a sum of squares")
+        return
+    if not np.allclose(matrices, np.swapaxes(matrices, 1, 2), rtol=1e-9, atol=0.0):
+        raise StateError(f"model state field 'stats.{name}' is not symmetric")
+    eigenvalues = np.linalg.eigvalsh(matrices)
+    scale = _TOLERANCE * np.maximum(1.0, np.max(np.abs(eigenvalues), axis=1))
+    bad = np.flatnonzero(eigenvalues[:, 0] < -scale)
+    if bad.size:
+        raise StateError(
+            f"model state field 'stats.{name}' is not positive semi-definite (component {int(bad[0])}: "
+            f"eigenvalue {eigenvalues[bad[0], 0]:.3g}): it must be a sum of x x^T"
+        )

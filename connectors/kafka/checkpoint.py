@@ -23,13 +23,14 @@ import os
 import pathlib
 import time
 import urllib.parse
-from typing import Any
+from typing import Annotated, Any
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
 from connectors.kafka.records import OutputRecord
 from connectors.kafka.settings import ConsumerSettings
+from streamem.state import Count
 
 __all__ = [
     "MODEL_SETTINGS",
@@ -77,18 +78,18 @@ def model_settings(settings: ConsumerSettings) -> dict[str, Any]:
 class PartitionOffset(BaseModel):
     model_config = ConfigDict(extra="forbid")
     topic: str
-    partition: int = Field(ge=0)
-    offset: int = Field(ge=0)
+    partition: int = Field(ge=0, lt=2**31)
+    offset: Count
 
 
 class CountersDocument(BaseModel):
     """Exactly the consumer's counters: a missing or extra one is an error."""
 
     model_config = ConfigDict(extra="forbid")
-    records_in: int = Field(ge=0)
-    assigned: int = Field(ge=0)
-    dead_lettered: int = Field(ge=0)
-    drift_events: int = Field(ge=0)
+    records_in: Count
+    assigned: Count
+    dead_lettered: Count
+    drift_events: Count
 
 
 class DetectorParams(BaseModel):
@@ -107,9 +108,22 @@ class DetectorDocument(BaseModel):
     params: DetectorParams
     short: list[list[float]]
     reference: list[float]
-    since_anchor: int = Field(ge=0)
-    seen: int = Field(ge=0)
-    n_detections: int = Field(ge=0)
+    since_anchor: Count
+    seen: Count
+    n_detections: Count
+
+
+def _once_per_partition(offsets: list[PartitionOffset]) -> list[PartitionOffset]:
+    """A partition listed twice would resume from whichever entry came last (records learned again)."""
+    seen = set()
+    for entry in offsets:
+        if (entry.topic, entry.partition) in seen:
+            raise ValueError(f"partition {entry.topic}[{entry.partition}] is listed twice")
+        seen.add((entry.topic, entry.partition))
+    return offsets
+
+
+Offsets = Annotated[list[PartitionOffset], AfterValidator(_once_per_partition)]
 
 
 def _field(location: tuple) -> str:
@@ -129,8 +143,8 @@ def describe(error: ValidationError, under: str | None = None) -> str:
             parts.append(f"not valid JSON ({item['msg']})")
         elif not where:
             parts.append(item["msg"])
-        else:
-            parts.append(f"field {where!r}: {item['msg']}")
+        else:  # a validator's own message, without pydantic's "Value error, " in front
+            parts.append(f"field {where!r}: {item['msg'].removeprefix('Value error, ')}")
     return "; ".join(parts)
 
 
@@ -161,7 +175,7 @@ class Checkpoint(_Document):
     key: str
     model: dict | None
     detector: DetectorDocument | None
-    offsets: list[PartitionOffset]
+    offsets: Offsets
     counters: CountersDocument
     replica: dict | None = None  # with --replicate: the replica's log position and de-duplication table
     settings: dict[str, Any] | None = None  # MODEL_SETTINGS when written (None: written before they were kept)
@@ -174,7 +188,7 @@ class ModelCheckpoint(_Document):
     model_key: str
     model: dict
     detector: DetectorDocument
-    learned_through: list[PartitionOffset]
+    learned_through: Offsets
     settings: dict[str, Any] | None = None
 
 

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import re
+import socket
 import subprocess
 import sys
 
@@ -81,3 +84,85 @@ def test_invalid_settings_exit_2_with_a_message():
     result = subprocess.run([sys.executable, "-m", "streamem", "run"], capture_output=True, text=True)
     assert result.returncode == 2
     assert "features must name at least one field" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"features": "a", "warmup": 1}, "--warmup (1) must be at least --n-components (3)"),
+        ({"features": "a", "n_components": 1000}, "--warmup (500) must be at least --n-components (1000)"),
+        ({"features": "a", "heartbeat_interval_ms": 10000, "session_timeout_ms": 6000}, "at most a third"),
+        ({"features": "a", "heartbeat_interval_ms": 2001}, "at most a third"),
+        ({"features": "a", "bootstrap_servers": "not a host:port:x"}, "'not a host:port:x' is not host:port"),
+        ({"features": "a", "bootstrap_servers": "k1:9092,k2"}, "'k2' is not host:port"),
+        ({"features": "a", "bootstrap_servers": "k1:99999"}, "'k1:99999' is not host:port"),
+        ({"features": "a", "delivery_timeout_s": 0.001}, "greater than or equal to 1"),
+    ],
+)
+def test_settings_the_client_or_model_would_refuse_later_are_refused_now(values, message):
+    """Settings that used to pass validation and then fail with a traceback (warm-up below K, a heartbeat
+    not below the session timeout, a malformed bootstrap list, a delivery timeout too short to connect)."""
+    with pytest.raises(ValidationError, match=re.escape(message)):
+        ConsumerSettings(**values)
+
+
+def test_good_bootstrap_lists_are_accepted():
+    """host:port lists, IPv6 in brackets and spaces after commas stay accepted."""
+    for servers in ("localhost:9092", "k1:9092, k2:9093", "[::1]:9092", "10.0.0.1:9092"):
+        assert ConsumerSettings(features="a", bootstrap_servers=servers).bootstrap_servers == servers
+
+
+def _run(*flags: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "streamem", "run", "--bootstrap-servers", "127.0.0.1:1", "--connect-timeout-s", "1",
+         *flags],
+        capture_output=True, text=True, timeout=60, env={**os.environ, **(env or {})},
+    )  # fmt: skip
+
+
+def test_a_settings_error_is_one_line_naming_the_flag():
+    """Not a pydantic dump: one line per error, naming the flag and the value given."""
+    result = _run("--features", "a", "--n-components", "0", "--batch-size", "-3")
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        "streamem run: --n-components: Input should be greater than or equal to 1 (got 0)",
+        "streamem run: --batch-size: Input should be greater than or equal to 1 (got -3)",
+    ], result.stderr
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--warmup", "1"], "streamem run: --warmup (1) must be at least --n-components (3)"),
+        (["--heartbeat-interval-ms", "10000", "--session-timeout-ms", "6000"], "--heartbeat-interval-ms"),
+        (["--bootstrap-servers", "not a host:port:x"], "--bootstrap-servers: 'not a host:port:x' is not host:port"),
+        (["--delivery-timeout-s", "0.001"], "--delivery-timeout-s: Input should be greater than or equal to 1"),
+    ],
+)
+def test_settings_that_used_to_end_in_a_traceback_exit_2_in_one_line(flags, message):
+    """--warmup below K, a heartbeat not below the session timeout, a malformed bootstrap list, a tiny
+    delivery timeout: exit 2 with one line before anything is created, never a traceback."""
+    result = _run("--features", "a", *flags)
+    assert result.returncode == 2, result.stderr
+    assert len(result.stderr.splitlines()) == 1 and message in result.stderr, result.stderr
+
+
+def test_an_http_port_in_use_is_one_line_naming_it():
+    """--http-port on a port another process holds: exit 2, one line naming the port (was an OSError traceback)."""
+    with socket.socket() as taken:
+        taken.bind(("0.0.0.0", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = _run("--features", "a", "--http-port", str(port))
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    assert f"streamem run: --http-port {port}: cannot listen" in result.stderr, result.stderr
+
+
+def test_a_misspelled_environment_variable_is_warned_about():
+    """STREAMEM_N_COMPONETS=5 used to be ignored silently: one warning line naming it and the likely setting."""
+    result = _run("--features", "a", "--n-components", "0", env={"STREAMEM_N_COMPONETS": "5"})
+    assert (
+        "streamem run: warning: STREAMEM_N_COMPONETS is not a setting and is ignored "
+        "(did you mean STREAMEM_N_COMPONENTS?)" in result.stderr.splitlines()
+    ), result.stderr

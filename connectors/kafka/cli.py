@@ -7,7 +7,9 @@ environment variable `STREAMEM_<NAME>` and the config-file key `<name>`.
 from __future__ import annotations
 
 import argparse
+import difflib
 import logging
+import os
 import pathlib
 import sys
 import time
@@ -119,11 +121,52 @@ def _require_client(client: str) -> None:
 
 def _settings(args) -> ConsumerSettings:
     flags = {k: v for k, v in vars(args).items() if k in ConsumerSettings.model_fields}
+    for line in unknown_environment(os.environ):
+        print(f"streamem run: warning: {line}", file=sys.stderr)
     try:
         return load_settings(flags, args.config)
-    except (ValidationError, FileNotFoundError, ValueError) as error:
+    except ValidationError as error:
+        for line in settings_errors(error):
+            print(f"streamem run: {line}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except (FileNotFoundError, ValueError) as error:
         print(f"streamem run: invalid settings: {error}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def settings_errors(error: ValidationError) -> list[str]:
+    """One line per error, naming the flag (each flag is also an environment variable and a file key)
+    and the value given: "--n-components: Input should be greater than or equal to 1 (got 0)"."""
+    lines = []
+    for item in error.errors():
+        message = item["msg"].removeprefix("Value error, ")
+        if not item["loc"]:  # a rule between settings: its message names the flags
+            lines.append(message)
+            continue
+        name = str(item["loc"][0])
+        if item["type"] == "extra_forbidden":
+            lines.append(f"unknown setting {name!r} (in the --config file)")
+            continue
+        value = item.get("input")
+        given = "" if isinstance(value, (dict, list)) or repr(value) in message else f" (got {value})"
+        lines.append(f"--{name.replace('_', '-')}: {message}{given}")
+    return lines
+
+
+def unknown_environment(environment: typing.Mapping[str, str]) -> list[str]:
+    """What to say about STREAMEM_* variables that are no setting (a misspelling would be ignored
+    silently). A warning, not a refusal: other software sets such names too (Kubernetes gives every
+    pod STREAMEM_SERVICE_HOST, STREAMEM_PORT, ... for a service called streamem)."""
+    known = {f"STREAMEM_{name.upper()}" for name in ConsumerSettings.model_fields}
+    lines = []
+    for variable in sorted(environment):
+        upper = variable.upper()
+        if not upper.startswith("STREAMEM_") or upper in known:
+            continue
+        close = difflib.get_close_matches(upper, known, n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        lines.append(f"{variable} is not a setting and is ignored{hint}")
+    return lines
 
 
 def _run(args) -> int:
@@ -148,7 +191,11 @@ def _start_and_run(args, stop) -> int:
     logger.info("settings: %s", settings.redacted())
     observability = Observability(delivery_timeout_s=settings.delivery_timeout_s)
     if settings.http_port is not None:
-        port = observability.serve(settings.http_port)
+        try:
+            port = observability.serve(settings.http_port)
+        except OSError as error:  # in use, or not ours to take: one line, before anything is created
+            print(f"streamem run: --http-port {settings.http_port}: cannot listen: {error.strerror}", file=sys.stderr)
+            return 2
         logger.info("serving /metrics, /healthz and /readyz on port %d", port)
     progress_log = _ProgressLog()
     try:

@@ -99,12 +99,14 @@ class ConsumerSettings(BaseSettings):
     )
     delivery_timeout_s: float = Field(
         300.0,
-        gt=0,
+        ge=1,  # below a second not even the connection to the broker is made in time
         description="ride out a broker outage this long, retrying unacknowledged outputs; then stop (exit 1)",
     )
     poll_timeout_ms: int = Field(500, ge=1, description="poll wait when the topic is idle")
     session_timeout_ms: int = Field(6000, ge=1000, description="group session timeout (a join takes ~half)")
-    heartbeat_interval_ms: int = Field(1000, ge=100, description="group heartbeat interval")
+    heartbeat_interval_ms: int = Field(
+        1000, ge=100, description="group heartbeat interval (at most a third of the session timeout)"
+    )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="log level")
     log_format: Literal["text", "json"] = Field("text", description="log lines as text or one JSON object each")
     http_port: int | None = Field(
@@ -121,6 +123,20 @@ class ConsumerSettings(BaseSettings):
     ssl_cafile: pathlib.Path | None = Field(None, description="CA certificate file")
     ssl_certfile: pathlib.Path | None = Field(None, description="client certificate file")
     ssl_keyfile: pathlib.Path | None = Field(None, description="client private key file")
+
+    @field_validator("bootstrap_servers")
+    @classmethod
+    def _check_servers(cls, value: str) -> str:
+        """host:port[,host:port]: checked here, as the clients would only fail later with a traceback."""
+        for server in value.split(","):
+            server = server.strip()
+            host, _, port = server.rpartition(":")
+            bracketed = host.startswith("[") and host.endswith("]")  # an IPv6 address: [::1]:9092
+            name = host[1:-1] if bracketed else host
+            odd = any(character.isspace() or character in "/@[]" for character in name)
+            if not name or odd or (":" in name and not bracketed) or not _is_port(port):
+                raise ValueError(f"{server!r} is not host:port (a list is host:port,host:port)")
+        return value
 
     @field_validator("features", mode="before")
     @classmethod
@@ -146,6 +162,13 @@ class ConsumerSettings(BaseSettings):
             raise ValueError(f"model_key {self.model_key!r} is also a feature or the target")
         if len(set(self.features)) != len(self.features):
             raise ValueError(f"features are listed twice: {self.features}")
+        if self.warmup < self.n_components:  # the warm-up's batch EM needs a record per component at least
+            raise ValueError(f"--warmup ({self.warmup}) must be at least --n-components ({self.n_components})")
+        if 3 * self.heartbeat_interval_ms > self.session_timeout_ms:  # as Kafka advises; the client refuses >=
+            raise ValueError(
+                f"--heartbeat-interval-ms ({self.heartbeat_interval_ms}) must be at most a third of "
+                f"--session-timeout-ms ({self.session_timeout_ms})"
+            )
         return self
 
     @property
@@ -173,6 +196,10 @@ class ConsumerSettings(BaseSettings):
         cls, settings_cls, init_settings, env_settings, dotenv_settings, file_secret_settings
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         return init_settings, env_settings, _ConfigFileSource(settings_cls)
+
+
+def _is_port(text: str) -> bool:
+    return text.isdigit() and 1 <= int(text) <= 65535
 
 
 class _ConfigFileSource(PydanticBaseSettingsSource):

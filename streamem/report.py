@@ -39,6 +39,10 @@ __all__ = [
 FIT_FORMAT = "streamem.fit"
 
 
+# The largest magnitude a value may have: EM sums squares (and cross products) of the values over
+# the file, which must stay far below the float limit (1.8e308) to mean anything.
+LARGEST = 1e100
+
 # Cell texts read as a missing value (as pandas reads them), before any `na_values` of the caller.
 NA_TEXTS = frozenset({"", "NA", "N/A", "n/a", "NaN", "nan", "NULL", "null", "None", "#N/A", "<NA>"})
 
@@ -94,6 +98,13 @@ def read_table(
         # a column of text (fewer numbers than texts) is not a feature; one stray cell does not make text
         names = [n for n in header if n != target and parsed[n][2] > 0 and parsed[n][2] >= len(parsed[n][1])]
         skipped = [n for n in header if n != target and n not in names]
+    wanted = list(columns) if columns else [n for n in header if n != target]
+    empty = [n for n in wanted if rows and parsed[n][2] == 0 and not parsed[n][1]]  # every cell missing
+    if empty:
+        # nothing to learn from, not even with --missing marginalize (no mean to integrate around)
+        keep = [n for n in names if n not in empty]
+        way_out = f"; leave it out with --columns {','.join(keep)}" if keep else ""
+        raise ValueError(f"{path}: column {empty[0]!r} has no values ({len(rows)} missing cells){way_out}")
     if not names:
         raise ValueError(f"{path} has no numeric feature columns")
     for name in [*names, *([target] if target else [])]:
@@ -104,6 +115,13 @@ def read_table(
             raise ValueError(
                 f"{path} line {lines[row]}, column {name!r}: {text!r} is not a number{more}; "
                 f"to read it as a missing value: --na-values {shlex.quote(text)}"
+            )
+    for name in [*names, *([target] if target else [])]:
+        huge = np.flatnonzero(np.abs(parsed[name][0]) > LARGEST)
+        if len(huge):
+            raise ValueError(
+                f"{path} line {lines[huge[0]]}, column {name!r}: {rows[huge[0]][header.index(name)].strip()} is too "
+                f"large: EM sums squares of the values, which overflow beyond +-{LARGEST:.0e}; rescale the column"
             )
     if target is not None:
         absent = np.flatnonzero(np.isnan(parsed[target][0]))
@@ -126,7 +144,22 @@ def read_table(
 
 def _read_csv(path: pathlib.Path) -> tuple[list[str], list[list[str]], list[int]]:
     """Header, rows of cell texts, and each row's line number in the file (blank lines skipped)."""
-    with open(path, newline="") as handle:
+    try:
+        return _read_csv_rows(path)
+    except UnicodeDecodeError:  # (a ValueError whose message names neither the file nor the line)
+        raw = path.read_bytes()
+        try:
+            raw.decode("utf-8")
+        except UnicodeDecodeError as error:
+            line = raw[: error.start].count(b"\n") + 1
+            raise ValueError(
+                f"{path}: not UTF-8 text (byte 0x{raw[error.start]:02x} on line {line}); save the file as UTF-8"
+            ) from None
+        raise
+
+
+def _read_csv_rows(path: pathlib.Path) -> tuple[list[str], list[list[str]], list[int]]:
+    with open(path, newline="", encoding="utf-8") as handle:
         reader = csv.reader(handle)
         header = next(reader, None)
         if not header:
@@ -211,6 +244,8 @@ def fit_table(
     """
     _require_plots()
     candidates = parse_components(components)
+    if pathlib.Path(out_dir).exists() and not pathlib.Path(out_dir).is_dir():
+        raise ValueError(f"--out {out_dir} is a file, not a directory")
     if target is not None and missing != "error":
         raise ValueError("missing values are supported for Gaussian mixtures only, not with a target")
     table = read_table(path, columns, target, na_values=na_values, missing=missing)

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
+import pathlib
 import subprocess
 import sys
+import tempfile
 
 import numpy as np
 import pytest
 
 import streamem as se
+from streamem.report import read_table
 from tests.conftest import DATA, seed_example_two
 
 
@@ -172,3 +175,56 @@ def test_figures_name_the_features_on_their_axes(faithful):
     assert (figure.axes[0].get_xlabel(), figure.axes[0].get_ylabel()) == ("dose", "response")
     history = [(n, [0.5, 0.5], [[0.0], [5.0]]) for n in range(0, 1000, 100)]
     assert plots.online_trace(history, name="eruptions").axes[1].get_ylabel() == "mean eruptions"
+
+
+def _faithful_with(tmp_path, column_text=None, cell=None) -> pathlib.Path:
+    """faithful.csv, with an extra column of `column_text` cells, or `cell` as data row 10's `waiting`."""
+    lines = (DATA / "faithful.csv").read_text().splitlines()
+    if column_text is not None:
+        lines = [lines[0] + ",empty"] + [line + "," + column_text for line in lines[1:]]
+    if cell is not None:
+        lines[10] = lines[10].split(",")[0] + "," + cell
+    path = tmp_path / "data.csv"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.mark.parametrize("missing", ["error", "marginalize"])
+def test_an_entirely_empty_column_is_refused_naming_it(tmp_path, missing):
+    """A column with no value at all used to be left out silently while report.md said "There are no missing
+    values": refused, naming the column, its missing cells, and how to leave it out."""
+    data = _faithful_with(tmp_path, column_text="")
+    result = run("fit", str(data), "--n-components", "2", "--missing", missing, "--out", str(tmp_path / "out"))
+    assert result.returncode == 2, result.stderr
+    assert "column 'empty' has no values (272 missing cells)" in result.stderr, result.stderr
+    assert "--columns eruptions,waiting" in result.stderr, result.stderr
+    assert len(result.stderr.splitlines()) == 1 and not (tmp_path / "out").exists()
+
+
+def test_a_file_that_is_not_utf8_is_named():
+    """A byte that is not UTF-8 names the file (was the bare "'utf-8' codec can't decode byte 0xff ...")."""
+    data = pathlib.Path(DATA / "faithful.csv").read_bytes().replace(b"3.6", b"3\xff6", 1)
+    with tempfile.TemporaryDirectory() as directory:
+        path = pathlib.Path(directory) / "bad.csv"
+        path.write_bytes(data)
+        with pytest.raises(ValueError, match=r"bad\.csv: not UTF-8 text \(byte 0xff on line 2\)"):
+            read_table(path)
+
+
+def test_a_value_too_large_for_em_names_its_line_and_column(tmp_path):
+    """1e308 is a float, but its square overflows: one line naming the line, column and value, no RuntimeWarning
+    (was two RuntimeWarning lines and "full covariances must be finite square matrices")."""
+    data = _faithful_with(tmp_path, cell="1e308")
+    result = run("fit", str(data), "--n-components", "2", "--out", str(tmp_path / "out"))
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith("streamem fit: ") and len(result.stderr.splitlines()) == 1, result.stderr
+    assert "data.csv line 11, column 'waiting': 1e308 is too large" in result.stderr, result.stderr
+
+
+def test_fit_out_naming_a_file_is_one_line(tmp_path):
+    """`fit --out` naming an existing file: exit 2 and one line (was a NotADirectoryError traceback)."""
+    taken = tmp_path / "taken"
+    taken.write_text("not a directory\n")
+    result = run("fit", str(DATA / "faithful.csv"), "--n-components", "2", "--out", str(taken))
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.splitlines() == [f"streamem fit: --out {taken} is a file, not a directory"], result.stderr

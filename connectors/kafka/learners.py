@@ -175,24 +175,13 @@ class _Learner:
 
     def _decode(self, batch) -> tuple[list, schemas.DecodedBatch]:
         """Decode a batch; the invalid records' dead letters go in their places in the outputs."""
-        outputs: list = [None] * len(batch)
         decoded = self.decoder.decode_batch([record.value for record in batch], [record.key for record in batch])
-        for i, error in decoded.errors:
-            record = batch[i]
-            logger.warning(
-                "dead-lettered %s: %s",
-                record.where(),
-                error,
-                extra={"source": schemas.source_of(record), "error": error},
-            )
-            outputs[i] = schemas.dead_letter(record, self.topics["dead_letter"], error)
         self.counters.records_in += len(batch)
-        self.counters.dead_lettered += len(decoded.errors)
-        return outputs, decoded
+        return self._dead_letters(batch, dict(decoded.errors)), decoded
 
-    def _dead_letter_outliers(self, records, reasons: dict[int, str]) -> list:
-        """Dead letters for the rows the outlier guard refuses ({position: reason}), in their places
-        (None elsewhere)."""
+    def _dead_letters(self, records, reasons: dict[int, str]) -> list:
+        """Dead letters for the records refused ({position: reason}: undecodable, or refused by the
+        model's outlier guard), in their places (None elsewhere)."""
         outputs: list = [None] * len(records)
         for i, reason in reasons.items():
             record = records[i]
@@ -241,7 +230,7 @@ class _Learner:
             # that has moved (most recent records refused) and warms up again from them; the rows it
             # then takes are answered, as the model as it was scored them, not dead-lettered.
             taken = self._offer_outliers(model, frame, target, screened.outlier & learn)
-            outputs = self._dead_letter_outliers(
+            outputs = self._dead_letters(
                 records, {int(i): screened.reason(int(i)) for i in np.flatnonzero(screened.outlier & ~taken)}
             )
             if taken.any():
@@ -286,7 +275,7 @@ class _Learner:
         )
         self.counters.assigned += len(records)
         if refused:
-            for i, dead in enumerate(self._dead_letter_outliers(records, refused)):
+            for i, dead in enumerate(self._dead_letters(records, refused)):
                 answered[i] = dead if dead is not None else answered[i]
             self.counters.assigned -= len(refused)
             learn = learn.copy()

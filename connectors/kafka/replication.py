@@ -173,7 +173,7 @@ class ReplicatedLearner(_Learner):
         resp, log_likelihood, screened = self._assign_and_screen(frame, values)
         if screened.outlier.any():  # dead letters; never answered, never published as statistics
             reasons = {int(i): screened.reason(int(i)) for i in np.flatnonzero(screened.outlier)}
-            for position, dead in zip(good, self._dead_letter_outliers(records, reasons), strict=True):
+            for position, dead in zip(good, self._dead_letters(records, reasons), strict=True):
                 outputs[position] = dead if dead is not None else outputs[position]
             keep = ~screened.outlier
             records, values = [r for r, k in zip(records, keep, strict=True) if k], values[keep]

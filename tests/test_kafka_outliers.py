@@ -11,10 +11,10 @@ import pytest
 from connectors.kafka.checkpoint import Checkpoint, ModelCheckpoint, TopicStore
 from connectors.kafka.pipeline import run_consumer
 from connectors.kafka.replication import ReplicatedLearner
-from connectors.kafka.settings import ConsumerSettings
 from connectors.kafka.topics import ensure_topics
 from streamem import OnlineGMM, OnlineRegressionMixture
 from tests.kafka_helpers import produce, read_all, unique
+from tests.test_kafka_consumer import make_settings
 
 CENTRES = np.array([[0.0, 0.0], [8.0, 3.0]])
 # 2**65 travels as the JSON integer 36893488147419103232, as a producer would send it
@@ -34,23 +34,6 @@ def _stream(n: int, seed: int = 0, outliers: bool = True) -> list[bytes]:
     for position, (record, _) in sorted(OUTLIERS.items()) if outliers else []:
         values.insert(position, json.dumps(record).encode())
     return values
-
-
-def _settings(broker, topic: str, **overrides) -> ConsumerSettings:
-    values = dict(
-        bootstrap_servers=broker.bootstrap_servers,
-        input_topic=topic,
-        group_id=f"{topic}-group",
-        features=["a", "b"],
-        n_components=2,
-        warmup=200,
-        batch_size=50,
-        max_poll_records=300,
-        poll_timeout_ms=200,
-        log_level="WARNING",
-    )
-    values.update(overrides)
-    return ConsumerSettings(**values)
 
 
 def _check_outputs(broker, settings, values, offsets_of_outliers):
@@ -73,7 +56,7 @@ def test_outliers_are_dead_lettered_not_learned_and_the_model_stays_right(broker
     learned; the consumer finishes and the means are the simulated mixture's within 0.15."""
     topic = unique("outliers")
     values = _stream(3000)
-    settings = _settings(broker, topic, max_records=len(values))
+    settings = make_settings(broker, topic, max_records=len(values))
     ensure_topics(settings, input_partitions=1)
     produce(broker.bootstrap_servers, topic, values)
 
@@ -101,7 +84,7 @@ def test_each_keyed_model_refuses_its_own_outliers(broker):
                 record["sensor"] = key
                 values.append(json.dumps(record).encode())
                 keys.append(key.encode())
-    settings = _settings(broker, topic, max_records=len(values), model_key="sensor")
+    settings = make_settings(broker, topic, max_records=len(values), model_key="sensor")
     ensure_topics(settings, input_partitions=2)
     produce(broker.bootstrap_servers, topic, values, keys)
 
@@ -123,7 +106,7 @@ def test_replicated_model_refuses_outliers(broker):
     """--replicate: outliers are dead-lettered and never reach the statistics log; the model stays right."""
     topic = unique("outliers-replicated")
     values = _stream(3000, seed=3)
-    settings = _settings(broker, topic, max_records=len(values), replicate=True)
+    settings = make_settings(broker, topic, max_records=len(values), replicate=True)
     ensure_topics(settings, input_partitions=1)
     produce(broker.bootstrap_servers, topic, values)
 
@@ -156,7 +139,7 @@ def test_regression_consumer_refuses_an_absurd_target_and_the_threshold_can_be_t
         ("off", {"outlier_threshold": threshold}, {700: "too large"}),
     ):
         topic = unique(f"outliers-regression-{name}")
-        settings = _settings(broker, topic, features=["a"], target="y", max_records=len(values), **overrides)
+        settings = make_settings(broker, topic, features=["a"], target="y", max_records=len(values), **overrides)
         ensure_topics(settings, input_partitions=1)
         produce(broker.bootstrap_servers, topic, values)
         run_consumer(settings)
@@ -187,7 +170,7 @@ def test_a_stream_that_moves_is_learned_again_not_dead_lettered_for_ever(broker,
     values = _sensor_stream(shift, 2400 - shift)
     if model_key is not None:
         values = [json.dumps({**json.loads(v), "sensor": "s"}).encode() for v in values]
-    settings = _settings(broker, topic, n_components=1, max_records=len(values), model_key=model_key)
+    settings = make_settings(broker, topic, n_components=1, max_records=len(values), model_key=model_key)
     ensure_topics(settings, input_partitions=1)
     produce(broker.bootstrap_servers, topic, values)
 
@@ -214,7 +197,7 @@ def test_an_outlier_among_a_fresh_models_first_20_records_is_dead_lettered(broke
     topic = unique("outliers-first-20")
     values = _stream(100, seed=8, outliers=False)
     values[3] = json.dumps({"a": 1e5, "b": 0.0}).encode()
-    settings = _settings(broker, topic, max_records=len(values))
+    settings = make_settings(broker, topic, max_records=len(values))
     ensure_topics(settings, input_partitions=1)
     produce(broker.bootstrap_servers, topic, values)
 

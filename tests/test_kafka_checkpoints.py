@@ -190,17 +190,10 @@ def test_the_checkpoint_validates_exactly_the_consumers_counters():
     assert set(CountersDocument.model_fields) == {field.name for field in dataclasses.fields(Counters)}
 
 
-def test_keyed_models_refuse_other_settings_and_reset_each_model(broker, tmp_path):
+def test_keyed_models_refuse_other_settings_and_reset_each_model(keyed_600, tmp_path):
     """--model-key: counters checkpoint with K=2 resumed with K=3 is refused; with --reset-model each key's model
     starts fresh (and is stored with K=3)."""
-    topic = unique("keyed")
-    settings = make_settings(
-        broker, topic, max_records=600, model_key="id_mod", checkpoint_dir=tmp_path, model_process=False, warmup=50
-    )
-    ensure_topics(settings, input_partitions=1)
-    values = [json.dumps({**json.loads(v), "id_mod": i % 2}).encode() for i, v in enumerate(good_values(1200))]
-    produce(broker.bootstrap_servers, topic, values)
-    run_consumer(settings)
+    settings = keyed_600
     changed = settings.model_copy(update={"n_components": 3})
     with pytest.raises(CheckpointError, match="n_components: checkpoint 2, flags 3") as refused:
         run_consumer(changed)

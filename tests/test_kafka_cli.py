@@ -25,10 +25,31 @@ def test_produce_demo_writes_exactly_the_records_asked_for(broker):
     assert changes == [334, 667]
 
 
-def _lines(stream, into: queue.Queue) -> None:
-    for line in iter(stream.readline, ""):
-        into.put(line)
-    into.put(None)
+class _StderrLines:
+    """A process's stderr, read on a thread as it comes, so a test can wait for a line without blocking."""
+
+    def __init__(self, stream):
+        self.seen: list[str] = []
+        self._queue: queue.Queue = queue.Queue()
+        threading.Thread(target=self._read, args=(stream,), daemon=True).start()
+
+    def _read(self, stream) -> None:
+        for line in iter(stream.readline, ""):
+            self._queue.put(line)
+        self._queue.put(None)
+
+    def wait_for(self, text: str, deadline: float) -> None:
+        """Until a line containing `text` has come (fails if the stream ends or the deadline passes)."""
+        while not any(text in line for line in self.seen):
+            line = self._queue.get(timeout=max(0.1, deadline - time.monotonic()))
+            assert line is not None, "".join(self.seen)
+            self.seen.append(line)
+
+    def rest(self) -> str:
+        """Everything, once the process has exited."""
+        while (line := self._queue.get(timeout=10)) is not None:
+            self.seen.append(line)
+        return "".join(self.seen)
 
 
 @pytest.mark.parametrize(
@@ -47,19 +68,11 @@ def test_a_second_signal_ends_without_a_traceback(broker, signum, status):
          "--group-id", unique("g"), "--poll-timeout-ms", "5000"],  # a long idle poll: the 2nd signal lands in it
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
     )  # fmt: skip
-    errors: queue.Queue = queue.Queue()
-    threading.Thread(target=_lines, args=(process.stderr, errors), daemon=True).start()
-    seen: list[str] = []
-
-    def wait_for_line(text: str, deadline: float) -> None:
-        while not any(text in line for line in seen):
-            line = errors.get(timeout=max(0.1, deadline - time.monotonic()))
-            assert line is not None, "".join(seen)
-            seen.append(line)
+    lines = _StderrLines(process.stderr)
 
     try:
         deadline = time.monotonic() + 60
-        wait_for_line("partitions assigned", deadline)
+        lines.wait_for("partitions assigned", deadline)
         answered = TopicCounter(broker.bootstrap_servers, f"{topic}.assignments")
         try:  # every record answered: the consumer now waits in its 5 s idle poll
             wait_for(lambda: answered.count() >= 300, 60, "the 300 assignments")
@@ -67,7 +80,7 @@ def test_a_second_signal_ends_without_a_traceback(broker, signum, status):
             answered.close()
         os.killpg(process.pid, signum)
         # the second signal once the first has been handled (two signals sent at once are merged into one)
-        wait_for_line("finishing the current batch", deadline)
+        lines.wait_for("finishing the current batch", deadline)
         os.killpg(process.pid, signum)
         process.wait(timeout=60)  # not communicate(): it would take stderr lines from the reader thread
         out = process.stdout.read()
@@ -75,11 +88,9 @@ def test_a_second_signal_ends_without_a_traceback(broker, signum, status):
         if process.poll() is None:
             process.kill()
             process.wait()
-    while (line := errors.get(timeout=10)) is not None:
-        seen.append(line)
-    stderr = "".join(seen)
+    stderr = lines.rest()
     assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr
-    assert process.returncode == status, "".join(line for line in seen if "settings" not in line)
+    assert process.returncode == status, "".join(line for line in lines.seen if "settings" not in line)
     if signum == signal.SIGTERM:
         assert "SIGTERM again: still finishing the current batch" in stderr  # the second signal did land
         assert re.match(r"records \d+", out), out
@@ -104,22 +115,14 @@ def test_a_signal_during_start_up_stops_cleanly(broker, tmp_path, when, signals,
          "--checkpoint-dir", str(tmp_path)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
-    errors: queue.Queue = queue.Queue()
-    threading.Thread(target=_lines, args=(process.stderr, errors), daemon=True).start()
-    seen: list[str] = []
-
-    def wait_for_line(text: str, deadline: float) -> None:
-        while not any(text in line for line in seen):
-            line = errors.get(timeout=max(0.1, deadline - time.monotonic()))
-            assert line is not None, "".join(seen)
-            seen.append(line)
+    lines = _StderrLines(process.stderr)
 
     try:
         deadline = time.monotonic() + 60
-        wait_for_line(when, deadline)
+        lines.wait_for(when, deadline)
         process.send_signal(signals[0])
         if len(signals) > 1:
-            wait_for_line("finishing the current batch", deadline)
+            lines.wait_for("finishing the current batch", deadline)
             process.send_signal(signals[1])
         process.wait(timeout=60)
         out = process.stdout.read()
@@ -127,9 +130,7 @@ def test_a_signal_during_start_up_stops_cleanly(broker, tmp_path, when, signals,
         if process.poll() is None:
             process.kill()
             process.wait()
-    while (line := errors.get(timeout=10)) is not None:
-        seen.append(line)
-    stderr = "".join(seen)
+    stderr = lines.rest()
     assert "Traceback" not in stderr, stderr
     assert process.returncode == status, stderr
     if status == 0:

@@ -22,12 +22,12 @@ import numpy as np
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from _report import write_section  # noqa: E402
 
-from connectors.kafka.broker import EmbeddedBroker  # noqa: E402
-from connectors.kafka.clients import make_sink, make_source  # noqa: E402
-from connectors.kafka.pipeline import run_consumer  # noqa: E402
-from connectors.kafka.records import OutputRecord  # noqa: E402
-from connectors.kafka.settings import ConsumerSettings  # noqa: E402
-from connectors.kafka.topics import ensure_topics  # noqa: E402
+from streamem_connectors.kafka.broker import EmbeddedBroker  # noqa: E402
+from streamem_connectors.kafka.clients import make_sink, make_source  # noqa: E402
+from streamem_connectors.kafka.pipeline import run_consumer  # noqa: E402
+from streamem_connectors.kafka.records import OutputRecord  # noqa: E402
+from streamem_connectors.kafka.settings import ConsumerSettings  # noqa: E402
+from streamem_connectors.kafka.topics import ensure_topics  # noqa: E402
 
 RECORDS = 100_000
 REPEATS = 5

@@ -38,9 +38,9 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
 from _report import write_section  # noqa: E402
 
-from connectors.kafka.broker import EmbeddedBroker  # noqa: E402
-from connectors.kafka.settings import ConsumerSettings  # noqa: E402
-from connectors.kafka.topics import ensure_topics  # noqa: E402
+from streamem_connectors.kafka.broker import EmbeddedBroker  # noqa: E402
+from streamem_connectors.kafka.settings import ConsumerSettings  # noqa: E402
+from streamem_connectors.kafka.topics import ensure_topics  # noqa: E402
 from tests.kafka_helpers import TopicCounter, produce, read_all, wait_for  # noqa: E402
 from tests.test_kafka_bad_records import ASSIGNED, CATALOGUE  # noqa: E402
 from tests.test_kafka_consumer import good_values  # noqa: E402

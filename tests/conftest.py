@@ -46,7 +46,7 @@ def well_separated(n: int, rng: np.random.Generator, n_components: int = 3, n_fe
 @pytest.fixture(scope="session")
 def broker():
     """One embedded Tansu broker for the test session; tests use their own topic names."""
-    from connectors.kafka.broker import EmbeddedBroker
+    from streamem_connectors.kafka.broker import EmbeddedBroker
 
     with EmbeddedBroker() as running:
         yield running

@@ -12,8 +12,8 @@ import pytest
 import tomllib
 import yaml
 
-from connectors.kafka.cli import settings_flags
-from connectors.kafka.settings import ConsumerSettings
+from streamem_connectors.kafka.cli import settings_flags
+from streamem_connectors.kafka.settings import ConsumerSettings
 
 DEPLOY = pathlib.Path(__file__).resolve().parent.parent / "deploy"
 FIELDS = set(ConsumerSettings.model_fields)
@@ -83,7 +83,7 @@ def test_every_flag_and_config_key_is_a_setting():
 
 def test_the_config_file_validates_with_the_compose_environment():
     """consumer.toml plus the compose service's environment make valid settings."""
-    from connectors.kafka.settings import load_settings
+    from streamem_connectors.kafka.settings import load_settings
 
     environment = _compose()["services"]["streamem"]["environment"]
     values = {name.removeprefix("STREAMEM_").lower(): value for name, value in environment.items()}

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 import streamem as se
-from connectors.kafka.pipeline import run_consumer
-from connectors.kafka.topics import ensure_topics
+from streamem_connectors.kafka.pipeline import run_consumer
+from streamem_connectors.kafka.topics import ensure_topics
 from tests.kafka_helpers import produce, read_all, unique
 from tests.test_kafka_consumer import good_values, make_settings, offsets_of
 

@@ -9,9 +9,9 @@ import sys
 
 import pytest
 
-from connectors.kafka.checkpoint import CheckpointError, DirectoryStore, PartitionOffset, TopicStore
-from connectors.kafka.pipeline import run_consumer
-from connectors.kafka.topics import ensure_topics
+from streamem_connectors.kafka.checkpoint import CheckpointError, DirectoryStore, PartitionOffset, TopicStore
+from streamem_connectors.kafka.pipeline import run_consumer
+from streamem_connectors.kafka.topics import ensure_topics
 from tests.kafka_helpers import produce, read_all, unique
 from tests.test_kafka_consumer import good_values, make_settings, offsets_of
 
@@ -129,9 +129,9 @@ def test_offsets_of_another_topic_are_refused(learned_400):
 
 def test_an_offset_before_the_first_record_resumes_at_the_first():
     """Offsets below a partition's first offset (deleted by retention) resume there; above the end are problems."""
-    from connectors.kafka.clients import InputPositions
-    from connectors.kafka.resume import check_resume
-    from connectors.kafka.settings import ConsumerSettings
+    from streamem_connectors.kafka.clients import InputPositions
+    from streamem_connectors.kafka.resume import check_resume
+    from streamem_connectors.kafka.settings import ConsumerSettings
 
     settings = ConsumerSettings(features=["a"], input_topic="t")
     positions = InputPositions("t", {0: (100, 500), 1: (0, 50)}, {})
@@ -184,8 +184,8 @@ def test_the_checkpoint_validates_exactly_the_consumers_counters():
     """The checkpoint's counters section has the same names as the consumer's Counters (missing/extra refused)."""
     import dataclasses
 
-    from connectors.kafka.checkpoint import CountersDocument
-    from connectors.kafka.learners import Counters
+    from streamem_connectors.kafka.checkpoint import CountersDocument
+    from streamem_connectors.kafka.learners import Counters
 
     assert set(CountersDocument.model_fields) == {field.name for field in dataclasses.fields(Counters)}
 
@@ -254,7 +254,7 @@ def test_a_renamed_instance_starts_fresh_where_another_checkpoint_covers_every_p
     settings = _two_partition_group(broker, tmp_path, "renamed")
     produce(broker.bootstrap_servers, settings.input_topic, good_values(100), keys=[b"0"] * 100)
     renamed = settings.model_copy(update={"instance_id": "b", "max_records": 100})
-    with caplog.at_level("WARNING", logger="connectors.kafka"):
+    with caplog.at_level("WARNING", logger="streamem_connectors.kafka"):
         run_consumer(renamed)
     warning = " ".join(r.getMessage() for r in caplog.records if r.levelname == "WARNING")
     assert f"{settings.group_id}/a" in warning and "starts fresh" in warning, warning
@@ -355,9 +355,9 @@ def test_features_in_another_order_are_the_same_model(learned_400):
 
 def test_features_in_another_order_are_another_replicated_model():
     """With --replicate the statistics log holds rows by position: another feature order is a difference."""
-    from connectors.kafka.checkpoint import model_settings
-    from connectors.kafka.resume import settings_differences
-    from connectors.kafka.settings import ConsumerSettings
+    from streamem_connectors.kafka.checkpoint import model_settings
+    from streamem_connectors.kafka.resume import settings_differences
+    from streamem_connectors.kafka.settings import ConsumerSettings
 
     written = model_settings(ConsumerSettings(features=["a", "b"], replicate=True))
     assert settings_differences(written, ConsumerSettings(features=["b", "a"], replicate=True), warm=True)
@@ -378,9 +378,9 @@ def test_input_positions_and_the_sink_say_an_unreachable_broker_in_one_line():
     topics.py message) within about connect_timeout_s (were a 30 s TimeoutError and raw client errors)."""
     import time
 
-    from connectors.kafka.clients import input_positions, make_sink
-    from connectors.kafka.settings import ConsumerSettings
-    from connectors.kafka.topics import BrokerUnreachable
+    from streamem_connectors.kafka.clients import input_positions, make_sink
+    from streamem_connectors.kafka.settings import ConsumerSettings
+    from streamem_connectors.kafka.topics import BrokerUnreachable
 
     settings = ConsumerSettings(
         features=["a"], input_topic="t", bootstrap_servers=f"127.0.0.1:{_closed_port()}", connect_timeout_s=1
@@ -398,8 +398,8 @@ def test_input_positions_and_the_sink_say_an_unreachable_broker_in_one_line():
 def test_the_model_process_says_an_unreachable_broker_in_one_line():
     """run_consumer in a model process with no broker: BrokerUnreachable with one line, not LearnerFailed
     carrying a traceback."""
-    from connectors.kafka.settings import ConsumerSettings
-    from connectors.kafka.topics import BrokerUnreachable
+    from streamem_connectors.kafka.settings import ConsumerSettings
+    from streamem_connectors.kafka.topics import BrokerUnreachable
 
     settings = ConsumerSettings(
         features=["a"], input_topic="t", bootstrap_servers=f"127.0.0.1:{_closed_port()}", connect_timeout_s=1

@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from connectors.kafka.demo import produce_regimes
+from streamem_connectors.kafka.demo import produce_regimes
 from tests.kafka_helpers import TopicCounter, produce, read_all, unique, wait_for
 
 

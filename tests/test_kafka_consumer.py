@@ -18,11 +18,11 @@ import threading
 import numpy as np
 import pytest
 
-from connectors.kafka.checkpoint import Checkpoint, TopicStore
-from connectors.kafka.model_process import LearnerFailed
-from connectors.kafka.pipeline import run_consumer
-from connectors.kafka.settings import ConsumerSettings
-from connectors.kafka.topics import ensure_topics
+from streamem_connectors.kafka.checkpoint import Checkpoint, TopicStore
+from streamem_connectors.kafka.model_process import LearnerFailed
+from streamem_connectors.kafka.pipeline import run_consumer
+from streamem_connectors.kafka.settings import ConsumerSettings
+from streamem_connectors.kafka.topics import ensure_topics
 from tests.kafka_helpers import TopicCounter, produce, read_all, unique, wait_for
 
 BAD = {

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from connectors.kafka.demo import run_demo
+from streamem_connectors.kafka.demo import run_demo
 
 
 def test_demo_answers_every_record_and_reports_drift(capsys):

@@ -17,14 +17,14 @@ import threading
 import pytest
 from kafka import KafkaProducer
 
-from connectors.kafka import records as schemas
-from connectors.kafka.broker import EmbeddedBroker
-from connectors.kafka.checkpoint import Checkpoint, TopicStore
-from connectors.kafka.clients import DeliveryFailed, make_sink
-from connectors.kafka.observability import Observability
-from connectors.kafka.pipeline import run_consumer
-from connectors.kafka.records import InputRecord, OutputRecord, RecordDecoder, dead_letter
-from connectors.kafka.topics import ensure_topics
+from streamem_connectors.kafka import records as schemas
+from streamem_connectors.kafka.broker import EmbeddedBroker
+from streamem_connectors.kafka.checkpoint import Checkpoint, TopicStore
+from streamem_connectors.kafka.clients import DeliveryFailed, make_sink
+from streamem_connectors.kafka.observability import Observability
+from streamem_connectors.kafka.pipeline import run_consumer
+from streamem_connectors.kafka.records import InputRecord, OutputRecord, RecordDecoder, dead_letter
+from streamem_connectors.kafka.topics import ensure_topics
 from tests.kafka_helpers import TopicCounter, produce, read_all, unique, wait_for
 from tests.test_kafka_consumer import _start, good_values, make_settings
 from tests.test_observability import _get, _metric
@@ -281,7 +281,7 @@ def test_a_record_no_retry_can_send_fails_at_once_in_one_line(broker, client):
 def test_the_group_keeps_a_consumer_through_the_longest_delivery_wait(broker, delivery_timeout_s):
     """The consumer's max poll interval is longer than a checkpoint can block riding out an outage (two
     deliveries of delivery_timeout_s each, then a margin): the group does not evict it mid ride-out."""
-    from connectors.kafka.clients import ConfluentSource, KafkaPythonSource, max_poll_interval_ms
+    from streamem_connectors.kafka.clients import ConfluentSource, KafkaPythonSource, max_poll_interval_ms
 
     settings = make_settings(broker, unique("poll"), delivery_timeout_s=delivery_timeout_s)
     source = KafkaPythonSource(settings, start_offsets=lambda partitions: {})
@@ -296,7 +296,7 @@ def test_the_group_keeps_a_consumer_through_the_longest_delivery_wait(broker, de
 @pytest.mark.parametrize("delivery_timeout_s", [300.0, 1800.0])
 def test_liveness_outlasts_the_longest_delivery_wait(delivery_timeout_s):
     """/healthz holds for as long as the group keeps the consumer minus a margin, and longer than two ride-outs."""
-    from connectors.kafka.clients import longest_checkpoint_s
+    from streamem_connectors.kafka.clients import longest_checkpoint_s
 
     limit_s = Observability(delivery_timeout_s=delivery_timeout_s).delivery_limit_s
     assert limit_s == longest_checkpoint_s(delivery_timeout_s) > 2 * delivery_timeout_s
@@ -351,7 +351,7 @@ def test_broker_rejections_are_fatal_and_outages_are_not(client):
     from confluent_kafka import KafkaError
     from kafka.errors import KafkaConnectionError, KafkaTimeoutError
 
-    from connectors.kafka.clients import rejected_for_good
+    from streamem_connectors.kafka.clients import rejected_for_good
 
     if client == "kafka-python":
         fatal = _kafka_python_errors(REJECTED_FOR_GOOD)
@@ -367,8 +367,8 @@ def test_broker_rejections_are_fatal_and_outages_are_not(client):
 def test_long_text_is_cut_one_way_everywhere():
     """Errors, dead letters, delivery failures and demo samples are cut by one helper: at most `limit`
     characters, ending in '… (N characters)' with N the whole length; short text is kept whole."""
-    from connectors.kafka import clients, demo
-    from connectors.kafka.text import shorten
+    from streamem_connectors.kafka import clients, demo
+    from streamem_connectors.kafka.text import shorten
 
     assert shorten("abc", 3) == "abc"
     cut = shorten("x" * 1000, 50)

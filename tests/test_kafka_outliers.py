@@ -8,11 +8,11 @@ import json
 import numpy as np
 import pytest
 
-from connectors.kafka.checkpoint import Checkpoint, ModelCheckpoint, TopicStore
-from connectors.kafka.pipeline import run_consumer
-from connectors.kafka.replication import ReplicatedLearner
-from connectors.kafka.topics import ensure_topics
 from streamem import OnlineGMM, OnlineRegressionMixture
+from streamem_connectors.kafka.checkpoint import Checkpoint, ModelCheckpoint, TopicStore
+from streamem_connectors.kafka.pipeline import run_consumer
+from streamem_connectors.kafka.replication import ReplicatedLearner
+from streamem_connectors.kafka.topics import ensure_topics
 from tests.kafka_helpers import produce, read_all, unique
 from tests.test_kafka_consumer import make_settings
 

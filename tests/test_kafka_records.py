@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from connectors.kafka.records import InputRecord, RecordDecoder, assignments
+from streamem_connectors.kafka.records import InputRecord, RecordDecoder, assignments
 
 BAD = [
     b"not json",

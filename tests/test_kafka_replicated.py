@@ -6,10 +6,10 @@ import signal
 
 import numpy as np
 
-from connectors.kafka.checkpoint import Checkpoint, TopicStore
-from connectors.kafka.replication import ReplicatedLearner
-from connectors.kafka.topics import ensure_topics
 from streamem.online_gmm import OnlineGMM
+from streamem_connectors.kafka.checkpoint import Checkpoint, TopicStore
+from streamem_connectors.kafka.replication import ReplicatedLearner
+from streamem_connectors.kafka.topics import ensure_topics
 from tests.kafka_helpers import produce, read_all, unique, wait_for
 from tests.test_kafka_consumer import _start, good_values, make_settings, offsets_of
 from tests.test_kafka_scale_out import Assignments

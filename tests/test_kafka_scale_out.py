@@ -9,8 +9,8 @@ import signal
 import numpy as np
 from kafka import KafkaProducer
 
-from connectors.kafka.checkpoint import ModelCheckpoint, TopicStore
-from connectors.kafka.topics import ensure_topics
+from streamem_connectors.kafka.checkpoint import ModelCheckpoint, TopicStore
+from streamem_connectors.kafka.topics import ensure_topics
 from tests.kafka_helpers import TopicCounter, read_all, unique, wait_for
 from tests.test_kafka_consumer import _lines, _start, good_values, make_settings, offsets_of
 

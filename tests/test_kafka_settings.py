@@ -12,8 +12,8 @@ import sys
 import pytest
 from pydantic import ValidationError
 
-from connectors.kafka.cli import settings_flags
-from connectors.kafka.settings import ConsumerSettings, load_settings
+from streamem_connectors.kafka.cli import settings_flags
+from streamem_connectors.kafka.settings import ConsumerSettings, load_settings
 
 
 def test_flags_beat_environment_which_beats_the_config_file(tmp_path, monkeypatch):

@@ -8,9 +8,9 @@ import logging
 import time
 import urllib.request
 
-from connectors.kafka.observability import JsonFormatter, Observability
-from connectors.kafka.pipeline import run_consumer
-from connectors.kafka.topics import ensure_topics
+from streamem_connectors.kafka.observability import JsonFormatter, Observability
+from streamem_connectors.kafka.pipeline import run_consumer
+from streamem_connectors.kafka.topics import ensure_topics
 from tests.kafka_helpers import produce, unique, wait_for
 from tests.test_kafka_consumer import good_values, make_settings
 
@@ -135,7 +135,7 @@ def test_liveness_fails_once_a_delivery_wait_passes_the_limit():
 def test_the_delivery_thresholds_come_from_the_sink():
     """/readyz's delivery threshold is the sink's attempt length (one constant, not two); /healthz's is at least
     two full ride-outs (the outputs, then the checkpoint record), each delivery_timeout_s plus a last attempt."""
-    from connectors.kafka.clients import ATTEMPT_S
+    from streamem_connectors.kafka.clients import ATTEMPT_S
 
     assert Observability().delivery_stall_s == ATTEMPT_S
     assert Observability(delivery_timeout_s=4.0).delivery_stall_s == 4.0  # an attempt never outlasts the limit

@@ -8,9 +8,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from connectors.kafka.checkpoint import Checkpoint, CheckpointError, restore_model
 from streamem import OnlineGMM, OnlineRegressionMixture
 from streamem.state import StateError
+from streamem_connectors.kafka.checkpoint import Checkpoint, CheckpointError, restore_model
 
 
 def _warm_gmm(covariance_type: str = "full") -> dict:

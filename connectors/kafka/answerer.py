@@ -1,9 +1,9 @@
 """The output side of the consumer: answer and learn each batch, send the answers, store checkpoints.
 
 An `Answerer` owns the learner, the producer of every output topic and the
-checkpoint store. The consume loop (`connectors.kafka.pipeline`) owns the input
+checkpoint store. The consume loop (`streamem_connectors.kafka.pipeline`) owns the input
 side: it polls, hands batches over and commits offsets once a checkpoint is
-stored. An answerer runs in a child process by default (`connectors.kafka.model_process`),
+stored. An answerer runs in a child process by default (`streamem_connectors.kafka.model_process`),
 so producing and learning run beside the polling, each under its own interpreter lock.
 """
 
@@ -12,11 +12,11 @@ from __future__ import annotations
 import dataclasses
 from typing import NamedTuple
 
-from connectors.kafka.checkpoint import make_store
-from connectors.kafka.clients import make_sink
-from connectors.kafka.learners import make_learner
-from connectors.kafka.records import InputRecord, OutputRecord
-from connectors.kafka.settings import ConsumerSettings
+from streamem_connectors.kafka.checkpoint import make_store
+from streamem_connectors.kafka.clients import make_sink
+from streamem_connectors.kafka.learners import make_learner
+from streamem_connectors.kafka.records import InputRecord, OutputRecord
+from streamem_connectors.kafka.settings import ConsumerSettings
 
 __all__ = ["Answerer", "Report"]
 

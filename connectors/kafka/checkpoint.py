@@ -11,7 +11,7 @@ key in a compacted state topic, or as one file per key in a directory
 
 Each document also records the model settings it was written with (`MODEL_SETTINGS`).
 Whether a consumer may resume from what it finds here is decided in
-`connectors.kafka.resume`; this module only stores, parses and restores. Every error
+`streamem_connectors.kafka.resume`; this module only stores, parses and restores. Every error
 names where the checkpoint is (file, or state topic and key) and the field.
 """
 
@@ -28,9 +28,9 @@ from typing import Annotated, Any
 import orjson
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
-from connectors.kafka.records import OutputRecord
-from connectors.kafka.settings import ConsumerSettings
 from streamem.state import Count
+from streamem_connectors.kafka.records import OutputRecord
+from streamem_connectors.kafka.settings import ConsumerSettings
 
 __all__ = [
     "MODEL_SETTINGS",
@@ -48,7 +48,7 @@ logger = logging.getLogger(__name__)
 CHECKPOINT_VERSION = 1
 
 # The settings that make the model what it is: a checkpoint records them, and one written with other
-# values is refused on resume (see connectors.kafka.resume for which differences count). Everything
+# values is refused on resume (see streamem_connectors.kafka.resume for which differences count). Everything
 # else (drift_every, checkpoint cadence, polling, client, output topics, logging, security) may change
 # from one run to the next.
 MODEL_SETTINGS = (
@@ -310,8 +310,8 @@ class TopicStore:
         from kafka import KafkaConsumer, TopicPartition
         from kafka.errors import KafkaError
 
-        from connectors.kafka.clients import kafka_python_security
-        from connectors.kafka.topics import BrokerUnreachable, connect_timeout_options, silent_client
+        from streamem_connectors.kafka.clients import kafka_python_security
+        from streamem_connectors.kafka.topics import BrokerUnreachable, connect_timeout_options, silent_client
 
         with silent_client():
             try:

@@ -17,9 +17,9 @@ import typing
 
 from pydantic import ValidationError
 
-from connectors.kafka.settings import ConsumerSettings, load_settings
-from connectors.kafka.topics import BrokerUnreachable
 from streamem.cli import HelpFormatter
+from streamem_connectors.kafka.settings import ConsumerSettings, load_settings
+from streamem_connectors.kafka.topics import BrokerUnreachable
 
 __all__ = ["register_demo", "register_produce_demo", "register_run", "settings_flags"]
 
@@ -84,7 +84,7 @@ def _one_line_errors(command: str, handler):
     """`handler`, with what a user can fix said in one line on stderr instead of a traceback."""
 
     def handle(args) -> int:
-        from connectors.kafka.broker import BrokerError
+        from streamem_connectors.kafka.broker import BrokerError
 
         try:
             return handler(args)
@@ -170,7 +170,7 @@ def unknown_environment(environment: typing.Mapping[str, str]) -> list[str]:
 
 
 def _run(args) -> int:
-    from connectors.kafka.signals import StopSignals  # light: installed before the heavy imports below
+    from streamem_connectors.kafka.signals import StopSignals  # light: installed before the heavy imports below
 
     stopper = StopSignals()
     with stopper.on_signals():  # before any start-up work: a signal during it stops as cleanly as one later
@@ -178,12 +178,12 @@ def _run(args) -> int:
 
 
 def _start_and_run(args, stop) -> int:
-    from connectors.kafka.checkpoint import CheckpointError
-    from connectors.kafka.clients import DeliveryFailed
-    from connectors.kafka.model_process import LearnerFailed
-    from connectors.kafka.observability import Observability, configure_logging
-    from connectors.kafka.pipeline import run_consumer
-    from connectors.kafka.topics import ensure_topics
+    from streamem_connectors.kafka.checkpoint import CheckpointError
+    from streamem_connectors.kafka.clients import DeliveryFailed
+    from streamem_connectors.kafka.model_process import LearnerFailed
+    from streamem_connectors.kafka.observability import Observability, configure_logging
+    from streamem_connectors.kafka.pipeline import run_consumer
+    from streamem_connectors.kafka.topics import ensure_topics
 
     settings = _settings(args)
     _require_client(settings.client)
@@ -278,7 +278,7 @@ def _demo(args) -> int:
     if _demo_sizes_refused("demo", args):
         return 2
     _require_client(args.client)
-    from connectors.kafka.demo import run_demo
+    from streamem_connectors.kafka.demo import run_demo
 
     return run_demo(records=args.records, bad_records=args.bad_records, client=args.client, seed=args.seed)
 
@@ -300,7 +300,7 @@ def register_produce_demo(commands) -> None:
 def _produce_demo(args) -> int:
     if _demo_sizes_refused("produce-demo", args):
         return 2
-    from connectors.kafka.demo import produce_regimes
+    from streamem_connectors.kafka.demo import produce_regimes
 
     changes = produce_regimes(args.bootstrap_servers, args.topic, args.records, args.bad_records, args.seed)
     print(

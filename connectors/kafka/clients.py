@@ -19,10 +19,10 @@ import time
 from collections.abc import Callable
 from typing import Protocol
 
-from connectors.kafka.records import InputRecord, OutputRecord
-from connectors.kafka.settings import ConsumerSettings
-from connectors.kafka.text import shorten
-from connectors.kafka.topics import BrokerUnreachable, connect_timeout_options, silent_client
+from streamem_connectors.kafka.records import InputRecord, OutputRecord
+from streamem_connectors.kafka.settings import ConsumerSettings
+from streamem_connectors.kafka.text import shorten
+from streamem_connectors.kafka.topics import BrokerUnreachable, connect_timeout_options, silent_client
 
 __all__ = [
     "DeliveryFailed",

@@ -8,11 +8,11 @@ import time
 
 import numpy as np
 
-from connectors.kafka.broker import EmbeddedBroker
-from connectors.kafka.pipeline import Progress, run_consumer
-from connectors.kafka.settings import ConsumerSettings
-from connectors.kafka.text import shorten
-from connectors.kafka.topics import ensure_topics
+from streamem_connectors.kafka.broker import EmbeddedBroker
+from streamem_connectors.kafka.pipeline import Progress, run_consumer
+from streamem_connectors.kafka.settings import ConsumerSettings
+from streamem_connectors.kafka.text import shorten
+from streamem_connectors.kafka.topics import ensure_topics
 
 __all__ = ["produce_regimes", "run_demo", "REGIMES"]
 

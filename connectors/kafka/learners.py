@@ -2,7 +2,7 @@
 
 A learner answers a poll batch (an assignment or a dead letter per record, drift
 records), learns it, and says what to checkpoint. The consume loop
-(`connectors.kafka.pipeline`) drives it the same way in both modes.
+(`streamem_connectors.kafka.pipeline`) drives it the same way in both modes.
 """
 
 from __future__ import annotations
@@ -15,8 +15,10 @@ import numpy as np
 import pandas as pd
 
 import streamem as se
-from connectors.kafka import records as schemas
-from connectors.kafka.checkpoint import (
+from streamem.drift import WeightDriftDetector
+from streamem.schedules import StepSize
+from streamem_connectors.kafka import records as schemas
+from streamem_connectors.kafka.checkpoint import (
     CHECKPOINT_VERSION,
     Checkpoint,
     CheckpointError,
@@ -27,11 +29,9 @@ from connectors.kafka.checkpoint import (
     restore_detector,
     restore_model,
 )
-from connectors.kafka.clients import input_positions
-from connectors.kafka.resume import check_missing, check_resume, refuse_or_reset, resumed_or_reset
-from connectors.kafka.settings import ConsumerSettings
-from streamem.drift import WeightDriftDetector
-from streamem.schedules import StepSize
+from streamem_connectors.kafka.clients import input_positions
+from streamem_connectors.kafka.resume import check_missing, check_resume, refuse_or_reset, resumed_or_reset
+from streamem_connectors.kafka.settings import ConsumerSettings
 
 __all__ = ["Counters", "InstanceLearner", "KeyedLearner", "OffsetBook", "make_learner"]
 
@@ -51,7 +51,7 @@ class Counters:
 
 def make_learner(settings: ConsumerSettings, store):
     if settings.replicate:
-        from connectors.kafka.replication import ReplicatedLearner
+        from streamem_connectors.kafka.replication import ReplicatedLearner
 
         return ReplicatedLearner(settings, store)
     return KeyedLearner(settings, store) if settings.model_key else InstanceLearner(settings, store)

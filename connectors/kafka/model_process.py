@@ -27,13 +27,13 @@ import sys
 import threading
 import traceback
 
-from connectors.kafka.answerer import Answerer, Report
-from connectors.kafka.checkpoint import CheckpointError
-from connectors.kafka.clients import DeliveryFailed
-from connectors.kafka.learners import Counters, OffsetBook, Partition
-from connectors.kafka.records import InputRecord
-from connectors.kafka.settings import ConsumerSettings
-from connectors.kafka.topics import BrokerUnreachable
+from streamem_connectors.kafka.answerer import Answerer, Report
+from streamem_connectors.kafka.checkpoint import CheckpointError
+from streamem_connectors.kafka.clients import DeliveryFailed
+from streamem_connectors.kafka.learners import Counters, OffsetBook, Partition
+from streamem_connectors.kafka.records import InputRecord
+from streamem_connectors.kafka.settings import ConsumerSettings
+from streamem_connectors.kafka.topics import BrokerUnreachable
 
 __all__ = ["AnswererHandle", "LearnerFailed"]
 
@@ -45,7 +45,7 @@ def _context():
     if "forkserver" not in multiprocessing.get_all_start_methods():
         return multiprocessing.get_context("spawn")
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["connectors.kafka.answerer"])  # no effect once the server runs
+    context.set_forkserver_preload(["streamem_connectors.kafka.answerer"])  # no effect once the server runs
     return context
 
 
@@ -266,7 +266,7 @@ def _serve(settings: ConsumerSettings, connection, logs, level: int) -> None:
     root = logging.getLogger()
     root.handlers[:] = [_PipeHandler(logs)]
     root.setLevel(level)
-    from connectors.kafka.observability import quiet_client_loggers
+    from streamem_connectors.kafka.observability import quiet_client_loggers
 
     quiet_client_loggers(level)  # as in the main process: the Kafka client's chatter only at DEBUG
     try:

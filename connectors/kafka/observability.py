@@ -28,7 +28,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from connectors.kafka.clients import ATTEMPT_S, longest_checkpoint_s
+from streamem_connectors.kafka.clients import ATTEMPT_S, longest_checkpoint_s
 
 __all__ = ["ClientLogThrottle", "JsonFormatter", "Observability", "configure_logging", "quiet_client_loggers"]
 

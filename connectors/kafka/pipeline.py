@@ -1,9 +1,9 @@
 """The consume loop: poll -> hand the batch to the answerer -> checkpoint -> commit.
 
 The loop owns the input side (polling, offsets, commits); an `Answerer`
-(`connectors.kafka.answerer`) owns the output side: it decodes and validates,
+(`streamem_connectors.kafka.answerer`) owns the output side: it decodes and validates,
 predicts, learns, sends the answers, and stores checkpoints. By default the
-answerer runs in a child process (`connectors.kafka.model_process`): the loop
+answerer runs in a child process (`streamem_connectors.kafka.model_process`): the loop
 polls batch N+1 while batch N is answered.
 
 Guarantee: at-least-once. Every input offset ends in exactly one assignment or
@@ -29,12 +29,12 @@ import time
 from collections.abc import Callable
 from typing import NamedTuple
 
-from connectors.kafka import records as schemas
-from connectors.kafka.clients import Partition, make_source
-from connectors.kafka.learners import Counters
-from connectors.kafka.model_process import AnswererHandle
-from connectors.kafka.settings import ConsumerSettings
-from connectors.kafka.signals import StopSignals
+from streamem_connectors.kafka import records as schemas
+from streamem_connectors.kafka.clients import Partition, make_source
+from streamem_connectors.kafka.learners import Counters
+from streamem_connectors.kafka.model_process import AnswererHandle
+from streamem_connectors.kafka.settings import ConsumerSettings
+from streamem_connectors.kafka.signals import StopSignals
 
 __all__ = ["Counters", "Progress", "run_consumer"]
 
@@ -69,7 +69,7 @@ def run_consumer(
     """Run the consumer until it has polled `max_records` records (in this run), a signal, or `stop`
     is set; returns the counters (totals, with those of the checkpoint resumed from).
 
-    `observability` (a `connectors.kafka.observability.Observability`) is told each time the
+    `observability` (a `streamem_connectors.kafka.observability.Observability`) is told each time the
     loop turns, when the consumer is ready, and what each batch did.
     """
     stopper = StopSignals(stop)

@@ -24,7 +24,7 @@ import orjson
 from pydantic import ConfigDict, StrictFloat, StrictInt, StrictStr, TypeAdapter, ValidationError
 from typing_extensions import TypedDict
 
-from connectors.kafka.text import shorten
+from streamem_connectors.kafka.text import shorten
 
 __all__ = [
     "DEAD_LETTER_ERROR_CHARACTERS",

@@ -30,8 +30,12 @@ import numpy as np
 import orjson
 import pandas as pd
 
-from connectors.kafka import records as schemas
-from connectors.kafka.checkpoint import (
+from streamem.drift import WeightDriftDetector
+from streamem.families.gaussian import GaussianStats
+from streamem.gaussian_mixture import GaussianMixture
+from streamem.outliers import screen_against, screen_warm_up
+from streamem_connectors.kafka import records as schemas
+from streamem_connectors.kafka.checkpoint import (
     CHECKPOINT_VERSION,
     Checkpoint,
     CheckpointError,
@@ -40,8 +44,8 @@ from connectors.kafka.checkpoint import (
     restore_detector,
     restore_model,
 )
-from connectors.kafka.clients import input_positions
-from connectors.kafka.learners import (
+from streamem_connectors.kafka.clients import input_positions
+from streamem_connectors.kafka.learners import (
     Counters,
     _Learner,
     _Model,
@@ -50,12 +54,8 @@ from connectors.kafka.learners import (
     new_model,
     outlier_threshold,
 )
-from connectors.kafka.resume import check_resume, differing_settings
-from connectors.kafka.settings import ConsumerSettings
-from streamem.drift import WeightDriftDetector
-from streamem.families.gaussian import GaussianStats
-from streamem.gaussian_mixture import GaussianMixture
-from streamem.outliers import screen_against, screen_warm_up
+from streamem_connectors.kafka.resume import check_resume, differing_settings
+from streamem_connectors.kafka.settings import ConsumerSettings
 
 __all__ = ["ReplicatedLearner"]
 
@@ -356,7 +356,7 @@ class _LogReader:
     def __init__(self, settings: ConsumerSettings, topic: str, offset: int):
         from kafka import KafkaConsumer, TopicPartition
 
-        from connectors.kafka.clients import kafka_python_security
+        from streamem_connectors.kafka.clients import kafka_python_security
 
         self.partition = TopicPartition(topic, 0)
         self.consumer = KafkaConsumer(

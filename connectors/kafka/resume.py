@@ -32,8 +32,8 @@ from typing import Any
 
 import orjson
 
-from connectors.kafka.checkpoint import CheckpointError, PartitionOffset, model_settings
-from connectors.kafka.settings import ConsumerSettings
+from streamem_connectors.kafka.checkpoint import CheckpointError, PartitionOffset, model_settings
+from streamem_connectors.kafka.settings import ConsumerSettings
 
 __all__ = [
     "check_missing",

@@ -9,7 +9,7 @@ import threading
 
 __all__ = ["StopSignals"]
 
-logger = logging.getLogger("connectors.kafka.pipeline")  # the name these lines have always been logged under
+logger = logging.getLogger("streamem_connectors.kafka.pipeline")  # the name these lines have always been logged under
 
 
 class StopSignals:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 
-from connectors.kafka.settings import ConsumerSettings
+from streamem_connectors.kafka.settings import ConsumerSettings
 
 __all__ = ["BrokerUnreachable", "connect_timeout_options", "ensure_topics", "silent_client"]
 
@@ -55,7 +55,7 @@ def _admin(settings: ConsumerSettings):
     from kafka import KafkaAdminClient
     from kafka.errors import KafkaError
 
-    from connectors.kafka.clients import kafka_python_security
+    from streamem_connectors.kafka.clients import kafka_python_security
 
     options = kafka_python_security(settings)
     options.update(connect_timeout_options(KafkaAdminClient, settings))

@@ -10,6 +10,9 @@ from importlib.metadata import PackageNotFoundError, version
 
 from streamem.compare import ConsistencyReport, compare
 from streamem.exceptions import ConvergenceWarning, NotFittedError, OutlierError
+from streamem.families.base import SufficientStatistics, Summary
+from streamem.families.gaussian import GaussianStats
+from streamem.families.regression import RegressionStats
 from streamem.gaussian_mixture import GaussianMixture
 from streamem.online_gmm import OnlineGMM
 from streamem.online_regression import OnlineRegressionMixture
@@ -25,10 +28,14 @@ __all__ = [
     "compare",
     "ConvergenceWarning",
     "GaussianMixture",
+    "GaussianStats",
     "NotFittedError",
     "OnlineGMM",
     "OnlineRegressionMixture",
     "OutlierError",
     "RegressionMixture",
+    "RegressionStats",
+    "Summary",
+    "SufficientStatistics",
     "__version__",
 ]

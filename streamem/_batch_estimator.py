@@ -61,6 +61,24 @@ class BatchMixture:
             )
         return result
 
+    def apply(self, statistics) -> None:
+        """Set the parameters to the M-step of `statistics` (as `summarize` returns them): one EM
+        iteration is `model.apply(model.summarize(X).statistics)`; statistics of several workers'
+        data, added, give the M-step of all their data (the statistics must be about this model's
+        components and features: a wrong type or shape raises ValueError)."""
+        self._check_fitted()
+        expected = self._stats.shapes
+        if type(statistics) is not type(self._stats) or statistics.shapes != expected:
+            raise ValueError(
+                f"statistics of type {type(statistics).__name__} with shapes {getattr(statistics, 'shapes', None)} "
+                f"do not fit this model ({type(self._stats).__name__} with shapes {expected})"
+            )
+        arrays = statistics.to_arrays()
+        if not all(np.all(np.isfinite(value)) for value in arrays.values()) or not statistics.count > 0:
+            raise ValueError("statistics must be finite and summarise at least one record (count > 0)")
+        self._set_params(self._family().m_step(statistics))
+        self._stats = statistics
+
     def _check_fitted(self) -> None:
         if not hasattr(self, self._fitted_attribute):
             raise NotFittedError(f"this {type(self).__name__} is not fitted yet: call fit first")

@@ -23,8 +23,9 @@ from streamem import outliers as guard
 from streamem._validation import check_choice, check_n_components, check_positive
 from streamem.engines.stepwise import StepwiseEM
 from streamem.exceptions import ConvergenceWarning, OutlierError
+from streamem.families.base import Summary
 from streamem.schedules import StepSize
-from streamem.state import FORMAT_VERSION, StateError, checked_statistics, parse_state
+from streamem.state import FORMAT_VERSION, StateError, parse_state
 
 __all__ = ["OUTLIER_MODES", "OnlineMixture"]
 
@@ -413,41 +414,121 @@ class OnlineMixture:
         return rows[~far]
 
     def _warm_up(self, rows: np.ndarray) -> None:
+        self._start_engine(self._fitted_statistics(rows))
+        logger.info("%s warmed up on %d records", type(self).__name__, rows.shape[0])
+
+    def _start_engine(self, stats, n_updates: float | None = None, averaged=None, n_averaged: int = 0) -> None:
+        """Start stepwise EM from statistics (sums over their records). The one place an engine is
+        built: statistics of n records count as n / batch_size updates already made (so alpha = 1
+        gives an exact running mean over everything they and later records summarise), and Polyak
+        averaging starts `averaging` updates after that. A restored engine gives its own count
+        (`n_updates`) and averages; its averaging started `averaging` updates after a warm-up of
+        `warmup` records, the only start a state document records."""
         family = self._family()
+        count = stats.count
+        normalised = stats if math.isclose(count, 1.0, rel_tol=1e-12) else stats.scaled(1.0 / count)
+        start = (count if n_updates is None else self.warmup) / self.batch_size
+        self._engine = StepwiseEM(
+            family=family,
+            stats=normalised,
+            params=family.m_step(normalised),
+            n_updates=count / self.batch_size if n_updates is None else n_updates,
+            schedule=self._schedule,
+            averaging_start=None if self.averaging is None else start + self.averaging,
+            averaged=averaged,
+            n_averaged=n_averaged,
+        )
+        self._buffer = None  # capacity changes from warmup to batch_size
+        self._count = 0
+        self._scorer = self._reference = self._fast = self._scored = None
+        self._origins = []
+
+    # -- statistics: the public currency ------------------------------------------------------
+    def initial_statistics(self, X, y=None):
+        """Statistics to start a model from: batch EM on X (the warm-up fit: k-means++ and two
+        restarts, as the model runs on its first `warmup` records), then one E-step; sums over
+        X's rows. `apply` them to a cold model to warm it up (the Kafka consumer's replicas do).
+        X as for `summarize`."""
+        return self._fitted_statistics(self._summary_rows(X, y))
+
+    def _fitted_statistics(self, rows: np.ndarray):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ConvergenceWarning)
             params = self._warm_up_params(rows)
-        batch = self._prepare(rows, None)
-        stats = family.expected_stats(batch, params)[2].scaled(1.0 / rows.shape[0])
-        averaging = None if self.averaging is None else rows.shape[0] / self.batch_size + self.averaging
-        self._engine = StepwiseEM(
-            family=family,
-            stats=stats,
-            params=family.m_step(stats),
-            # the warm-up counts as warmup / batch_size mini-batches already averaged
-            n_updates=rows.shape[0] / self.batch_size,
-            schedule=self._schedule,
-            averaging_start=averaging,
-        )
-        logger.info("%s warmed up on %d records", type(self).__name__, rows.shape[0])
+        return self._family().expected_stats(self._prepare(rows, None), params)[2]
 
-    def _start_from_statistics(self, stats) -> None:
-        """Start stepwise from given statistics, counted as a warm-up of `warmup` records."""
-        family = self._family()
-        averaging = None if self.averaging is None else self.warmup / self.batch_size + self.averaging
-        self._engine = StepwiseEM(
-            family=family,
-            stats=stats,
-            params=family.m_step(stats),
-            n_updates=self.warmup / self.batch_size,
-            schedule=self._schedule,
-            averaging_start=averaging,
-        )
-        self._buffer = None
-        self._count = 0
-        self._scorer = None
-        self._reference = None
-        self._origins = []
+    def summarize(self, X, y=None) -> Summary:
+        """One E-step of a batch under the parameters the model learns with: `Summary(
+        responsibilities (n, K), log_likelihood (n,), statistics)`, the statistics summed over
+        the batch's records. Changes nothing; `apply(summary.statistics)` then learns the batch
+        as one stepwise update, exactly as `learn_many` learns a mini-batch.
+
+        X: a 2-D array with the model's features in order (`features_`), or a DataFrame; with
+        Polyak averaging, `predict_*` use the averaged parameters and this the running ones.
+        The outlier guard does not run here: screen the rows first (`screen_many`).
+        """
+        rows = self._summary_rows(X, y)
+        if self._engine is not None:
+            params, batch = self._engine.params, self._prepare(rows, self._engine.stats.shift)
+        else:  # the provisional parameters the model answers with during its warm-up
+            params, batch = self._params(), self._prepare(rows, None)
+        log_likelihood, resp, stats = self._family().expected_stats(batch, params)
+        return Summary(resp, log_likelihood, stats)
+
+    def apply(self, statistics) -> None:
+        """Learn statistics (sums over their records, as `summarize` and `initial_statistics` give
+        them; statistics add, so several batches' may be summed first): one stepwise update,
+        `s = (1 - eta) s + eta statistics / statistics.count`, then the M-step; `n_seen` grows by
+        their count. A cold model starts from them instead (records waiting in its warm-up buffer
+        are then learned after them). Statistics of another type or shape raise ValueError."""
+        stats = self._checked_statistics(statistics)
+        count = stats.count
+        if self._engine is not None:
+            self._engine.apply(stats, 1.0 / count)
+            self._scorer = self._reference = self._fast = self._scored = None
+        else:
+            waiting = self._buffer[: self._count].copy() if self._count else None
+            self._start_engine(stats)
+            if waiting is not None:
+                self._relearn(waiting)
+        self.n_seen += int(round(count))
+
+    def _relearn(self, rows: np.ndarray) -> None:
+        """Learn rows already counted in n_seen (a warm-up buffer a start from statistics overtook)."""
+        for start in range(0, rows.shape[0], self.batch_size):
+            chunk = rows[start : start + self.batch_size]
+            self._ensure_buffer(rows.shape[1])
+            self._buffer[: chunk.shape[0]] = chunk
+            self._count = chunk.shape[0]
+            if self._count == self._buffer.shape[0]:
+                self._flush(self._buffer)
+
+    def _checked_statistics(self, statistics):
+        if not isinstance(statistics, self._stats_type):
+            raise ValueError(
+                f"{type(self).__name__} learns {self._stats_type.__name__}, got {type(statistics).__name__}"
+            )
+        features = self._feature_list()
+        if not features:
+            raise ValueError(f"the {type(self).__name__} does not know its features yet: give them first")
+        expected = self._statistics_shapes(len(features))
+        if statistics.shapes != expected:
+            raise ValueError(f"statistics of shapes {statistics.shapes} do not fit this model's {expected}")
+        if not all(np.all(np.isfinite(value)) for value in statistics.to_arrays().values()):
+            raise ValueError("statistics must be finite")
+        if not statistics.count > 0 or np.any(statistics.mass < 0):
+            raise ValueError("statistics must summarise at least one record (count > 0, no negative mass)")
+        return statistics
+
+    def _start_from_fit(self, fit) -> None:
+        """Start from a fit document's statistics (normalised per record), as if its records had
+        been the warm-up."""
+        stats = self._stats_type.from_dict(fit.statistics)
+        expected = self._statistics_shapes(len(fit.features))
+        if stats.shapes != expected:
+            raise StateError(f"fit statistics have shapes {stats.shapes}, expected {expected}")
+        self._start_engine(stats.scaled(fit.n_samples / stats.count))
+        self.n_seen = fit.n_samples
 
     def _params(self):
         """Parameters to predict with: warm model, or the provisional one during warm-up."""
@@ -500,8 +581,11 @@ class OnlineMixture:
         if state.engine is not None:
             if d is None:
                 raise StateError("model state has statistics but no feature names")
-            checked = checked_statistics(state.engine.stats, model._statistics_shapes(d))
-            model._restore_engine(state.engine.model_copy(update={"stats": checked}), model._stats_type)
+            stats = model._stats_type.from_dict(state.engine.stats)
+            if stats.shapes != model._statistics_shapes(d):
+                raise StateError(f"model state statistics have shapes {stats.shapes}, expected "
+                                 f"{model._statistics_shapes(d)} for its {d} features")
+            model._restore_engine(state.engine.model_copy(update={"stats": stats}))
         # the warm-up buffer is restored after the engine: its capacity depends on warmth
         model._restore_buffer(state.buffer)
         return model
@@ -512,31 +596,19 @@ class OnlineMixture:
         engine = self._engine
         return {
             "n_updates": engine.n_updates,
-            "stats": {name: value.tolist() for name, value in engine.stats.to_arrays().items()},
+            "stats": engine.stats.to_dict(),
             "averaged": None
             if engine.averaged is None
             else {name: np.asarray(getattr(engine.averaged, name)).tolist() for name in engine.family.param_fields},
             "n_averaged": engine.n_averaged,
         }
 
-    def _restore_engine(self, state, stats_type) -> None:
+    def _restore_engine(self, state) -> None:
         family = self._family()
-        stats = stats_type(**{name: np.asarray(value, dtype=float) for name, value in state.stats.items()})
-        averaging = None
-        if self.averaging is not None:
-            averaging = self.warmup / self.batch_size + self.averaging
-        self._engine = StepwiseEM(
-            family=family,
-            stats=stats,
-            params=family.m_step(stats),
-            n_updates=state.n_updates,
-            schedule=self._schedule,
-            averaging_start=averaging,
-            averaged=None
-            if state.averaged is None
-            else family.make_params(*[np.asarray(state.averaged[name]) for name in family.param_fields]),
-            n_averaged=state.n_averaged,
-        )
+        averaged = None
+        if state.averaged is not None:
+            averaged = family.make_params(*[np.asarray(state.averaged[name]) for name in family.param_fields])
+        self._start_engine(state.stats, state.n_updates, averaged, state.n_averaged)
 
     def _buffered_rows(self) -> list:
         return [] if self._buffer is None else self._buffer[: self._count].tolist()

@@ -190,8 +190,10 @@ def frame_values(X, columns, allow_missing: bool = False) -> np.ndarray:
     """
     import pandas as pd
 
+    if isinstance(X, np.ndarray):
+        return array_values(X, columns, allow_missing)
     if not isinstance(X, pd.DataFrame):
-        raise TypeError(f"expected a pandas DataFrame, got {type(X).__name__}")
+        raise TypeError(f"expected a pandas DataFrame or a 2-D numpy array, got {type(X).__name__}")
     columns = list(columns)
     dtypes = X.dtypes
     for name in columns:
@@ -211,3 +213,23 @@ def frame_values(X, columns, allow_missing: bool = False) -> np.ndarray:
     if allow_missing and np.isnan(values).all(axis=1).any():
         raise ValueError(f"row {X.index[int(np.argmax(np.isnan(values).all(axis=1)))]!r} has no observed feature")
     return np.ascontiguousarray(values)
+
+
+def array_values(X: np.ndarray, columns, allow_missing: bool = False) -> np.ndarray:
+    """A 2-D array whose columns are `columns`, in order, as finite floats; errors name the column and row."""
+    columns = list(columns)
+    if X.ndim != 2 or X.shape[1] != len(columns):
+        raise ValueError(f"expected an array of shape (n, {len(columns)}) with columns {columns}, got {X.shape}")
+    if X.dtype.kind not in "fiub":
+        raise TypeError(f"expected a numeric array, got dtype {X.dtype}")
+    values = np.ascontiguousarray(X, dtype=float)
+    bad = ~np.isfinite(values)
+    if allow_missing:
+        bad &= ~np.isnan(values)
+    if bad.any():
+        row, column = np.argwhere(bad)[0]
+        kind = "NaN" if np.isnan(values[row, column]) else "infinite"
+        raise ValueError(f"feature {columns[column]!r} is {kind} in row {int(row)}")
+    if allow_missing and np.isnan(values).all(axis=1).any():
+        raise ValueError(f"row {int(np.argmax(np.isnan(values).all(axis=1)))} has no observed feature")
+    return values

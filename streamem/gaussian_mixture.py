@@ -6,6 +6,7 @@ import numpy as np
 
 from streamem._batch_estimator import BatchMixture, as_generator
 from streamem._validation import check_array, check_choice, check_positive
+from streamem.families.base import Summary
 from streamem.families.gaussian import COVARIANCE_TYPES, GaussianFamily, GaussianParams
 from streamem.init import INIT_METHODS, initial_responsibilities
 
@@ -174,6 +175,31 @@ class GaussianMixture(BatchMixture):
         self.covariances_ = params.covariances
         self.precisions_cholesky_ = params.precisions_cholesky
         self.precisions_ = params.precisions
+
+    # -- statistics ---------------------------------------------------------------------
+    def _family(self) -> GaussianFamily:
+        return GaussianFamily(self.covariance_type, self.reg_covar)
+
+    def summarize(self, X, y=None) -> Summary:
+        """One E-step of X under the fitted parameters: `Summary(responsibilities (n, K),
+        log_likelihood (n,), statistics)`, the statistics summed over X's records (`y` is ignored).
+
+        Examples
+        --------
+        >>> import numpy as np, streamem as se
+        >>> X = np.random.default_rng(0).normal(size=(200, 2))
+        >>> gm = se.GaussianMixture(2, random_state=0).fit(X)
+        >>> summary = gm.summarize(X)
+        >>> summary.responsibilities.shape, round(summary.statistics.count)
+        ((200, 2), 200)
+        >>> gm.apply(summary.statistics)  # one more EM iteration
+        """
+        self._check_fitted()
+        X = check_array(X, n_features=self.n_features_in_, allow_missing=self.missing == "marginalize")
+        family = self._family()
+        batch = family.prepare(X, shift=self._reference_point())
+        log_likelihood, resp, stats = family.expected_stats(batch, self._params)
+        return Summary(resp, log_likelihood, stats)
 
     # -- inference ----------------------------------------------------------------------
     def _e_step(self, X):

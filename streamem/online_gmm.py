@@ -28,7 +28,6 @@ from streamem.families.gaussian import (
 from streamem.gaussian_mixture import GaussianMixture
 from streamem.outliers import DEFAULT_THRESHOLD, MAHALANOBIS, WARM_UP, OutlierScreen, make_screen
 from streamem.schedules import StepSize
-from streamem.state import checked_statistics as _checked_statistics
 from streamem.state import parse_fit
 
 __all__ = ["OnlineGMM"]
@@ -325,6 +324,21 @@ class OnlineGMM(OnlineMixture, base.Clusterer):
         params = self._params() if self._feature_names is not None else self._provisional_params(None, len(names))
         return dict(zip(names, conditional_fill(np.array([row]), params)[0].tolist(), strict=True))
 
+    def _summary_rows(self, X, y=None) -> np.ndarray:
+        if y is not None:
+            raise TypeError("an OnlineGMM has no target: call summarize(X)")
+        names = self._feature_names
+        if names is None:
+            if not isinstance(X, pd.DataFrame):
+                raise ValueError("the OnlineGMM does not know its features yet: give features=... or a DataFrame")
+            names = tuple(sorted(X.columns, key=str))
+        return _frame_values(X, names, self.missing == "marginalize")
+
+    @property
+    def features_(self) -> tuple | None:
+        """The feature names, in the order of the model's arrays (None until known)."""
+        return self._feature_names
+
     # -- River API --------------------------------------------------------------------------
     def learn_one(self, x: dict) -> None:
         """Learn from one record (buffered; the model updates every `batch_size` records)."""
@@ -480,9 +494,7 @@ class OnlineGMM(OnlineMixture, base.Clusterer):
             **params,
         )
         model._feature_names = tuple(fit.features)
-        model.n_seen = fit.n_samples
-        checked = _checked_statistics(fit.statistics, model._statistics_shapes(len(fit.features)))
-        model._start_from_statistics(GaussianStats(**checked))
+        model._start_from_fit(fit)
         return model
 
 

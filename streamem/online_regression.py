@@ -16,7 +16,6 @@ from streamem.families.regression import RegressionFamily, RegressionStats
 from streamem.outliers import DEFAULT_THRESHOLD, SPREAD, OutlierScreen
 from streamem.regression_mixture import RegressionMixture
 from streamem.schedules import StepSize
-from streamem.state import checked_statistics as _checked_statistics
 from streamem.state import parse_fit
 
 __all__ = ["OnlineRegressionMixture"]
@@ -241,6 +240,33 @@ class OnlineRegressionMixture(OnlineMixture, base.MiniBatchRegressor):
         _check_record(x)
         return np.array([float(x.get(name, 0.0)) for name in self.feature_names_])
 
+    def add_features(self, names) -> None:
+        """Give the model features before it sees them (zero coefficients and statistics), so arrays
+        with those columns, in `feature_names_` order, can be summarised and learned."""
+        with self._transaction():
+            self._learn_features(list(names))
+
+    def _summary_rows(self, X, y=None) -> np.ndarray:
+        """[y, x in feature_names_ order] rows of a batch the model knows every feature of."""
+        if y is None:
+            raise TypeError("an OnlineRegressionMixture summarises (X, y): the target is missing")
+        if isinstance(X, pd.DataFrame):
+            unknown = [name for name in X.columns if name not in self._index]
+            if unknown:
+                raise ValueError(f"feature {unknown[0]!r} is not in the model's features {self.feature_names_}")
+            features = frame_values(X, X.columns)
+            columns = [1 + self._index[name] for name in X.columns]
+        else:
+            features = frame_values(np.asarray(X), self.feature_names_)
+            columns = list(range(1, 1 + len(self.feature_names_)))
+        target = _target_values(y)
+        if len(target) != len(features):
+            raise ValueError(f"y has {len(target)} values but X has {len(features)} rows")
+        rows = np.zeros((len(features), self._width()))
+        rows[:, 0] = target
+        rows[:, columns] = features
+        return rows
+
     # -- River API ----------------------------------------------------------------------------
     def learn_one(self, x: dict, y) -> None:
         """Learn from one record (buffered; the model updates every `batch_size` records)."""
@@ -380,9 +406,7 @@ class OnlineRegressionMixture(OnlineMixture, base.MiniBatchRegressor):
         fit = parse_fit(document, "regression")
         model = cls(n_components=fit.n_components, **params)
         model._learn_features(fit.features)
-        model.n_seen = fit.n_samples
-        checked = _checked_statistics(fit.statistics, model._statistics_shapes(len(fit.features)))
-        model._start_from_statistics(RegressionStats(**checked))
+        model._start_from_fit(fit)
         return model
 
 

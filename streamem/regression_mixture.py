@@ -6,6 +6,7 @@ import numpy as np
 
 from streamem._batch_estimator import BatchMixture
 from streamem._validation import check_array, check_choice, check_positive, check_target
+from streamem.families.base import Summary
 from streamem.families.regression import RegressionFamily, RegressionParams
 
 __all__ = ["RegressionMixture"]
@@ -94,12 +95,26 @@ class RegressionMixture(BatchMixture):
             return _random_subset_start(family, batch, K, rng)
 
         result = self._run(family, batch, initial_params, d)
-        self._params = result.params
-        self.weights_ = result.params.weights
-        self.coef_ = result.params.coef
-        self.intercept_ = result.params.intercept
-        self.noise_variance_ = result.params.noise_variance
+        self._set_params(result.params)
         return self
+
+    def _set_params(self, params: RegressionParams) -> None:
+        self._params = params
+        self.weights_ = params.weights
+        self.coef_ = params.coef
+        self.intercept_ = params.intercept
+        self.noise_variance_ = params.noise_variance
+
+    # -- statistics ---------------------------------------------------------------------
+    def _family(self) -> RegressionFamily:
+        return RegressionFamily(self.reg_noise)
+
+    def summarize(self, X, y) -> Summary:
+        """One E-step of (X, y) under the fitted parameters: `Summary(responsibilities (n, K),
+        log p(y | x) (n,), statistics)`, the statistics summed over the records; `apply` them
+        for one EM iteration."""
+        log_likelihood, resp, stats = self._family().expected_stats(self._batch(X, y), self._params)
+        return Summary(resp, log_likelihood, stats)
 
     # -- inference ----------------------------------------------------------------------
     def _batch(self, X, y=None):

@@ -304,7 +304,7 @@ def fit_document(model, names, X, y=None, *, target: str | None = None) -> dict:
         "aic": float(aic),
         "converged": bool(model.converged_),
         "params": {name: np.asarray(getattr(params, name)).tolist() for name in type(model)._family_fields},
-        "statistics": {name: value.tolist() for name, value in stats.to_arrays().items()},
+        "statistics": stats.to_dict(),
     }
     if y is None:
         document["covariance_type"] = params.covariance_type

@@ -46,7 +46,7 @@ class StepDocument(_Strict):
 
 class EngineDocument(_Strict):
     n_updates: float = Field(ge=0, lt=2**63)
-    stats: dict[str, list]
+    stats: dict[str, list | str]  # a statistics document (`SufficientStatistics.to_dict`)
     averaged: dict[str, list | float] | None = None
     n_averaged: Count
 
@@ -108,7 +108,7 @@ class FitDocument(BaseModel):
     n_samples: int = Field(ge=1, lt=2**63)
     covariance_type: Literal["full", "tied", "diag", "spherical"] | None = None
     missing: Literal["error", "marginalize"] | None = None
-    statistics: dict[str, list]
+    statistics: dict[str, list | str]  # a statistics document (`SufficientStatistics.to_dict`), per record
 
 
 def parse_fit(document, family: str) -> FitDocument:

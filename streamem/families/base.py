@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import numpy as np
 
-__all__ = ["SufficientStatistics", "Family", "log_responsibilities", "responsibilities"]
+__all__ = ["SufficientStatistics", "Summary", "Family", "log_responsibilities", "responsibilities"]
 
 # Added to every component's responsibility mass before dividing by it, as
 # scikit-learn does: a component that received no mass keeps finite parameters.
@@ -64,6 +64,88 @@ class SufficientStatistics:
 
     def to_arrays(self) -> dict[str, np.ndarray]:
         return {f.name: np.asarray(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+    @property
+    def count(self) -> float:
+        """How many records the statistics summarise (their total responsibility mass)."""
+        return float(self.mass.sum())
+
+    @property
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """The shape of every field, by name."""
+        return {name: np.shape(value) for name, value in self.to_arrays().items()}
+
+    # -- JSON: the one serialiser of statistics (model state, fit documents, the statistics log) --
+    def to_dict(self) -> dict:
+        """The statistics as a JSON-ready dict: `type` (the class name), then each field as nested lists.
+
+        Examples
+        --------
+        >>> import numpy as np, streamem as se
+        >>> X = np.random.default_rng(0).normal(size=(100, 2))
+        >>> stats = se.GaussianMixture(2, random_state=0).fit(X).summarize(X).statistics
+        >>> again = type(stats).from_dict(stats.to_dict())
+        >>> round(again.count), all(np.array_equal(a, b) for a, b in zip(again.to_arrays().values(),
+        ...                                                            stats.to_arrays().values()))
+        (100, True)
+        """
+        return {"type": type(self).__name__, **{name: value.tolist() for name, value in self.to_arrays().items()}}
+
+    @classmethod
+    def from_dict(cls, document) -> SufficientStatistics:
+        """Statistics from `to_dict()` output (a dict or its JSON text), checked before use.
+
+        Every field must be present, finite, of shapes that agree with each other (components
+        from `mass`, width from `shift`), and the sums of squares positive semi-definite;
+        otherwise `streamem.state.StateError` names the field. `type`, when given, must be this
+        class's name (documents written before it existed have none).
+        """
+        from streamem.state import StateError, checked_statistics
+
+        if isinstance(document, (str, bytes)):
+            import json
+
+            try:
+                document = json.loads(document)
+            except json.JSONDecodeError as error:
+                raise StateError(f"statistics are not valid JSON: {error}") from None
+        if not isinstance(document, dict):
+            raise StateError(f"statistics must be a JSON object, got {type(document).__name__}")
+        kind = document.get("type", cls.__name__)
+        if kind != cls.__name__:
+            raise StateError(f"statistics of type {kind!r}, expected {cls.__name__!r}")
+        names = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(document) - {"type", *names})
+        if unknown:
+            raise StateError(f"statistics have unknown field {unknown[0]!r}; expected {names}")
+        missing = [name for name in names if name not in document]
+        if missing:
+            raise StateError(f"statistics field {missing[0]!r} is missing")
+        for name in ("mass", "shift"):
+            value = document.get(name)
+            if not isinstance(value, list) or not value or not all(isinstance(v, (int, float)) for v in value):
+                raise StateError(f"statistics field {name!r} must be a non-empty list of numbers")
+        shapes = cls.field_shapes(len(document["mass"]), len(document["shift"]), document)
+        return cls(**checked_statistics(document, shapes))
+
+    @classmethod
+    def field_shapes(cls, n_components: int, width: int, document: dict | None = None) -> dict[str, tuple[int, ...]]:
+        """The shape of every field for `n_components` components about a shift of `width` values
+        (`document`: the fields at hand, where the family allows more than one layout)."""
+        raise NotImplementedError  # pragma: no cover - each family's statistics say
+
+
+class Summary(NamedTuple):
+    """What one E-step says about a batch of records (`model.summarize(X[, y])`).
+
+    responsibilities: (n, K) p(component k | record); log_likelihood: (n,) each record's
+    log-density under the model; statistics: the batch's expected sufficient statistics, sums
+    over its records (`statistics.count` of them), ready for `model.apply`.
+    """
+
+    responsibilities: np.ndarray
+    log_likelihood: np.ndarray
+    statistics: SufficientStatistics
 
 
 @functools.cache

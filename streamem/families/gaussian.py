@@ -86,6 +86,15 @@ class GaussianStats(SufficientStatistics):
         """Mean of the records summarised (the natural shift), shape (d,)."""
         return self.shift + self.first.sum(axis=0) / max(self.mass.sum(), MASS_FLOOR)
 
+    @classmethod
+    def field_shapes(cls, n_components: int, width: int, document: dict | None = None) -> dict[str, tuple[int, ...]]:
+        """`second` is packed upper triangles (full, tied) or diagonals (diag, spherical): the
+        document's own layout is taken when it is one of the two."""
+        K, d = n_components, width
+        packed = (K, d * (d + 1) // 2)
+        second = (K, d) if document is None or np.shape(document.get("second")) != packed else packed
+        return {"shift": (d,), "mass": (K,), "first": (K, d), "second": second}
+
     def recentred(self, shift: np.ndarray) -> GaussianStats:
         delta = self.shift - shift  # x - new = (x - old) + delta
         first = self.first + self.mass[:, None] * delta

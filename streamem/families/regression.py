@@ -56,6 +56,12 @@ class RegressionStats(SufficientStatistics):
         mean_y = self.shift[d] + self.xy[:, d].sum() / total
         return np.append(mean_x, mean_y)
 
+    @classmethod
+    def field_shapes(cls, n_components: int, width: int, document: dict | None = None) -> dict[str, tuple[int, ...]]:
+        """`width` is d + 1: the features, then the target (the shift covers both)."""
+        K, p = n_components, width
+        return {"shift": (p,), "mass": (K,), "xx": (K, p, p), "xy": (K, p), "yy": (K,)}
+
     def recentred(self, shift: np.ndarray) -> RegressionStats:
         shift = np.asarray(shift, dtype=float)
         delta = self.shift - shift

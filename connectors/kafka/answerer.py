@@ -15,7 +15,7 @@ from typing import NamedTuple
 from streamem_connectors.kafka.checkpoint import make_store
 from streamem_connectors.kafka.clients import make_sink
 from streamem_connectors.kafka.learners import make_learner
-from streamem_connectors.kafka.records import InputRecord, OutputRecord
+from streamem_connectors.kafka.records import InputBatch, OutputRecord
 from streamem_connectors.kafka.settings import ConsumerSettings
 
 __all__ = ["Answerer", "Report"]
@@ -42,11 +42,11 @@ class Answerer:
             raise
         self.drift_topic = settings.topics["drift"]
 
-    def process(self, batch: list[InputRecord]) -> Report:
+    def process(self, batch: InputBatch) -> Report:
         """Answer, learn and send; the answers are acknowledged by the next `checkpoint`."""
-        outputs = self.learner.process(batch)
+        outputs = self.learner.process(batch.records())
         self.sink.send(outputs)
-        drifts = [o for o in outputs[len(batch) :] if o.topic == self.drift_topic]
+        drifts = [o for o in outputs[batch.size :] if o.topic == self.drift_topic]
         return Report(dataclasses.asdict(self.learner.counters), self.learner.weights(), drifts)
 
     def checkpoint(self) -> None:

@@ -14,12 +14,14 @@ restart, never recovers on its own: its sends fail until it is replaced).
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
+import operator
 import time
 from collections.abc import Callable
 from typing import Protocol
 
-from streamem_connectors.kafka.records import InputRecord, OutputRecord
+from streamem_connectors.kafka.records import InputBatch, OutputRecord
 from streamem_connectors.kafka.settings import ConsumerSettings
 from streamem_connectors.kafka.text import shorten
 from streamem_connectors.kafka.topics import BrokerUnreachable, connect_timeout_options, silent_client
@@ -29,6 +31,7 @@ __all__ = [
     "InputPositions",
     "Sink",
     "Source",
+    "consumer_config",
     "input_positions",
     "longest_checkpoint_s",
     "make_sink",
@@ -40,6 +43,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 Partition = tuple[str, int]
+_offset, _key, _value = (operator.attrgetter(name) for name in ("offset", "key", "value"))  # of kafka-python's records
 
 
 class DeliveryFailed(RuntimeError):
@@ -47,7 +51,7 @@ class DeliveryFailed(RuntimeError):
 
 
 class Source(Protocol):
-    def poll(self, max_records: int, timeout_ms: int) -> list[InputRecord]: ...
+    def poll(self, max_records: int, timeout_ms: int) -> InputBatch: ...
     def assigned(self) -> set[Partition]: ...
     def commit(self, offsets: dict[Partition, int]) -> bool: ...
     def lag(self) -> int | None: ...
@@ -229,6 +233,37 @@ def make_source(settings: ConsumerSettings, start_offsets: StartOffsets, revoked
     return KafkaPythonSource(settings, start_offsets, revoked)
 
 
+def consumer_config(settings: ConsumerSettings) -> dict:
+    """The group consumer's options, in the names of the client `settings.client` selects."""
+    if settings.client == "confluent":
+        return {
+            "bootstrap.servers": settings.bootstrap_servers,
+            "group.id": settings.group_id,
+            "enable.auto.commit": False,
+            "auto.offset.reset": "earliest",
+            "session.timeout.ms": settings.session_timeout_ms,
+            "heartbeat.interval.ms": settings.heartbeat_interval_ms,
+            "max.poll.interval.ms": max_poll_interval_ms(settings),
+            "fetch.wait.max.ms": settings.fetch_max_wait_ms,
+            "client.id": f"streamem-{settings.instance_id}",
+            **confluent_security(settings),
+        }
+    return {
+        "bootstrap_servers": settings.bootstrap_servers,
+        "group_id": settings.group_id,
+        "enable_auto_commit": False,
+        "auto_offset_reset": "earliest",
+        "session_timeout_ms": settings.session_timeout_ms,
+        "heartbeat_interval_ms": settings.heartbeat_interval_ms,
+        "max_poll_interval_ms": max_poll_interval_ms(settings),
+        "max_poll_records": settings.max_poll_records,
+        "fetch_max_wait_ms": settings.fetch_max_wait_ms,
+        "reconnect_backoff_max_ms": 1000,
+        "client_id": f"streamem-{settings.instance_id}",
+        **kafka_python_security(settings),
+    }
+
+
 def make_sink(settings: ConsumerSettings) -> Sink:
     if settings.client == "confluent":
         return ConfluentSink(settings)
@@ -337,19 +372,8 @@ class KafkaPythonSource:
         from kafka import ConsumerRebalanceListener, KafkaConsumer, TopicPartition
 
         self._TopicPartition = TopicPartition
-        self._consumer = KafkaConsumer(
-            bootstrap_servers=settings.bootstrap_servers,
-            group_id=settings.group_id,
-            enable_auto_commit=False,
-            auto_offset_reset="earliest",
-            session_timeout_ms=settings.session_timeout_ms,
-            heartbeat_interval_ms=settings.heartbeat_interval_ms,
-            max_poll_interval_ms=max_poll_interval_ms(settings),
-            max_poll_records=settings.max_poll_records,
-            reconnect_backoff_max_ms=1000,
-            client_id=f"streamem-{settings.instance_id}",
-            **kafka_python_security(settings),
-        )
+        self._topic = settings.input_topic
+        self._consumer = KafkaConsumer(**consumer_config(settings))
         consumer = self._consumer
 
         class Resume(ConsumerRebalanceListener):
@@ -370,13 +394,19 @@ class KafkaPythonSource:
     def assigned(self) -> set[Partition]:
         return {(tp.topic, tp.partition) for tp in self._consumer.assignment()}
 
-    def poll(self, max_records: int, timeout_ms: int) -> list[InputRecord]:
+    def poll(self, max_records: int, timeout_ms: int) -> InputBatch:
+        """Up to `max_records` records, as soon as there are any (waiting up to `timeout_ms` for the first)."""
         batches = self._consumer.poll(timeout_ms=timeout_ms, max_records=max_records)
-        return [
-            InputRecord(message.topic, message.partition, message.offset, message.key, message.value)
-            for messages in batches.values()
-            for message in messages
-        ]
+        partitions: list[int] = []
+        offsets: list[int] = []
+        keys: list = []
+        values: list = []
+        for tp, messages in batches.items():
+            partitions += itertools.repeat(tp.partition, len(messages))
+            offsets += map(_offset, messages)
+            keys += map(_key, messages)
+            values += map(_value, messages)
+        return InputBatch(self._topic, partitions, offsets, keys, values)
 
     def commit(self, offsets: dict[Partition, int]) -> bool:
         """Commit; False when the group is rebalancing (the offsets are then committed later, or by
@@ -469,19 +499,8 @@ class ConfluentSource:
         from confluent_kafka import Consumer, TopicPartition
 
         self._TopicPartition = TopicPartition
-        self._consumer = Consumer(
-            {
-                "bootstrap.servers": settings.bootstrap_servers,
-                "group.id": settings.group_id,
-                "enable.auto.commit": False,
-                "auto.offset.reset": "earliest",
-                "session.timeout.ms": settings.session_timeout_ms,
-                "heartbeat.interval.ms": settings.heartbeat_interval_ms,
-                "max.poll.interval.ms": max_poll_interval_ms(settings),
-                "client.id": f"streamem-{settings.instance_id}",
-                **confluent_security(settings),
-            }
-        )
+        self._topic = settings.input_topic
+        self._consumer = Consumer(consumer_config(settings))
 
         def on_assign(consumer, assigned):
             partitions = [(tp.topic, tp.partition) for tp in assigned]
@@ -503,17 +522,33 @@ class ConfluentSource:
     def assigned(self) -> set[Partition]:
         return {(tp.topic, tp.partition) for tp in self._consumer.assignment()}
 
-    def poll(self, max_records: int, timeout_ms: int) -> list[InputRecord]:
-        messages = self._consumer.consume(num_messages=max_records, timeout=timeout_ms / 1000)
-        records = []
-        for message in messages:
-            if message.error():
-                logger.warning("consume error: %s", message.error())
-                continue
-            records.append(
-                InputRecord(message.topic(), message.partition(), message.offset(), message.key(), message.value())
-            )
-        return records
+    def poll(self, max_records: int, timeout_ms: int) -> InputBatch:
+        """Up to `max_records` records, as soon as there are any (waiting up to `timeout_ms` for the first).
+
+        `consume(n, timeout)` alone waits until it has n records or the timeout has passed: on a quiet
+        topic every record waited out the whole poll timeout (p99 latency +0.4 s at 1,000 records/s).
+        So: what is fetched already; if nothing, wait for one record, then take what came with it.
+        """
+        from confluent_kafka import Message
+
+        consume = self._consumer.consume
+        messages = consume(max_records, 0)
+        if not messages and timeout_ms > 0:
+            messages = consume(1, timeout_ms / 1000)
+            if messages and max_records > 1:
+                messages += consume(max_records - 1, 0)
+        if any(map(Message.error, messages)):
+            for message in messages:
+                if message.error():
+                    logger.warning("consume error: %s", message.error())
+            messages = [message for message in messages if not message.error()]
+        return InputBatch(
+            self._topic,
+            list(map(Message.partition, messages)),
+            list(map(Message.offset, messages)),
+            list(map(Message.key, messages)),
+            list(map(Message.value, messages)),
+        )
 
     def commit(self, offsets: dict[Partition, int]) -> bool:
         from confluent_kafka import KafkaException

@@ -55,7 +55,7 @@ class Progress:
 
 
 class _Submitted(NamedTuple):
-    batch: list
+    batch: schemas.InputBatch
     next_offsets: dict
     polled_at: float
 
@@ -115,7 +115,7 @@ def run_consumer(
         nonlocal unsaved, lag, lag_at
         report = answerer.collect()
         uncommitted.update(submitted.next_offsets)
-        unsaved += len(submitted.batch)
+        unsaved += submitted.batch.size
         if on_batch is not None or observability is not None:
             now = time.monotonic()
             if now - lag_at >= 1.0:  # the lag costs a client call per partition: once a second is enough
@@ -160,16 +160,16 @@ def run_consumer(
                 polled_at = time.monotonic()
                 if submitted is not None:
                     collect(submitted)
-                elif not batch:
+                elif not batch.size:
                     answerer.idle()
                 submitted = None
-                if batch:
-                    polled += len(batch)
-                    next_offsets = {(r.topic, r.partition): r.offset + 1 for r in batch}
+                if batch.size:
+                    polled += batch.size
+                    next_offsets = batch.next_offsets()
                     answerer.submit(batch)  # answered while the next poll runs
                     answerer.advance(next_offsets)  # before that poll, whose rebalance may ask for it
                     submitted = _Submitted(batch, next_offsets, polled_at)
-                waiting = unsaved + (len(submitted.batch) if submitted else 0)
+                waiting = unsaved + (submitted.batch.size if submitted else 0)
                 if waiting >= settings.checkpoint_every or (
                     waiting and time.monotonic() - last_checkpoint >= settings.checkpoint_interval_s
                 ):

@@ -103,6 +103,13 @@ class ConsumerSettings(BaseSettings):
         description="ride out a broker outage this long, retrying unacknowledged outputs; then stop (exit 1)",
     )
     poll_timeout_ms: int = Field(500, ge=1, description="poll wait when the topic is idle")
+    fetch_max_wait_ms: int = Field(
+        500,
+        ge=1,
+        le=300_000,
+        description="longest the broker holds a fetch for new records (both clients' default); lower answers "
+        "sooner on a quiet topic, at the cost of more fetch requests",
+    )
     session_timeout_ms: int = Field(6000, ge=1000, description="group session timeout (a join takes ~half)")
     heartbeat_interval_ms: int = Field(
         1000, ge=100, description="group heartbeat interval (at most a third of the session timeout)"

@@ -356,11 +356,11 @@ class OnlineGMM(OnlineMixture, base.Clusterer):
         be refused before learning (rows after the warm-up completes, or after a reference refresh
         in it, are screened by what the model has become by then: see `skipped_`).
         """
+        rows = self._summary_rows(X)
         names = self._feature_names or tuple(sorted(X.columns, key=str))
-        rows = _frame_values(X, names, self.missing == "marginalize")
         with self._transaction():
             self._feature_names = names
-            self._push_rows(rows, X.index)
+            self._push_rows(rows, X.index if isinstance(X, pd.DataFrame) else None)
 
     def screen_many(self, X: pd.DataFrame) -> OutlierScreen:
         """Which rows of X the outlier guard would refuse now, and why (nothing is learned).
@@ -369,8 +369,8 @@ class OnlineGMM(OnlineMixture, base.Clusterer):
         `.reason(i)` the message of row i. Rows are screened with the current parameters (or
         the warm-up reference), as the next `learn_many` screens its first mini-batch.
         """
+        rows = self._summary_rows(X)
         names = self._feature_names or tuple(sorted(X.columns, key=str))
-        rows = _frame_values(X, names, self.missing == "marginalize")
         if self._feature_names is None:  # nothing learned yet: only the too-large rule applies
             return make_screen(rows, names, None, np.zeros(len(rows)), WARM_UP, np.zeros(len(rows), dtype=int))
         return self._screen_rows(rows, names)
@@ -414,8 +414,8 @@ class OnlineGMM(OnlineMixture, base.Clusterer):
         """`assign_many` and `screen_many` of X from one E-step (the Kafka consumer's hot path): the
         squared Mahalanobis distances come from the log-densities the responsibilities are made of
         (before the warm-up, or with missing values, the two are computed apart)."""
+        rows = self._summary_rows(X)
         names = self._feature_names or tuple(sorted(X.columns, key=str))
-        rows = _frame_values(X, names, self.missing == "marginalize")
         if self._engine is None or not self._distance_rule or np.isnan(rows).any():
             with np.errstate(over="ignore", invalid="ignore"):  # an absurd row's answer is dropped anyway
                 return (*self.assign_many(X), self.screen_many(X))
@@ -428,8 +428,8 @@ class OnlineGMM(OnlineMixture, base.Clusterer):
         return np.exp(log_resp), log_likelihood, screen
 
     def _e_step_frame(self, X: pd.DataFrame):
+        rows = self._summary_rows(X)
         names = self._feature_names or tuple(sorted(X.columns, key=str))
-        rows = _frame_values(X, names, self.missing == "marginalize")
         params = self._params() if self._feature_names else self._provisional_params(None, len(names))
         return self._gaussian.e_step(self._gaussian.prepare(rows, params.weights @ params.means), params)
 

@@ -277,18 +277,30 @@ class OnlineRegressionMixture(OnlineMixture, base.MiniBatchRegressor):
         self._push_row(self._row(x, y))
 
     def learn_many(self, X: pd.DataFrame, y: pd.Series) -> None:
-        """Learn from a DataFrame and its targets, vectorised; same model as a `learn_one` loop."""
-        features = frame_values(X, X.columns)
+        """Learn from a DataFrame (or an array with the columns of `features_`, in order) and its
+        targets, vectorised; same model as a `learn_one` loop."""
+        features, names = self._columns_of(X)
         checked = _target_values(y)
         if len(checked) != len(features):
             raise ValueError(f"y has {len(checked)} values but X has {len(features)} rows")
         with self._transaction():
-            self._learn_features(list(X.columns))
+            self._learn_features(names)
             rows = np.zeros((len(features), self._width()))
             rows[:, 0] = checked
-            for column, name in enumerate(X.columns):
+            for column, name in enumerate(names):
                 rows[:, 1 + self._index[name]] = features[:, column]
-            self._push_rows(rows, X.index)
+            self._push_rows(rows, X.index if isinstance(X, pd.DataFrame) else None)
+
+    def _columns_of(self, X) -> tuple[np.ndarray, list]:
+        """X's values and column names: a DataFrame's own, or an array's (the model's features, in order)."""
+        if isinstance(X, pd.DataFrame):
+            return frame_values(X, X.columns), list(X.columns)
+        return frame_values(np.asarray(X), self.feature_names_), list(self.feature_names_)
+
+    @property
+    def features_(self) -> tuple:
+        """The feature names, in the order of the model's arrays."""
+        return tuple(self.feature_names_)
 
     def screen_many(self, X: pd.DataFrame, y) -> OutlierScreen:
         """Which rows of (X, y) the outlier guard would refuse now, and why (nothing is learned).
@@ -296,14 +308,14 @@ class OnlineRegressionMixture(OnlineMixture, base.MiniBatchRegressor):
         As `OnlineGMM.screen_many`; a feature the model has not seen yet only meets the
         too-large rule.
         """
-        features = frame_values(X, X.columns)
+        features, names = self._columns_of(X)
         target = _target_values(y)
         if len(target) != len(features):
             raise ValueError(f"y has {len(target)} values but X has {len(features)} rows")
-        new = [name for name in X.columns if name not in self._index]
+        new = [name for name in names if name not in self._index]
         rows = np.zeros((len(features), self._width() + len(new)))
         rows[:, 0] = target
-        for column, name in enumerate(X.columns):
+        for column, name in enumerate(names):
             rows[:, self._index[name] + 1 if name in self._index else self._width() + new.index(name)] = features[
                 :, column
             ]
@@ -356,9 +368,9 @@ class OnlineRegressionMixture(OnlineMixture, base.MiniBatchRegressor):
             return (*self.assign_many(X, y), self.screen_many(X, y))
 
     def _component_means(self, X: pd.DataFrame) -> np.ndarray:
-        features = frame_values(X, X.columns)
+        features, names = self._columns_of(X)
         aligned = np.zeros((len(features), len(self.feature_names_)))
-        for column, name in enumerate(X.columns):
+        for column, name in enumerate(names):
             if name in self._index:
                 aligned[:, self._index[name]] = features[:, column]
         params = self._params()

@@ -185,7 +185,7 @@ def test_the_checkpoint_validates_exactly_the_consumers_counters():
     import dataclasses
 
     from streamem_connectors.kafka.checkpoint import CountersDocument
-    from streamem_connectors.kafka.learners import Counters
+    from streamem_connectors.kafka.learner import Counters
 
     assert set(CountersDocument.model_fields) == {field.name for field in dataclasses.fields(Counters)}
 

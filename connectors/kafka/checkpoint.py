@@ -310,7 +310,7 @@ class TopicStore:
         from kafka import KafkaConsumer, TopicPartition
         from kafka.errors import KafkaError
 
-        from streamem_connectors.kafka.clients import kafka_python_security
+        from streamem_connectors.kafka.security import kafka_python_security
         from streamem_connectors.kafka.topics import BrokerUnreachable, connect_timeout_options, silent_client
 
         with silent_client():

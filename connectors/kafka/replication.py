@@ -28,12 +28,10 @@ import time
 
 import numpy as np
 import orjson
-import pandas as pd
 
-from streamem.drift import WeightDriftDetector
-from streamem.families.gaussian import GaussianStats
-from streamem.gaussian_mixture import GaussianMixture
+import streamem as se
 from streamem.outliers import screen_against, screen_warm_up
+from streamem.state import StateError
 from streamem_connectors.kafka import records as schemas
 from streamem_connectors.kafka.checkpoint import (
     CHECKPOINT_VERSION,
@@ -45,15 +43,7 @@ from streamem_connectors.kafka.checkpoint import (
     restore_model,
 )
 from streamem_connectors.kafka.clients import input_positions
-from streamem_connectors.kafka.learners import (
-    Counters,
-    _Learner,
-    _Model,
-    _offset_list,
-    assign_and_screen,
-    new_model,
-    outlier_threshold,
-)
+from streamem_connectors.kafka.learner import Counters, Learner, ModelState, new_state, offset_list, outlier_threshold
 from streamem_connectors.kafka.resume import check_resume, differing_settings
 from streamem_connectors.kafka.settings import ConsumerSettings
 
@@ -105,14 +95,15 @@ def _remedy_for_refusal(settings: ConsumerSettings, key: str, where: str, raw: b
         raise CheckpointError(f"{error}; {_replica_remedy(settings, key, where, checkpoint_settings(raw))}") from None
 
 
-class ReplicatedLearner(_Learner):
+class ReplicatedLearner(Learner):
     """The learner of `--replicate`: answers with the replicated model, publishes statistics, applies the log."""
 
     def __init__(self, settings: ConsumerSettings, store):
         super().__init__(settings, store)
         self.log_topic = settings.topics["statistics"]
         self.shared_key = f"{settings.group_id}/replica"
-        self.state = _Model(new_model(settings), WeightDriftDetector(max(2, settings.n_components)))
+        self.state: ModelState = new_state(settings)
+        self.messages: list[schemas.OutputRecord] = []  # statistics messages of the batch being answered
         self.log_offset = 0  # next statistics message to apply
         self.applied: dict[Partition, int] = {}  # input offsets learned through, per partition
         self.warmup_rows: list[np.ndarray] = []
@@ -162,64 +153,45 @@ class ReplicatedLearner(_Learner):
 
     # -- the consumer side -------------------------------------------------------------------
     def process(self, batch):
+        """Answer as every learner does; the statistics messages of the learned records follow the drift records."""
         self.catch_up()
         outputs, decoded = self._decode(batch)
         if not decoded.good:
             return outputs
         records = batch if not decoded.errors else [batch[i] for i in decoded.good]
-        values, good = decoded.values, decoded.good
-        model = self.state.model
-        frame = pd.DataFrame(values, columns=self.settings.features)
-        resp, log_likelihood, screened = self._assign_and_screen(frame, values)
-        if screened.outlier.any():  # dead letters; never answered, never published as statistics
-            reasons = {int(i): screened.reason(int(i)) for i in np.flatnonzero(screened.outlier)}
-            for position, dead in zip(good, self._dead_letters(records, reasons), strict=True):
-                outputs[position] = dead if dead is not None else outputs[position]
-            keep = ~screened.outlier
-            records, values = [r for r, k in zip(records, keep, strict=True) if k], values[keep]
-            good = [position for position, k in zip(good, keep, strict=True) if k]
-            resp, log_likelihood = resp[keep], log_likelihood[keep]
-            if not records:
-                return outputs
-        answered = schemas.assignments(
-            records,
-            self.topics["assignments"],
-            resp,
-            log_likelihood,
-            model.n_seen,
+        self.messages = []
+        answered, drifts = self._answer(
+            self.state, records, decoded.values, np.ones(len(records), dtype=bool), scored=self._cold_answers(decoded)
         )
-        for i, output in zip(good, answered, strict=True):
+        for i, output in zip(decoded.good, answered, strict=True):
             outputs[i] = output
-        self.counters.assigned += len(records)
-        drifts = []
-        if model.is_warm:
-            for event in self.state.detector.update_many(resp):
-                self.counters.drift_events += 1
-                drifts.append(
-                    schemas.drift_record(
-                        records[event.index],
-                        self.topics["drift"],
-                        model.n_seen,
-                        event.weights,
-                        event.reference_weights,
-                        event.distance,
-                        True,
-                    )
-                )
-        return outputs + drifts + self._publish(records, values)
+        messages, self.messages = self.messages, []
+        return outputs + drifts + messages
 
-    def _assign_and_screen(self, frame: pd.DataFrame, values: np.ndarray):
-        """(responsibilities, log-likelihoods, outlier screen): the model's screen once it is warm;
-        before, the library's warm-up rule (`streamem.outliers.warm_up_reference`) on the records
-        waiting for the warm-up and this batch."""
-        model = self.state.model
-        if model.is_warm:
-            resp, log_likelihood, _, screened = assign_and_screen(model, self.settings, frame)
-            return resp, log_likelihood, screened
-        waiting = np.vstack(self.warmup_rows) if self.warmup_rows else values[:0]
-        screened = screen_warm_up(values, self.settings.features, waiting, outlier_threshold(self.settings))
+    def _cold_answers(self, decoded):
+        """Before the model is warm: its provisional answers, and the library's warm-up screen
+        (`streamem.outliers.screen_warm_up`) over the records waiting for the warm-up and these
+        (the replica's model learns only from the log, so it holds no warm-up records itself)."""
+        if self.state.model.is_warm:
+            return None
+        X, _ = self.model_columns(self.state, decoded.values)
+        waiting = np.vstack(self.warmup_rows) if self.warmup_rows else X[:0]
+        screened = screen_warm_up(X, self.state.model.features_, waiting, outlier_threshold(self.settings))
         with np.errstate(over="ignore", invalid="ignore"):  # an absurd row's answer is dropped anyway
-            return (*model.assign_many(frame), screened)
+            responsibilities, log_likelihood = self.state.model.assign_many(X)
+        return responsibilities, log_likelihood, None, screened
+
+    def learn(self, state: ModelState, records, X: np.ndarray, target, learn: np.ndarray) -> dict[int, str]:
+        """Learning here is publishing: the records' statistics go to the log, and the model learns
+        them when it applies the log (its own messages included)."""
+        if learn.any():
+            kept = records if learn.all() else [r for r, k in zip(records, learn, strict=True) if k]
+            self.messages.extend(self._publish(kept, X if learn.all() else X[learn]))
+        return {}
+
+    def offer_outliers(self, state: ModelState, X: np.ndarray, target, offered: np.ndarray) -> np.ndarray:
+        """Refused records are never published: the replicated model learns only what was answered."""
+        return np.zeros(len(offered), dtype=bool)
 
     def _publish(self, records, values: np.ndarray) -> list[schemas.OutputRecord]:
         """Statistics messages for these records: mini-batches once the model is warm, else warm-up."""
@@ -236,31 +208,23 @@ class ReplicatedLearner(_Learner):
             self.warmup_sources = []
             self.init_sent = True
             # a record the batch screens let through but the whole warm-up's median finds absurd stays out
-            far = screen_against(buffered, self.settings.features, buffered, outlier_threshold(self.settings)).outlier
+            far = screen_against(buffered, model.features_, buffered, outlier_threshold(self.settings)).outlier
             buffered = buffered[~far] if far.any() else buffered
-            return [self._message("init", self._warmup_statistics(buffered), _merge(_sources(waiting)), len(buffered))]
+            start = model.initial_statistics(buffered)  # the warm-up fit the model itself would run
+            return [self._message("init", start, _merge(_sources(waiting)), len(buffered))]
         messages = []
         if self.warmup_rows:  # records that waited for the model to warm up
             waiting, rows = self.warmup_sources, np.vstack(self.warmup_rows)
             self.warmup_rows, self.warmup_sources = [], []
             return self._publish(waiting, rows) + self._publish(records, values)
-        family = model._family()
         size = self.settings.batch_size
         for start in range(0, len(values), size):
             chunk = values[start : start + size]
-            batch = family.prepare(chunk, model._engine.stats.shift)
-            stats = family.expected_stats(batch, model._engine.params)[2].scaled(1.0 / len(chunk))
+            stats = model.summarize(chunk).statistics
             messages.append(self._message("update", stats, _merge(_sources(records[start : start + size])), len(chunk)))
         return messages
 
-    def _warmup_statistics(self, rows: np.ndarray) -> GaussianStats:
-        settings = self.settings
-        fit = GaussianMixture(
-            settings.n_components, covariance_type=settings.covariance_type, n_init=2, random_state=settings.seed
-        ).fit(rows)
-        return fit._stats.scaled(1.0 / len(rows))
-
-    def _message(self, kind: str, stats: GaussianStats, sources: list[dict], count: int) -> schemas.OutputRecord:
+    def _message(self, kind: str, stats: se.GaussianStats, sources: list[dict], count: int) -> schemas.OutputRecord:
         self.sequence += 1
         body = {
             "kind": kind,
@@ -268,7 +232,7 @@ class ReplicatedLearner(_Learner):
             "sequence": self.sequence,
             "count": count,
             "sources": sources,
-            "statistics": {name: value.tolist() for name, value in stats.to_arrays().items()},
+            "statistics": stats.to_dict(),  # sums over the `count` records
         }
         return schemas.OutputRecord(self.log_topic, self.settings.instance_id.encode(), orjson.dumps(body))
 
@@ -284,16 +248,15 @@ class ReplicatedLearner(_Learner):
         ranges = [(s["topic"], s["partition"], s["from"], s["to"]) for s in message["sources"]]
         if ranges and all(to <= self.applied.get((t, p), 0) for t, p, _, to in ranges):
             return  # already learned: these records were published again after a crash
-        model = self.state.model
-        if not model._feature_names:
-            model._feature_names = tuple(self.settings.features)
-        stats = GaussianStats(**{k: np.asarray(v, dtype=float) for k, v in message["statistics"].items()})
-        if message["kind"] == "init" and not model.is_warm:
-            model._start_from_statistics(stats)
-        else:
-            model._engine.apply(stats)
-            model._scorer = None
-        model.n_seen += int(message["count"])
+        try:
+            stats = se.GaussianStats.from_dict(message["statistics"])
+            count = int(message["count"])
+            # statistics of `count` records (logs written before they were sums held them per record)
+            self.state.model.apply(stats if np.isclose(stats.count, count) else stats.scaled(count / stats.count))
+        except (StateError, ValueError, TypeError, KeyError) as error:
+            # every replica skips the same message, so they still agree
+            logger.error("statistics message from %s skipped: %s", message.get("origin"), error)
+            return
         for t, p, _, to in ranges:
             self.applied[(t, p)] = max(self.applied.get((t, p), 0), to)
 
@@ -318,7 +281,7 @@ class ReplicatedLearner(_Learner):
             key=self.settings.checkpoint_key,
             model=None,
             detector=self.state.detector.to_dict(),
-            offsets=_offset_list(self.offsets),
+            offsets=offset_list(self.offsets),
             counters={k: int(v) for k, v in vars(self.counters).items()},
             replica=replica,
             settings=model_settings(self.settings),
@@ -356,7 +319,7 @@ class _LogReader:
     def __init__(self, settings: ConsumerSettings, topic: str, offset: int):
         from kafka import KafkaConsumer, TopicPartition
 
-        from streamem_connectors.kafka.clients import kafka_python_security
+        from streamem_connectors.kafka.security import kafka_python_security
 
         self.partition = TopicPartition(topic, 0)
         self.consumer = KafkaConsumer(

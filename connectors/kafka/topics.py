@@ -55,7 +55,7 @@ def _admin(settings: ConsumerSettings):
     from kafka import KafkaAdminClient
     from kafka.errors import KafkaError
 
-    from streamem_connectors.kafka.clients import kafka_python_security
+    from streamem_connectors.kafka.security import kafka_python_security
 
     options = kafka_python_security(settings)
     options.update(connect_timeout_options(KafkaAdminClient, settings))

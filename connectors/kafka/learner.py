@@ -1,0 +1,355 @@
+"""How the consumer answers a poll batch, whatever the mode: the one learner its modes share.
+
+A learner decodes a poll batch, answers every record with the model as it stands (prequential:
+an assignment, or a dead letter for an undecodable record or one the outlier guard refuses),
+feeds the drift detector and writes drift records, then hands the records on to be learned.
+The modes differ only in where that learning happens (`Learner.learn`): on the instance's own
+model, on each key's model, or through the statistics log of the replicated model
+(`streamem_connectors.kafka.learners`, `streamem_connectors.kafka.replication`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+
+import numpy as np
+
+import streamem as se
+from streamem.drift import WeightDriftDetector
+from streamem.schedules import StepSize
+from streamem_connectors.kafka import records as schemas
+from streamem_connectors.kafka.checkpoint import PartitionOffset
+from streamem_connectors.kafka.settings import ConsumerSettings
+
+__all__ = [
+    "Counters",
+    "Learner",
+    "ModelState",
+    "OffsetBook",
+    "assign_and_screen",
+    "model_type",
+    "new_model",
+    "new_state",
+    "offset_list",
+    "outlier_threshold",
+]
+
+logger = logging.getLogger(__name__)
+Partition = tuple[str, int]
+
+
+@dataclasses.dataclass
+class Counters:
+    """Totals over every run; a checkpoint holds exactly these names (`checkpoint.CountersDocument`)."""
+
+    records_in: int = 0
+    assigned: int = 0
+    dead_lettered: int = 0
+    drift_events: int = 0
+
+
+def new_model(settings: ConsumerSettings):
+    """A fresh model of this run's settings, knowing its features (so it takes arrays)."""
+    step = StepSize(alpha=settings.step_alpha, eta_min=settings.step_floor)
+    common = dict(batch_size=settings.batch_size, step=step, warmup=settings.warmup, seed=settings.seed)
+    common.update(outliers="skip", outlier_threshold=outlier_threshold(settings))
+    if settings.target is not None:
+        model = se.OnlineRegressionMixture(settings.n_components, **common)
+        model.add_features(settings.features)
+        return model
+    return se.OnlineGMM(
+        settings.n_components, covariance_type=settings.covariance_type, features=tuple(settings.features), **common
+    )
+
+
+def new_state(settings: ConsumerSettings) -> ModelState:
+    """A fresh model with its drift detector (two columns at least: a one-component model's second stays 0)."""
+    return ModelState(new_model(settings), WeightDriftDetector(max(2, settings.n_components)))
+
+
+def outlier_threshold(settings: ConsumerSettings) -> float | None:
+    """The library's threshold for --outlier-threshold (inf: no distance rule, None in the library)."""
+    return None if math.isinf(settings.outlier_threshold) else settings.outlier_threshold
+
+
+def assign_and_screen(model, settings: ConsumerSettings, features: np.ndarray, target=None):
+    """(responsibilities, log-likelihoods, predictions or None, `OutlierScreen`) of a batch under
+    this run's threshold, from one E-step (the distances come from the same log-densities).
+
+    The consumer dead-letters the rows the screen refuses instead of answering them; the model
+    itself skips (never raises on) any it would still refuse while learning, so a refusal can
+    never stop the consumer.
+    """
+    model.set_outlier_rule("skip", outlier_threshold(settings))  # a restored model keeps its own otherwise
+    if target is None:
+        responsibilities, log_likelihood, screened = model.assign_and_screen_many(features)
+        return responsibilities, log_likelihood, None, screened
+    return model.assign_and_screen_many(features, target)
+
+
+def model_type(settings: ConsumerSettings):
+    return se.OnlineRegressionMixture if settings.target is not None else se.OnlineGMM
+
+
+@dataclasses.dataclass
+class ModelState:
+    """A model, its drift detector, and for keyed models the offsets it has learned through."""
+
+    model: object
+    detector: WeightDriftDetector
+    learned_through: dict[Partition, int] = dataclasses.field(default_factory=dict)
+    since_drift_record: int = 0
+    dirty: bool = False
+
+
+class OffsetBook:
+    """The next offset of each partition a model has learned through, and where to resume after a
+    rebalance (where the model is, so it neither skips nor re-learns a record).
+
+    With `forget_lost` (one model per key) the offsets of partitions that went to another
+    consumer are dropped: their models go with them. Otherwise the model keeps what it learned.
+    """
+
+    def __init__(self, offsets: dict[Partition, int] | None = None, forget_lost: bool = False):
+        self.offsets = dict(offsets or {})
+        self.forget_lost = forget_lost
+        self._revoked: set[Partition] = set()
+
+    def advance(self, offsets: dict[Partition, int]) -> None:
+        self.offsets.update(offsets)
+
+    def revoked(self, partitions: list[Partition]) -> None:
+        self._revoked |= set(partitions)
+
+    def resume(self, assigned: list[Partition]) -> tuple[dict[Partition, int], set[Partition]]:
+        """(the start offset of each assigned partition the model has a position in, the lost partitions);
+        the others start at the group's committed offset."""
+        lost, self._revoked = self._revoked - set(assigned), set()
+        if self.forget_lost:
+            for tp in lost:
+                self.offsets.pop(tp, None)
+        return {tp: self.offsets[tp] for tp in assigned if tp in self.offsets}, lost
+
+
+class Learner:
+    """Common parts; subclasses answer, learn and say what to checkpoint.
+
+    `process(batch)` returns one output per input record, in order (an assignment or
+    a dead letter), then any others (drift records, statistics messages).
+    """
+
+    forgets_lost = False  # see OffsetBook
+
+    @property
+    def offsets(self) -> dict[Partition, int]:
+        """Next offset per partition, once learned."""
+        return self.book.offsets
+
+    def advance(self, offsets: dict[Partition, int]) -> None:
+        """Record the next offset of each partition, once a batch is learned."""
+        self.book.advance(offsets)
+
+    def revoked(self, partitions: list[Partition]) -> None:
+        self.book.revoked(partitions)
+
+    def start_offsets(self, assigned: list[Partition]) -> dict[Partition, int]:
+        return self.book.resume(assigned)[0]
+
+    def finish(self) -> None:
+        """Called before the last checkpoint of a clean stop."""
+
+    def idle(self) -> None:
+        """Called when a poll brought no records."""
+
+    def close(self) -> None:
+        """Release the learner's own clients, if any."""
+
+    def __init__(self, settings: ConsumerSettings, store):
+        self.settings = settings
+        self.store = store
+        self.topics = settings.topics
+        self.decoder = schemas.RecordDecoder(settings.features, settings.target, settings.model_key)
+        self.counters = Counters()
+        self.book = OffsetBook(forget_lost=self.forgets_lost)
+
+    def _decode(self, batch) -> tuple[list, schemas.DecodedBatch]:
+        """Decode a batch; the invalid records' dead letters go in their places in the outputs."""
+        decoded = self.decoder.decode_batch([record.value for record in batch], [record.key for record in batch])
+        self.counters.records_in += len(batch)
+        return self._dead_letters(batch, dict(decoded.errors)), decoded
+
+    def _dead_letters(self, records, reasons: dict[int, str]) -> list:
+        """Dead letters for the records refused ({position: reason}: undecodable, or refused by the
+        model's outlier guard), in their places (None elsewhere)."""
+        outputs: list = [None] * len(records)
+        for i, reason in reasons.items():
+            record = records[i]
+            logger.warning(
+                "dead-lettered %s: %s",
+                record.where(),
+                reason,
+                extra={"source": schemas.source_of(record), "error": reason},
+            )
+            outputs[i] = schemas.dead_letter(record, self.topics["dead_letter"], reason)
+        self.counters.dead_lettered += len(reasons)
+        return outputs
+
+    # -- where learning happens: on the model itself, unless a subclass says otherwise ---------------
+    def learn(self, state: ModelState, records, X: np.ndarray, target, learn: np.ndarray) -> dict[int, str]:
+        """Learn the rows marked in `learn` (answered already); returns {position: reason} of rows the
+        model refused while learning them (by what it became within this batch: its warm-up fit,
+        or the warm-up reference growing), which get dead letters instead of their answers."""
+        model = state.model
+        if not learn.any():
+            return {}
+        rows, targets = (X, target) if learn.all() else (X[learn], None if target is None else target[learn])
+        if targets is None:
+            model.learn_many(rows)
+        else:
+            model.learn_many(rows, targets)
+        positions = np.flatnonzero(learn)
+        return {int(positions[i]): str(error) for i, error in model.skipped_}
+
+    def offer_outliers(self, state: ModelState, X: np.ndarray, target, offered: np.ndarray) -> np.ndarray:
+        """Give the model the rows its screen refused (`offered`); True for those it learned after all.
+
+        That is how a model sees a stream that has moved (most recent records refused) and warms up
+        again from them; such rows are then answered, as the model as it was scored them."""
+        taken = np.zeros(len(offered), dtype=bool)
+        if not offered.any():
+            return taken
+        model = state.model
+        if target is None:
+            model.learn_many(X[offered])
+        else:
+            model.learn_many(X[offered], target[offered])
+        positions = np.flatnonzero(offered)
+        taken[positions] = True
+        taken[[int(positions[i]) for i, _ in model.skipped_]] = False
+        return taken
+
+    # -- the one way records are answered --------------------------------------------------------
+    def model_columns(self, state: ModelState, values: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """(features in the model's column order, targets or None) of decoded rows (the decoder's
+        columns are the settings' features, then the target)."""
+        features = self.settings.features
+        d = len(features)
+        order = state.model.features_
+        X = values[:, :d] if tuple(order) == tuple(features) else values[:, [features.index(n) for n in order]]
+        return X, None if self.settings.target is None else values[:, d]
+
+    def _answer(self, state: ModelState, records, values: np.ndarray, learn: np.ndarray, model_key=None, scored=None):
+        """Score the rows with the model as it is (prequential), then learn the rows marked in `learn`
+        (`learn`: where, says the mode); a row the model's outlier guard refuses gets a dead letter
+        instead, and is not learned. (`scored`: the rows' answers, already screened.)"""
+        settings, model = self.settings, state.model
+        X, target = self.model_columns(state, values)
+        resp, log_likelihood, predictions, screened = scored or assign_and_screen(model, settings, X, target)
+        if screened is not None and screened.outlier.any():
+            keep = ~screened.outlier
+            answered, drifts = ([], [])
+            if keep.any():
+                kept = [record for record, good in zip(records, keep, strict=True) if good]
+                answers = (resp[keep], log_likelihood[keep], None if predictions is None else predictions[keep], None)
+                answered, drifts = self._answer(state, kept, values[keep], learn[keep], model_key, answers)
+            taken = self.offer_outliers(state, X, target, screened.outlier & learn)
+            outputs = self._dead_letters(
+                records, {int(i): screened.reason(int(i)) for i in np.flatnonzero(screened.outlier & ~taken)}
+            )
+            if taken.any():
+                seen = model.n_seen - int(taken.sum())
+                taken_answers = schemas.assignments(
+                    [record for record, t in zip(records, taken, strict=True) if t],
+                    self.topics["assignments"],
+                    resp[taken],
+                    log_likelihood[taken],
+                    seen,
+                    None if predictions is None else predictions[taken],
+                    model_key,
+                )
+                self.counters.assigned += len(taken_answers)
+                for i, answer in zip(np.flatnonzero(taken), taken_answers, strict=True):
+                    outputs[int(i)] = answer
+                state.dirty = True
+            rest = iter(answered)
+            return [output if output is not None else next(rest) for output in outputs], drifts
+        seen_before, was_warm = model.n_seen, model.is_warm
+        answered = schemas.assignments(
+            records,
+            self.topics["assignments"],
+            resp,
+            log_likelihood,
+            seen_before,
+            predictions,
+            model_key,
+        )
+        self.counters.assigned += len(records)
+        refused = self.learn(state, records, X, target, learn)
+        if refused:
+            for i, dead in enumerate(self._dead_letters(records, refused)):
+                answered[i] = dead if dead is not None else answered[i]
+            self.counters.assigned -= len(refused)
+            learn = learn.copy()
+            learn[list(refused)] = False
+        drifts = self._drift(state, records, resp, learn, was_warm, seen_before, model_key)
+        state.dirty = True
+        return answered, drifts
+
+    def _drift(self, state: ModelState, records, resp, learn, was_warm: bool, seen_before: int, model_key):
+        """Drift records: one per change the detector finds in the learned rows' responsibilities, and
+        a periodic one every `drift_every` learned records once the model is warm."""
+        settings, model, detector = self.settings, state.model, state.detector
+        drifts = []
+        # answers of the provisional warm-up model say nothing about drift
+        learned = (resp if learn.all() else resp[learn]) if was_warm else resp[:0]
+        for event in detector.update_many(padded(learned, detector.n_components)):
+            self.counters.drift_events += 1
+            record = [r for r, keep in zip(records, learn, strict=True) if keep][event.index]
+            logger.info(
+                "drift at %s%s: weights %s, reference %s",
+                record.where(),
+                f" (model {model_key})" if model_key is not None else "",
+                event.weights,
+                event.reference_weights,
+            )
+            drifts.append(
+                schemas.drift_record(
+                    record,
+                    self.topics["drift"],
+                    seen_before + event.index + 1,  # records learned up to the one where the drift showed
+                    event.weights,
+                    event.reference_weights,
+                    event.distance,
+                    True,
+                    model_key,
+                )
+            )
+        state.since_drift_record += int(learn.sum())
+        if state.since_drift_record >= settings.drift_every and model.is_warm:  # periodic drift record
+            state.since_drift_record %= settings.drift_every
+            drifts.append(
+                schemas.drift_record(
+                    records[-1],
+                    self.topics["drift"],
+                    model.n_seen,
+                    detector.weights_.tolist(),
+                    detector.reference_weights_.tolist(),
+                    detector.distance,
+                    False,
+                    model_key,
+                )
+            )
+        return drifts
+
+
+def offset_list(offsets: dict[Partition, int]) -> list[PartitionOffset]:
+    return [PartitionOffset(topic=t, partition=p, offset=o) for (t, p), o in sorted(offsets.items())]
+
+
+def padded(resp: np.ndarray, width: int) -> np.ndarray:
+    """A one-component model still feeds a two-component detector (the second column stays 0)."""
+    if resp.shape[1] == width:
+        return resp
+    return np.hstack([resp, np.zeros((resp.shape[0], width - resp.shape[1]))])

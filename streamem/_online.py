@@ -69,6 +69,7 @@ class OnlineMixture:
         self._buffer: np.ndarray | None = None
         self._count = 0
         self._engine: StepwiseEM | None = None
+        self._pending = None  # statistics applied since the last update, fewer than batch_size records
         self._scorer = None
         self._screened = 0  # records screened so far: the moved-stream window counts from it
         self._refused: list = []  # (screened index, row) refused by the distance rule in the last window
@@ -84,6 +85,26 @@ class OnlineMixture:
     def is_warm(self) -> bool:
         """True once the warm-up records have initialised the model."""
         return self._engine is not None
+
+    @property
+    def statistics_(self):
+        """The running statistics, per record (their count is 1): what the parameters are the M-step
+        of. None until the model is warm."""
+        return None if self._engine is None else self._engine.stats
+
+    @property
+    def warmup_needed(self) -> int:
+        """Records the model still takes before its warm-up fit (0 once warm)."""
+        return 0 if self._engine is not None else self.warmup - self._count
+
+    @property
+    def records_until_update(self) -> int:
+        """Records until the model next changes: those its warm-up still needs, or, once warm, those
+        `apply` still has to pool before its next update (the buffer of `learn_many` is apart)."""
+        if self._engine is None:
+            return self.warmup_needed
+        pooled = 0 if self._pending is None else self._pending.count
+        return max(1, math.ceil(self.batch_size - pooled - 1e-9))
 
     @property
     def n_updates(self) -> float:
@@ -170,6 +191,12 @@ class OnlineMixture:
     def _screen_span(self, capacity: int) -> int:
         """How many more rows share the current screen (the parameters, or the warm-up reference)."""
         span = capacity - self._count
+        if self._refused and self._distance_rule:
+            # refusals in the window: end the span where the next ones would say the stream has moved,
+            # so a shift costs at most `batch_size` refused records however the spans fall
+            recent = sum(1 for i, _ in self._refused if i >= self._screened - self.batch_size)
+            if recent:
+                span = min(span, max(1, self.batch_size // 2 + 1 - recent))
         if self._engine is None and self._distance_rule:
             if self._count < guard.MIN_REFERENCE:
                 return min(span, guard.MIN_REFERENCE - self._count)
@@ -248,7 +275,7 @@ class OnlineMixture:
         # They stay reported (skipped_, n_outliers): they were refused when they came, and a burst of
         # absurd records that looked like a move is left out again by the new warm-up fit, whose
         # whole-buffer median the records after it set.
-        self._engine, self._buffer, self._count, self._origins = None, None, 0, []
+        self._engine, self._buffer, self._count, self._origins, self._pending = None, None, 0, [], None
         self._scorer = self._reference = self._fast = self._scored = None
         for row in rows:
             self._ensure_buffer(width)
@@ -442,6 +469,7 @@ class OnlineMixture:
         self._count = 0
         self._scorer = self._reference = self._fast = self._scored = None
         self._origins = []
+        self._pending = None
 
     # -- statistics: the public currency ------------------------------------------------------
     def initial_statistics(self, X, y=None):
@@ -475,17 +503,39 @@ class OnlineMixture:
         log_likelihood, resp, stats = self._family().expected_stats(batch, params)
         return Summary(resp, log_likelihood, stats)
 
+    def statistics_of(self, X, responsibilities: np.ndarray, y=None):
+        """The statistics of a batch from responsibilities an E-step under the model's current
+        parameters gave already (`assign_many`, `assign_and_screen_many`, `summarize`): what
+        `summarize` would return, without a second E-step. Rows with missing values need
+        `summarize` (their statistics are conditional expectations, not weighted sums)."""
+        rows = self._summary_rows(X, y)
+        resp = np.asarray(responsibilities, dtype=float)
+        if resp.shape != (rows.shape[0], self.n_components) or not np.all(np.isfinite(resp)) or np.any(resp < 0):
+            expected = (rows.shape[0], self.n_components)
+            raise ValueError(f"responsibilities must be {expected} finite non-negative values")
+        if np.isnan(rows).any():
+            raise ValueError("rows with missing values: their statistics come from summarize")
+        shift = None if self._engine is None else self._engine.stats.shift
+        return self._family().suff_stats(self._prepare(rows, shift), resp)
+
     def apply(self, statistics) -> None:
-        """Learn statistics (sums over their records, as `summarize` and `initial_statistics` give
-        them; statistics add, so several batches' may be summed first): one stepwise update,
-        `s = (1 - eta) s + eta statistics / statistics.count`, then the M-step; `n_seen` grows by
-        their count. A cold model starts from them instead (records waiting in its warm-up buffer
-        are then learned after them). Statistics of another type or shape raise ValueError."""
+        """Learn statistics (sums over their records, as `summarize`, `statistics_of` and
+        `initial_statistics` give them; statistics add): `n_seen` grows by their count, and once
+        the statistics applied since the last update summarise `batch_size` records or more, they
+        make one stepwise update, `s = (1 - eta) s + eta pooled / pooled.count`, then the M-step
+        (so statistics of one record at a time learn as `learn_one` does, a mini-batch at a time).
+        A cold model starts from them instead (records waiting in its warm-up buffer are then
+        learned after them). Statistics of another type or shape raise ValueError."""
         stats = self._checked_statistics(statistics)
         count = stats.count
         if self._engine is not None:
-            self._engine.apply(stats, 1.0 / count)
-            self._scorer = self._reference = self._fast = self._scored = None
+            pooled = stats if self._pending is None else self._pending + stats
+            if pooled.count >= self.batch_size * (1 - 1e-9):
+                self._pending = None
+                self._engine.apply(pooled, 1.0 / pooled.count)
+                self._scorer = self._reference = self._fast = self._scored = None
+            else:
+                self._pending = pooled
         else:
             waiting = self._buffer[: self._count].copy() if self._count else None
             self._start_engine(stats)
@@ -586,6 +636,12 @@ class OnlineMixture:
                 raise StateError(f"model state statistics have shapes {stats.shapes}, expected "
                                  f"{model._statistics_shapes(d)} for its {d} features")
             model._restore_engine(state.engine.model_copy(update={"stats": stats}))
+            if state.engine.pending is not None:
+                pending = model._stats_type.from_dict(state.engine.pending)
+                if pending.shapes != stats.shapes or not pending.count > 0:
+                    raise StateError(f"model state pending statistics have shapes {pending.shapes}, expected "
+                                     f"{stats.shapes}, and must summarise at least one record")
+                model._pending = pending
         # the warm-up buffer is restored after the engine: its capacity depends on warmth
         model._restore_buffer(state.buffer)
         return model
@@ -601,6 +657,7 @@ class OnlineMixture:
             if engine.averaged is None
             else {name: np.asarray(getattr(engine.averaged, name)).tolist() for name in engine.family.param_fields},
             "n_averaged": engine.n_averaged,
+            "pending": None if self._pending is None else self._pending.to_dict(),
         }
 
     def _restore_engine(self, state) -> None:

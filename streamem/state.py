@@ -49,6 +49,7 @@ class EngineDocument(_Strict):
     stats: dict[str, list | str]  # a statistics document (`SufficientStatistics.to_dict`)
     averaged: dict[str, list | float] | None = None
     n_averaged: Count
+    pending: dict[str, list | str] | None = None  # statistics applied since the last update (`apply`)
 
 
 class OnlineStateDocument(_Strict):

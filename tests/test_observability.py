@@ -39,7 +39,7 @@ def test_metrics_health_and_json_logs_of_a_run(broker):
     stream = io.StringIO()
     handler = logging.StreamHandler(stream)
     handler.setFormatter(JsonFormatter())
-    logging.getLogger("connectors").addHandler(handler)
+    logging.getLogger("streamem_connectors").addHandler(handler)
     try:
         run_consumer(settings, observability=observability)
         status, text = _get(port, "/metrics")
@@ -53,7 +53,7 @@ def test_metrics_health_and_json_logs_of_a_run(broker):
         assert _get(port, "/readyz") == (200, "ready\n")
         assert _get(port, "/nope")[0] == 404
     finally:
-        logging.getLogger("connectors").removeHandler(handler)
+        logging.getLogger("streamem_connectors").removeHandler(handler)
         observability.close()
     lines = [json.loads(line) for line in stream.getvalue().splitlines()]
     dead = [line for line in lines if line["message"].startswith("dead-lettered")]

@@ -165,6 +165,30 @@ def test_online_summarize_and_apply_per_mini_batch_equals_learn_many(covariance_
     np.testing.assert_allclose(np.vstack(answers).sum(axis=1), 1.0)
 
 
+def test_statistics_of_single_records_pool_into_mini_batches_as_learn_many():
+    """apply pools statistics until batch_size records: one record at a time, through a JSON state round
+    trip mid-pool, and from responsibilities the caller has (`statistics_of`), ends where learn_many ends."""
+    X = two_blobs()
+    make = lambda: se.OnlineGMM(2, features=("a", "b", "c"), seed=0)  # noqa: E731
+    by_learn, by_stats = _warm(make(), X), _warm(make(), X)
+    rest = X[WARM : WARM + 300]  # two mini-batches and 44 records pooled
+    by_learn.learn_many(pd.DataFrame(rest, columns=["a", "b", "c"]))
+    for i, row in enumerate(rest):
+        rows = row[None, :]
+        responsibilities = by_stats.assign_many(rows)[0]
+        by_stats.apply(by_stats.statistics_of(rows, responsibilities))
+        if i == 200:
+            by_stats = se.OnlineGMM.from_dict(json.loads(json.dumps(by_stats.to_dict())))
+    assert by_stats.n_seen == by_learn.n_seen and by_stats.n_updates == by_learn.n_updates
+    np.testing.assert_allclose(by_stats.means_, by_learn.means_, rtol=1e-10)
+    np.testing.assert_allclose(by_stats.covariances_, by_learn.covariances_, rtol=1e-10)
+    # the 44 pooled records are learned with the next mini-batch's 84, as learn_many's buffered ones are
+    more = X[WARM + 300 : WARM + 384]
+    by_learn.learn_many(pd.DataFrame(more, columns=["a", "b", "c"]))
+    by_stats.apply(by_stats.summarize(more).statistics)
+    np.testing.assert_allclose(by_stats.means_, by_learn.means_, rtol=1e-10)
+
+
 def test_online_regression_summarize_and_apply_equals_learn_many():
     """The same for the regression mixture, from arrays in `feature_names_` order."""
     X, y = regression_data()

@@ -197,20 +197,53 @@ class Learner:
         return outputs
 
     # -- where learning happens: on the model itself, unless a subclass says otherwise ---------------
-    def learn(self, state: ModelState, records, X: np.ndarray, target, learn: np.ndarray) -> dict[int, str]:
-        """Learn the rows marked in `learn` (answered already); returns {position: reason} of rows the
-        model refused while learning them (by what it became within this batch: its warm-up fit,
-        or the warm-up reference growing), which get dead letters instead of their answers."""
-        model = state.model
-        if not learn.any():
-            return {}
-        rows, targets = (X, target) if learn.all() else (X[learn], None if target is None else target[learn])
-        if targets is None:
-            model.learn_many(rows)
-        else:
-            model.learn_many(rows, targets)
+    def learn(self, state: ModelState, records, X: np.ndarray, target, learn: np.ndarray, responsibilities) -> dict:
+        """Learn the rows marked in `learn`, answered already with `responsibilities`; returns
+        {position: reason} of rows the model refused while learning them (by what it became within
+        this batch: its warm-up fit, or the warm-up reference growing), which get dead letters
+        instead of their answers.
+
+        While the model is cold, rows go to its warm-up (it buffers them and fits on `warmup` of
+        them); after that, learning is statistics (`learn_statistics`)."""
         positions = np.flatnonzero(learn)
-        return {int(positions[i]): str(error) for i, error in model.skipped_}
+        refused, done = self.learn_warm_up(state, records, X, target, positions)
+        if done < positions.size:  # after a warm-up within this batch the answers' parameters are gone
+            self.learn_statistics(state, records, X, target, positions[done:], responsibilities if done == 0 else None)
+        return refused
+
+    def learn_warm_up(self, state: ModelState, records, X: np.ndarray, target, rows: np.ndarray) -> tuple[dict, int]:
+        """Give a cold model the first of `rows` its warm-up still needs, until it is warm (it
+        buffers them and fits on `warmup` of them); returns (refused {position: reason}, rows used)."""
+        model = state.model
+        refused, done = {}, 0
+        while done < rows.size and not model.is_warm:
+            take = rows[done : done + model.warmup_needed]
+            if target is None:
+                model.learn_many(X[take])
+            else:
+                model.learn_many(X[take], target[take])
+            refused.update({int(take[i]): str(error) for i, error in model.skipped_})
+            done += take.size
+        return refused, done
+
+    def learn_statistics(self, state: ModelState, records, X: np.ndarray, target, rows: np.ndarray, responsibilities):
+        """Learn rows of a warm model as statistics, one mini-batch at a time (the first one completes
+        what the model has pooled): from the responsibilities they were answered with when given
+        (one E-step answers and learns), else from an E-step now; each goes to `apply_statistics`."""
+        model, start = state.model, 0
+        while start < rows.size:
+            chunk = rows[start : start + model.records_until_update]
+            features, targets = X[chunk], None if target is None else target[chunk]
+            if responsibilities is None:
+                stats = model.summarize(features, targets).statistics
+            else:
+                stats = model.statistics_of(features, responsibilities[chunk], targets)
+            self.apply_statistics(state, stats, [records[int(i)] for i in chunk])
+            start += chunk.size
+
+    def apply_statistics(self, state: ModelState, statistics, records) -> None:
+        """Where statistics are learned: here, on the model itself (the replicated learner publishes them)."""
+        state.model.apply(statistics)
 
     def offer_outliers(self, state: ModelState, X: np.ndarray, target, offered: np.ndarray) -> np.ndarray:
         """Give the model the rows its screen refused (`offered`); True for those it learned after all.
@@ -286,7 +319,7 @@ class Learner:
             model_key,
         )
         self.counters.assigned += len(records)
-        refused = self.learn(state, records, X, target, learn)
+        refused = self.learn(state, records, X, target, learn, resp)
         if refused:
             for i, dead in enumerate(self._dead_letters(records, refused)):
                 answered[i] = dead if dead is not None else answered[i]
@@ -327,7 +360,8 @@ class Learner:
                 )
             )
         state.since_drift_record += int(learn.sum())
-        if state.since_drift_record >= settings.drift_every and model.is_warm:  # periodic drift record
+        # periodic drift record, once the detector has weights of its own (not its uniform start)
+        if state.since_drift_record >= settings.drift_every and model.is_warm and len(detector):
             state.since_drift_record %= settings.drift_every
             drifts.append(
                 schemas.drift_record(

@@ -25,12 +25,12 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+import uuid
 
 import numpy as np
 import orjson
 
 import streamem as se
-from streamem.outliers import screen_against, screen_warm_up
 from streamem.state import StateError
 from streamem_connectors.kafka import records as schemas
 from streamem_connectors.kafka.checkpoint import (
@@ -43,7 +43,7 @@ from streamem_connectors.kafka.checkpoint import (
     restore_model,
 )
 from streamem_connectors.kafka.clients import input_positions
-from streamem_connectors.kafka.learner import Counters, Learner, ModelState, new_state, offset_list, outlier_threshold
+from streamem_connectors.kafka.learner import Counters, Learner, ModelState, new_state, offset_list
 from streamem_connectors.kafka.resume import check_resume, differing_settings
 from streamem_connectors.kafka.settings import ConsumerSettings
 
@@ -106,10 +106,17 @@ class ReplicatedLearner(Learner):
         self.messages: list[schemas.OutputRecord] = []  # statistics messages of the batch being answered
         self.log_offset = 0  # next statistics message to apply
         self.applied: dict[Partition, int] = {}  # input offsets learned through, per partition
-        self.warmup_rows: list[np.ndarray] = []
-        self.warmup_sources: list = []
+        # Until the replicated model is warm, records are answered and learned by a model of this
+        # replica's own, exactly as an instance model would; when it warms up its statistics become
+        # the "init" message, and what it learns after that is published as it learns it. Once the
+        # log has warmed the replicated model (reading its own writes, that is before the next batch)
+        # the two are the same, and this one is dropped.
+        self.waiting: ModelState | None = new_state(settings)
+        self.warmup_sources: list = []  # the records of the waiting model's warm-up
         self.init_sent = False  # our warm-up is on its way through the log
-        self.sequence = 0
+        self.sequence = 0  # statistics messages this run has published
+        self.run = uuid.uuid4().hex  # tells this run's messages from an earlier run's of the same instance
+        self.own_applied = 0  # the last of them the model has applied
         # Without a checkpoint of its own a replica is not reset: the model is rebuilt from the group's
         # latest replica checkpoint and the statistics log (so no --reset-model here, and no refusal).
         found = store.load_prefix(f"{settings.group_id}/")
@@ -135,6 +142,7 @@ class ReplicatedLearner(Learner):
             replica, key, where, raw = max(candidates, key=lambda c: c[0].get("log_offset", -1))
             with _remedy_for_refusal(settings, key, where, raw):
                 self._restore(replica, where)
+        self.waiting.detector = self.state.detector  # one detector, whichever model answers
         self.log = _LogReader(settings, self.log_topic, self.log_offset)
 
     def _restore(self, replica: dict, where: str) -> None:
@@ -155,80 +163,53 @@ class ReplicatedLearner(Learner):
     def process(self, batch):
         """Answer as every learner does; the statistics messages of the learned records follow the drift records."""
         self.catch_up()
+        if self.waiting is not None and self.state.model.is_warm:
+            self.state.since_drift_record = self.waiting.since_drift_record
+            self.waiting = None
         outputs, decoded = self._decode(batch)
         if not decoded.good:
             return outputs
         records = batch if not decoded.errors else [batch[i] for i in decoded.good]
         self.messages = []
-        answered, drifts = self._answer(
-            self.state, records, decoded.values, np.ones(len(records), dtype=bool), scored=self._cold_answers(decoded)
-        )
+        state = self.state if self.waiting is None else self.waiting
+        answered, drifts = self._answer(state, records, decoded.values, np.ones(len(records), dtype=bool))
         for i, output in zip(decoded.good, answered, strict=True):
             outputs[i] = output
         messages, self.messages = self.messages, []
         return outputs + drifts + messages
 
-    def _cold_answers(self, decoded):
-        """Before the model is warm: its provisional answers, and the library's warm-up screen
-        (`streamem.outliers.screen_warm_up`) over the records waiting for the warm-up and these
-        (the replica's model learns only from the log, so it holds no warm-up records itself)."""
-        if self.state.model.is_warm:
-            return None
-        X, _ = self.model_columns(self.state, decoded.values)
-        waiting = np.vstack(self.warmup_rows) if self.warmup_rows else X[:0]
-        screened = screen_warm_up(X, self.state.model.features_, waiting, outlier_threshold(self.settings))
-        with np.errstate(over="ignore", invalid="ignore"):  # an absurd row's answer is dropped anyway
-            responsibilities, log_likelihood = self.state.model.assign_many(X)
-        return responsibilities, log_likelihood, None, screened
+    def learn_warm_up(self, state: ModelState, records, X: np.ndarray, target, rows: np.ndarray) -> tuple[dict, int]:
+        """The waiting model's warm-up, as an instance model's; when it completes, its statistics go
+        to the log as the "init" message (its records' offsets with them)."""
+        model = state.model
+        cold = not model.is_warm
+        refused, done = super().learn_warm_up(state, records, X, target, rows)
+        if cold:
+            self.warmup_sources.extend(records[int(i)] for i in rows[:done] if int(i) not in refused)
+        if cold and model.is_warm and not self.init_sent:
+            self.init_sent = True
+            start = model.statistics_.scaled(model.n_seen)  # nothing but the warm-up has been blended in yet
+            sources, self.warmup_sources = _merge(_sources(self.warmup_sources)), []
+            self.messages.append(self._message("init", start, sources, model.n_seen))
+        return refused, done
 
-    def learn(self, state: ModelState, records, X: np.ndarray, target, learn: np.ndarray) -> dict[int, str]:
-        """Learning here is publishing: the records' statistics go to the log, and the model learns
-        them when it applies the log (its own messages included)."""
-        if learn.any():
-            kept = records if learn.all() else [r for r, k in zip(records, learn, strict=True) if k]
-            self.messages.extend(self._publish(kept, X if learn.all() else X[learn]))
-        return {}
+    def apply_statistics(self, state: ModelState, statistics, records) -> None:
+        """Publish a mini-batch's statistics; every replica applies them in the log's order (the
+        waiting model learns them now, as the replicated one will)."""
+        if state is self.waiting:
+            state.model.apply(statistics)
+        self.messages.append(self._message("update", statistics, _merge(_sources(records)), round(statistics.count)))
 
     def offer_outliers(self, state: ModelState, X: np.ndarray, target, offered: np.ndarray) -> np.ndarray:
         """Refused records are never published: the replicated model learns only what was answered."""
         return np.zeros(len(offered), dtype=bool)
-
-    def _publish(self, records, values: np.ndarray) -> list[schemas.OutputRecord]:
-        """Statistics messages for these records: mini-batches once the model is warm, else warm-up."""
-        model = self.state.model
-        if not model.is_warm:
-            # Until an init has come back through the log, records wait here; once the model is
-            # warm they are published as ordinary updates.
-            self.warmup_rows.append(values)
-            self.warmup_sources.extend(records)
-            buffered = np.vstack(self.warmup_rows)
-            if self.init_sent or len(buffered) < self.settings.warmup:
-                return []
-            self.warmup_rows, waiting = [], self.warmup_sources
-            self.warmup_sources = []
-            self.init_sent = True
-            # a record the batch screens let through but the whole warm-up's median finds absurd stays out
-            far = screen_against(buffered, model.features_, buffered, outlier_threshold(self.settings)).outlier
-            buffered = buffered[~far] if far.any() else buffered
-            start = model.initial_statistics(buffered)  # the warm-up fit the model itself would run
-            return [self._message("init", start, _merge(_sources(waiting)), len(buffered))]
-        messages = []
-        if self.warmup_rows:  # records that waited for the model to warm up
-            waiting, rows = self.warmup_sources, np.vstack(self.warmup_rows)
-            self.warmup_rows, self.warmup_sources = [], []
-            return self._publish(waiting, rows) + self._publish(records, values)
-        size = self.settings.batch_size
-        for start in range(0, len(values), size):
-            chunk = values[start : start + size]
-            stats = model.summarize(chunk).statistics
-            messages.append(self._message("update", stats, _merge(_sources(records[start : start + size])), len(chunk)))
-        return messages
 
     def _message(self, kind: str, stats: se.GaussianStats, sources: list[dict], count: int) -> schemas.OutputRecord:
         self.sequence += 1
         body = {
             "kind": kind,
             "origin": self.settings.instance_id,
+            "run": self.run,
             "sequence": self.sequence,
             "count": count,
             "sources": sources,
@@ -238,13 +219,18 @@ class ReplicatedLearner(Learner):
 
     # -- the replica side ---------------------------------------------------------------------
     def catch_up(self, to_end: bool = False) -> None:
-        """Apply the statistics log from where this replica is (to its end, with `to_end`)."""
-        for offset, value in self.log.read(to_end=to_end):
+        """Apply the statistics log from where this replica is, at least through the messages this
+        replica has published (it reads its own writes: a batch is answered by a model that has
+        learned every earlier batch, as in the other modes); to its end with `to_end`."""
+        until = None if to_end else (lambda: self.own_applied >= self.sequence)
+        for offset, value in self.log.read(to_end=to_end, until=until):
             self._apply(value)
             self.log_offset = offset + 1
 
     def _apply(self, value: bytes) -> None:
         message = orjson.loads(value)
+        if message.get("run") == self.run:
+            self.own_applied = max(self.own_applied, int(message["sequence"]))
         ranges = [(s["topic"], s["partition"], s["from"], s["to"]) for s in message["sources"]]
         if ranges and all(to <= self.applied.get((t, p), 0) for t, p, _, to in ranges):
             return  # already learned: these records were published again after a crash
@@ -326,25 +312,33 @@ class _LogReader:
             bootstrap_servers=settings.bootstrap_servers,
             group_id=None,
             enable_auto_commit=False,
+            fetch_max_wait_ms=20,  # a replica waits for its own messages before answering: fetch them at once
             **kafka_python_security(settings),
         )
         self.consumer.assign([self.partition])
         self.consumer.seek(self.partition, offset)
 
-    def read(self, to_end: bool = False, timeout_s: float = 30.0):
-        """Messages as (offset, value): what is there now, or everything up to the end with `to_end`."""
+    def read(self, to_end: bool = False, timeout_s: float = 30.0, until=None):
+        """Messages as (offset, value): what is there now; with `until`, also what comes until it
+        returns True; with `to_end`, everything up to the end. A log that does not deliver within
+        `timeout_s` is left with a warning (the replica answers with the model it has)."""
         deadline = time.monotonic() + timeout_s
         while True:
-            batches = self.consumer.poll(timeout_ms=200 if to_end else 0)
+            waiting = until is not None and not until()
+            batches = self.consumer.poll(timeout_ms=200 if to_end or waiting else 0)
             for message in batches.get(self.partition, []):
                 yield message.offset, message.value
-            if not to_end:
+            if until is not None and until() and not to_end:
                 return
-            high = self.consumer.highwater(self.partition)
-            if high is not None and self.consumer.position(self.partition) >= high and not batches:
+            if not to_end and not waiting:
                 return
+            if to_end:
+                high = self.consumer.highwater(self.partition)
+                if high is not None and self.consumer.position(self.partition) >= high and not batches:
+                    return
             if time.monotonic() > deadline:
-                logger.warning("statistics log not read to its end within %.0fs", timeout_s)
+                logger.warning("statistics log not read %s within %.0fs", "to its end" if to_end else "through this "
+                               "replica's own messages", timeout_s)
                 return
 
     def close(self) -> None:

@@ -1,0 +1,66 @@
+"""The consumer's modes answer records the same way: they differ only in where statistics are learned."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from streamem_connectors.kafka.pipeline import run_consumer
+from streamem_connectors.kafka.topics import ensure_topics
+from tests.kafka_helpers import produce, read_all, unique
+from tests.test_kafka_consumer import good_values, make_settings
+
+
+def _answers(broker, settings) -> dict[int, tuple]:
+    """offset -> (component, probabilities, log-likelihood, n_seen) of every assignment."""
+    return {
+        r["source"]["offset"]: (r["component"], r["probabilities"], r["log_likelihood"], r["n_seen"])
+        for r in read_all(broker.bootstrap_servers, settings.topics["assignments"])
+    }
+
+
+def test_the_three_modes_answer_a_single_partition_stream_identically(broker):
+    """A single-partition stream whose records all carry one model key: the keyed consumer's and a single
+    replica's assignments (components, responsibilities, log-likelihoods, n_seen) equal the instance
+    consumer's, record by record, through the warm-up and 15 stepwise updates: the modes differ only in where
+    statistics are learned (the replica reads its own statistics back before answering the next batch)."""
+    total = 1000
+    values = [json.dumps({**json.loads(v), "site": "s"}).encode() for v in good_values(total, seed=3)]
+    answers = []
+    modes = (("instance", {}), ("keyed", {"model_key": "site"}), ("replicated", {"replicate": True}))
+    for mode, overrides in modes:
+        topic = unique(f"modes-{mode}")
+        settings = make_settings(broker, topic, max_records=total, **overrides)
+        ensure_topics(settings, input_partitions=1)
+        produce(broker.bootstrap_servers, topic, values)
+        run_consumer(settings)
+        answers.append(_answers(broker, settings))
+    instance = answers[0]
+    assert instance[total - 1][3] == total - 1  # the last record was answered by a model that learned the rest
+    for (mode, _), other in zip(modes[1:], answers[1:], strict=True):
+        assert sorted(other) == list(range(total)), mode
+        for offset in range(total):
+            assert instance[offset][0] == other[offset][0], (mode, offset)
+            np.testing.assert_allclose(instance[offset][1], other[offset][1], rtol=1e-9, atol=1e-12)
+            assert instance[offset][2:] == pytest.approx(other[offset][2:], rel=1e-9), (mode, offset)
+
+
+def test_a_replicated_one_component_model_runs_and_reports_drift(broker):
+    """`--replicate --n-components 1`: every record answered, the model warm, and the drift records carry two
+    weights (the detector's second column stays 0), periodic ones included."""
+    total = 1200
+    topic = unique("replicated-one")
+    settings = make_settings(broker, topic, replicate=True, n_components=1, max_records=total, drift_every=200)
+    ensure_topics(settings, input_partitions=1)
+    produce(broker.bootstrap_servers, topic, good_values(total, seed=4))
+    counters = run_consumer(settings)
+    assert counters.assigned == total and counters.dead_lettered == 0
+    answers = read_all(broker.bootstrap_servers, settings.topics["assignments"])
+    assert sorted(r["source"]["offset"] for r in answers) == list(range(total))
+    assert all(r["probabilities"] == [1.0] for r in answers)
+    drifts = read_all(broker.bootstrap_servers, settings.topics["drift"])
+    periodic = [d for d in drifts if not d["drift"]]
+    assert periodic, drifts
+    assert all(len(d["weights"]) == 2 and d["weights"][1] == 0.0 for d in periodic), periodic

@@ -2,10 +2,12 @@
 
 A learner decodes a poll batch, answers every record with the model as it stands (prequential:
 an assignment, or a dead letter for an undecodable record or one the outlier guard refuses),
-feeds the drift detector and writes drift records, then hands the records on to be learned.
-The modes differ only in where that learning happens (`Learner.learn`): on the instance's own
-model, on each key's model, or through the statistics log of the replicated model
-(`streamem_connectors.kafka.learners`, `streamem_connectors.kafka.replication`).
+feeds the drift detector and writes drift records, and learns the records: while the model is
+cold its warm-up takes them, after that each mini-batch's statistics, made from the
+responsibilities the records were answered with (one E-step answers and learns). The modes
+differ only in where statistics are applied (`Learner.apply_statistics`): on the instance's own
+model, on each key's model (`streamem_connectors.kafka.learners`), or through the statistics log
+of the replicated model (`streamem_connectors.kafka.replication`).
 """
 
 from __future__ import annotations
@@ -134,7 +136,8 @@ class OffsetBook:
 
 
 class Learner:
-    """Common parts; subclasses answer, learn and say what to checkpoint.
+    """Decodes, answers and learns a poll batch; subclasses keep the models, say where statistics
+    are applied, and what to checkpoint.
 
     `process(batch)` returns one output per input record, in order (an assignment or
     a dead letter), then any others (drift records, statistics messages).

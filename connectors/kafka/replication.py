@@ -2,8 +2,8 @@
 
 Every replica (a consumer process with `--replicate`) answers its records with the
 model as it stands, then publishes each mini-batch's expected sufficient
-statistics, normalised per record and tagged with the input offsets they cover,
-to the single-partition statistics topic. A replica changes its model only by
+statistics (sums over its records, `SufficientStatistics.to_dict`), tagged with the
+input offsets they cover, to the single-partition statistics topic. A replica changes its model only by
 applying that log in order, its own messages included, so all replicas that have
 read the log to the same offset hold the same model (expected sufficient
 statistics add, so the model depends only on the log's contents and order).
@@ -13,7 +13,12 @@ Rules that make the replay deterministic:
   the model; a later init (another replica warmed up at the same time) is applied
   as an ordinary update;
 - a message whose input offsets were all applied before is skipped, so records
-  answered again after a crash are not learned twice.
+  answered again after a crash are not learned twice;
+- a message that cannot be read (bad statistics) is skipped, by every replica alike.
+
+A replica reads its own messages back before it answers its next batch, and until the log has
+warmed the model it answers and learns with a model of its own, as an instance model would (its
+warm-up becomes the init message): so one replica answers a stream as the plain consumer does.
 
 A replica's checkpoint holds the model, the log offset it has applied through and
 the applied input offsets; it is also stored under `<group>/replica`, from which

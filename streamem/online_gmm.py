@@ -18,13 +18,13 @@ from streamem._validation import (
 )
 from streamem.families.base import log_responsibilities
 from streamem.families.gaussian import (
-    _LOG_2PI,
     COVARIANCE_TYPES,
     GaussianFamily,
     GaussianParams,
     GaussianStats,
     RecordScorer,
 )
+from streamem.families.gaussian_linalg import LOG_2PI as _LOG_2PI
 from streamem.gaussian_mixture import GaussianMixture
 from streamem.outliers import DEFAULT_THRESHOLD, MAHALANOBIS, WARM_UP, OutlierScreen, make_screen
 from streamem.schedules import StepSize

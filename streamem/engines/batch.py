@@ -66,7 +66,9 @@ def accumulate(family, batch, params, chunk_size: int | None = None):
         return stats, float(log_norm.sum())
     n = batch.n_samples
     size = chunk_size or n
-    resp = np.empty((n, params.weights.shape[0]))
+    # column-major, as the families' E-steps return responsibilities: each chunk is copied in
+    # component by component, and the statistics' products read resp.T as contiguous rows
+    resp = np.empty((n, params.weights.shape[0]), order="F")
     total_log_likelihood = 0.0
     for start in range(0, n, size):
         log_norm, resp[start : start + size] = responsibilities(

@@ -101,6 +101,8 @@ class StepwiseEM:
 def _hold_dead_components(stats):
     """Scale a dead component's statistics back up to `DEAD_MASS` (its mean/covariance unchanged)."""
     mass = stats.mass
+    if min(mass.tolist()) >= DEAD_MASS:  # the usual case, in Python: K floats beat two NumPy calls
+        return stats
     dead = mass < DEAD_MASS
     if not dead.any():
         return stats

@@ -56,7 +56,7 @@ class SufficientStatistics:
 
         `batch_scale` turns a batch's sums into per-record statistics (1 / n_records) on the way.
         """
-        if not np.array_equal(batch.shift, self.shift):
+        if batch.shift is not self.shift and not np.array_equal(batch.shift, self.shift):
             batch = batch.recentred(self.shift)
         keep, take = 1.0 - step_size, step_size * batch_scale
         fields = {name: keep * getattr(self, name) + take * getattr(batch, name) for name in self._additive_fields()}

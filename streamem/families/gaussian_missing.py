@@ -10,21 +10,18 @@ For a record with observed features o and missing features m, component k gives
 
 Records are grouped by their pattern of missing features; each group is one
 batched computation over its records and all components. Every covariance type
-goes through its full (K, d, d) form here.
+goes through its full (K, d, d) form here; the family (`gaussian.GaussianFamily`)
+packs the moments into its statistics, so this module needs nothing from it.
 """
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
 from streamem.families.base import responsibilities
-from streamem.families.gaussian import GaussianParams, GaussianStats, _upper_triangle, full_covariances
+from streamem.families.gaussian_linalg import LOG_2PI, full_covariances
 
 __all__ = ["conditional_fill", "missing_e_step"]
-
-_LOG_2PI = math.log(2.0 * math.pi)
 
 
 def _patterns(missing: np.ndarray):
@@ -46,7 +43,7 @@ def _group(X, rows, observed, missing_idx, means, covs, log_weights):
     whitened = np.linalg.solve(lower, residual.transpose(0, 2, 1))  # (K, o, g)
     mahalanobis = (whitened**2).sum(axis=1).T  # (g, K)
     log_det = 2.0 * np.log(np.diagonal(lower, axis1=1, axis2=2)).sum(axis=1)
-    weighted = -0.5 * (len(observed) * _LOG_2PI + log_det + mahalanobis) + log_weights
+    weighted = -0.5 * (len(observed) * LOG_2PI + log_det + mahalanobis) + log_weights
     # gain A_k = S_mo S_oo^-1, via the Cholesky factor: A^T = S_oo^-1 S_om
     gain = np.linalg.solve(S_oo, S_mo.transpose(0, 2, 1)).transpose(0, 2, 1)  # (K, m, o)
     fill = means[:, None, missing_idx] + residual @ gain.transpose(0, 2, 1)  # (K, g, m)
@@ -54,11 +51,12 @@ def _group(X, rows, observed, missing_idx, means, covs, log_weights):
     return weighted, fill, conditional_cov
 
 
-def missing_e_step(X: np.ndarray, shift: np.ndarray, params: GaussianParams):
-    """E-step and expected statistics for records X (n, d) with NaN where a feature is missing.
+def missing_e_step(X: np.ndarray, shift: np.ndarray, params):
+    """E-step and expected moments for records X (n, d) with NaN where a feature is missing.
 
-    Returns (per-record log-likelihood (n,), responsibilities (n, K), GaussianStats about `shift`).
-    Every record must have at least one observed feature.
+    `params`: Gaussian mixture parameters (`gaussian.GaussianParams`). Returns (per-record
+    log-likelihood (n,), responsibilities (n, K), mass (K,), first moments (K, d) and full second
+    moments (K, d, d) about `shift`). Every record must have at least one observed feature.
     """
     n, d = X.shape
     K = params.means.shape[0]
@@ -87,16 +85,10 @@ def missing_e_step(X: np.ndarray, shift: np.ndarray, params: GaussianParams):
         second += (weights * filled).transpose(0, 2, 1) @ filled
         if len(missing_idx):
             second[np.ix_(range(K), missing_idx, missing_idx)] += group_mass[:, None, None] * conditional_cov
-    kind = params.covariance_type
-    if kind in ("full", "tied"):
-        rows_u, cols_u = _upper_triangle(d)
-        packed = second[:, rows_u, cols_u]
-    else:
-        packed = np.diagonal(second, axis1=1, axis2=2).copy()
-    return log_norm, resp, GaussianStats(shift=np.asarray(shift, dtype=float), mass=mass, first=first, second=packed)
+    return log_norm, resp, mass, first, second
 
 
-def conditional_fill(X: np.ndarray, params: GaussianParams) -> np.ndarray:
+def conditional_fill(X: np.ndarray, params) -> np.ndarray:
     """X with each missing feature replaced by E[x_m | x_o] = sum_k p(k | x_o) x^_m,k."""
     out = np.array(X, dtype=float)
     missing = np.isnan(out)

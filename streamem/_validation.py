@@ -203,16 +203,7 @@ def frame_values(X, columns, allow_missing: bool = False) -> np.ndarray:
                     raise TypeError(f"feature {name!r} is not a number in row {index!r}: {value!r}")
     # selecting columns copies the frame in pandas; skip it when the order already matches
     values = (X if list(X.columns) == columns else X[columns]).to_numpy(dtype=float)
-    bad = ~np.isfinite(values)
-    if allow_missing:
-        bad &= ~np.isnan(values)
-    if bad.any():
-        row, column = np.argwhere(bad)[0]
-        kind = "NaN" if np.isnan(values[row, column]) else "infinite"
-        raise ValueError(f"feature {columns[column]!r} is {kind} in row {X.index[row]!r}")
-    if allow_missing and np.isnan(values).all(axis=1).any():
-        raise ValueError(f"row {X.index[int(np.argmax(np.isnan(values).all(axis=1)))]!r} has no observed feature")
-    return np.ascontiguousarray(values)
+    return _finite(np.ascontiguousarray(values), columns, allow_missing, lambda row: repr(X.index[row]))
 
 
 def array_values(X: np.ndarray, columns, allow_missing: bool = False) -> np.ndarray:
@@ -222,14 +213,19 @@ def array_values(X: np.ndarray, columns, allow_missing: bool = False) -> np.ndar
         raise ValueError(f"expected an array of shape (n, {len(columns)}) with columns {columns}, got {X.shape}")
     if X.dtype.kind not in "fiub":
         raise TypeError(f"expected a numeric array, got dtype {X.dtype}")
-    values = np.ascontiguousarray(X, dtype=float)
+    return _finite(np.ascontiguousarray(X, dtype=float), columns, allow_missing, str)
+
+
+def _finite(values: np.ndarray, columns: list, allow_missing: bool, row_name) -> np.ndarray:
+    """`values` if every value is finite (NaN allowed as a missing value with `allow_missing`, as long as
+    each row has one observed); else ValueError naming the column and the row (`row_name(position)`)."""
     bad = ~np.isfinite(values)
     if allow_missing:
         bad &= ~np.isnan(values)
     if bad.any():
         row, column = np.argwhere(bad)[0]
         kind = "NaN" if np.isnan(values[row, column]) else "infinite"
-        raise ValueError(f"feature {columns[column]!r} is {kind} in row {int(row)}")
+        raise ValueError(f"feature {columns[column]!r} is {kind} in row {row_name(int(row))}")
     if allow_missing and np.isnan(values).all(axis=1).any():
-        raise ValueError(f"row {int(np.argmax(np.isnan(values).all(axis=1)))} has no observed feature")
+        raise ValueError(f"row {row_name(int(np.argmax(np.isnan(values).all(axis=1))))} has no observed feature")
     return values

@@ -63,15 +63,21 @@ class OnlineStateDocument(_Strict):
     engine: EngineDocument | None
 
 
-def parse_state(document, expected_format: str) -> OnlineStateDocument:
-    """Validate a state dict (or its JSON text) and return it typed."""
+def json_object(document, what: str) -> dict:
+    """A dict, or JSON text of an object, as a dict (StateError naming `what` otherwise)."""
     if isinstance(document, (str, bytes)):
         try:
             document = json.loads(document)
         except json.JSONDecodeError as error:
-            raise StateError(f"model state is not valid JSON: {error}") from None
+            raise StateError(f"{what} is not valid JSON: {error}") from None
     if not isinstance(document, dict):
-        raise StateError(f"model state must be a JSON object, got {type(document).__name__}")
+        raise StateError(f"{what} must be a JSON object, got {type(document).__name__}")
+    return document
+
+
+def parse_state(document, expected_format: str) -> OnlineStateDocument:
+    """Validate a state dict (or its JSON text) and return it typed."""
+    document = json_object(document, "model state")
     version = document.get("version")
     if version != FORMAT_VERSION:
         raise StateError(f"model state has format version {version!r}; this streamem reads version {FORMAT_VERSION}")

@@ -100,17 +100,9 @@ class SufficientStatistics:
         otherwise `streamem.state.StateError` names the field. `type`, when given, must be this
         class's name (documents written before it existed have none).
         """
-        from streamem.state import StateError, checked_statistics
+        from streamem.state import StateError, checked_statistics, json_object
 
-        if isinstance(document, (str, bytes)):
-            import json
-
-            try:
-                document = json.loads(document)
-            except json.JSONDecodeError as error:
-                raise StateError(f"statistics are not valid JSON: {error}") from None
-        if not isinstance(document, dict):
-            raise StateError(f"statistics must be a JSON object, got {type(document).__name__}")
+        document = json_object(document, "statistics")
         kind = document.get("type", cls.__name__)
         if kind != cls.__name__:
             raise StateError(f"statistics of type {kind!r}, expected {cls.__name__!r}")

@@ -22,7 +22,7 @@ import streamem as se
 from streamem.drift import WeightDriftDetector
 from streamem.schedules import StepSize
 from streamem_connectors.kafka import records as schemas
-from streamem_connectors.kafka.checkpoint import PartitionOffset
+from streamem_connectors.kafka.checkpoint import CHECKPOINT_VERSION, Checkpoint, PartitionOffset, model_settings
 from streamem_connectors.kafka.settings import ConsumerSettings
 
 __all__ = [
@@ -176,6 +176,20 @@ class Learner:
         self.decoder = schemas.RecordDecoder(settings.features, settings.target, settings.model_key)
         self.counters = Counters()
         self.book = OffsetBook(forget_lost=self.forgets_lost)
+
+    def instance_checkpoint(self, model: dict | None = None, detector: dict | None = None, replica=None) -> Checkpoint:
+        """This instance's checkpoint document (`<group>/<instance>`): the offsets, the counters and the
+        settings every mode stores, with what the mode keeps there (its model and detector, or none)."""
+        return Checkpoint(
+            version=CHECKPOINT_VERSION,
+            key=self.settings.checkpoint_key,
+            model=model,
+            detector=detector,
+            offsets=offset_list(self.offsets),
+            counters=dataclasses.asdict(self.counters),
+            replica=replica,
+            settings=model_settings(self.settings),
+        )
 
     def _decode(self, batch) -> tuple[list, schemas.DecodedBatch]:
         """Decode a batch; the invalid records' dead letters go in their places in the outputs."""

@@ -7,7 +7,6 @@ records), learns it, and says what to checkpoint. The consume loop
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 
 import numpy as np
@@ -104,15 +103,7 @@ class InstanceLearner(Learner):
 
     def checkpoint_entries(self) -> list[tuple[str, bytes]]:
         state = self.state
-        document = Checkpoint(
-            version=CHECKPOINT_VERSION,
-            key=self.settings.checkpoint_key,
-            model=state.model.to_dict(),
-            detector=state.detector.to_dict(),
-            offsets=offset_list(self.offsets),
-            counters=dataclasses.asdict(self.counters),
-            settings=model_settings(self.settings),
-        )
+        document = self.instance_checkpoint(state.model.to_dict(), state.detector.to_dict())
         state.dirty = False
         return [(self.settings.checkpoint_key, document.dump())]
 
@@ -257,16 +248,7 @@ class KeyedLearner(Learner):
             )
             entries.append((self.prefix + key, document.dump()))
             state.dirty = False
-        counters = Checkpoint(
-            version=CHECKPOINT_VERSION,
-            key=self.settings.checkpoint_key,
-            model=None,
-            detector=None,
-            offsets=offset_list(self.offsets),
-            counters=dataclasses.asdict(self.counters),
-            settings=model_settings(self.settings),
-        )
-        return [*entries, (self.settings.checkpoint_key, counters.dump())]
+        return [*entries, (self.settings.checkpoint_key, self.instance_checkpoint().dump())]  # offsets and counters
 
     def weights(self) -> list[float]:
         return []  # one set per key: see the drift topic

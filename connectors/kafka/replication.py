@@ -39,16 +39,14 @@ import streamem as se
 from streamem.state import StateError
 from streamem_connectors.kafka import records as schemas
 from streamem_connectors.kafka.checkpoint import (
-    CHECKPOINT_VERSION,
     Checkpoint,
     CheckpointError,
     is_warm_state,
-    model_settings,
     restore_detector,
     restore_model,
 )
 from streamem_connectors.kafka.clients import input_positions
-from streamem_connectors.kafka.learner import Counters, Learner, ModelState, new_state, offset_list
+from streamem_connectors.kafka.learner import Counters, Learner, ModelState, new_state
 from streamem_connectors.kafka.resume import check_resume, differing_settings
 from streamem_connectors.kafka.settings import ConsumerSettings
 
@@ -267,16 +265,7 @@ class ReplicatedLearner(Learner):
                 "applied": [[t, p, o] for (t, p), o in sorted(self.applied.items())],
                 "model": self.state.model.to_dict(),
             }
-        document = Checkpoint(
-            version=CHECKPOINT_VERSION,
-            key=self.settings.checkpoint_key,
-            model=None,
-            detector=self.state.detector.to_dict(),
-            offsets=offset_list(self.offsets),
-            counters={k: int(v) for k, v in vars(self.counters).items()},
-            replica=replica,
-            settings=model_settings(self.settings),
-        )
+        document = self.instance_checkpoint(detector=self.state.detector.to_dict(), replica=replica)
         entries = [(self.settings.checkpoint_key, document.dump())]
         if replica is not None:
             entries.append((self.shared_key, document.model_copy(update={"key": self.shared_key}).dump()))

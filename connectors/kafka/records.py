@@ -71,6 +71,7 @@ class InputRecord(NamedTuple):
 
 
 _new_tuple = tuple.__new__  # builds a NamedTuple from its fields in C, without a Python call per record
+_TOPIC, _PARTITION, _OFFSET, _KEY = (itemgetter(i) for i in range(4))  # an InputRecord's fields
 
 
 class InputBatch(NamedTuple):
@@ -137,6 +138,10 @@ class RecordDecoder:
         self._validate = TypeAdapter(schema).validator.validate_json
         pick = itemgetter(*self.numbers)
         self._numbers = pick if len(self.numbers) > 1 else (lambda record: (pick(record),))
+        # every number of a batch, record after record, in one C-level pass
+        self._flat = (lambda records: itertools.chain.from_iterable(map(pick, records))) if len(self.numbers) > 1 else (
+            lambda records: map(pick, records)
+        )
 
     def decode(self, value: bytes | None, message_key: bytes | None = None) -> tuple:
         """The record's field values in configured order (numbers as floats, then the model key);
@@ -174,17 +179,18 @@ class RecordDecoder:
         """Decode a poll batch (and check the messages' keys, when given). A batch of valid records
         (the usual case) is decoded in one pass; a batch with an invalid record is decoded again
         record by record, to say what is wrong."""
-        if message_keys is not None and any(k is not None and len(k) > MESSAGE_KEY_BYTES for k in message_keys):
+        if message_keys is not None and max(map(len, filter(None, message_keys)), default=0) > MESSAGE_KEY_BYTES:
             return self._decode_one_by_one(values, message_keys)
-        try:
-            records = [self._validate(value) for value in values]
-            numbers = np.array([self._numbers(record) for record in records], dtype=float)
+        width = len(self.numbers)
+        try:  # each pass in C but the validation itself (map, chain, fromiter): no Python call per record
+            records = list(map(self._validate, values))
+            numbers = np.fromiter(self._flat(records), dtype=float, count=len(values) * width)
         except (ValidationError, OverflowError):
             return self._decode_one_by_one(values)
         keys = None if self.model_key is None else [record[self.model_key] for record in records]
         if keys is not None and not all(_short_key(key) for key in keys):
             return self._decode_one_by_one(values)
-        return DecodedBatch(numbers.reshape(len(values), len(self.numbers)), keys, list(range(len(values))), [])
+        return DecodedBatch(numbers.reshape(len(values), width), keys, list(range(len(values))), [])
 
     def _decode_one_by_one(self, values: list[bytes | None], message_keys=None) -> DecodedBatch:
         rows, good, errors = [], [], []
@@ -290,8 +296,8 @@ def assignments(
     """Assignment records for a batch: `records[j]` answered by row j of the arrays.
 
     The hot path of the consumer. The numbers of the whole batch are formatted by
-    orjson at once and spliced into a fixed layout, 3.5x faster than a dict and an
-    `orjson.dumps` per record, and the same bytes.
+    orjson at once and spliced into a fixed layout (the same bytes as a dict and an
+    `orjson.dumps` per record, 3.5x faster), column by column.
     """
     if not records:
         return []
@@ -305,36 +311,27 @@ def assignments(
         endings = itertools.repeat(extra + b"}")
     else:
         endings = [b',"prediction":' + number + extra + b"}" for number in _json_numbers(predictions)]
-    layout = (
-        b'{"source":{"topic":%s,"partition":%d,"offset":%d},"key":%s,"component":%d,'
-        b'"probabilities":[%s],"log_likelihood":%s,"n_seen":%d%s'
+    # Column by column, each pass in C (map, zip, bytes %): no Python call per record.
+    where = list(zip(map(_TOPIC, records), map(_PARTITION, records)))
+    heads = {
+        (name, partition): b'{"source":{"topic":%s,"partition":%d,"offset":' % (_json_string(name), partition)
+        for name, partition in set(where)
+    }
+    keys = list(map(_KEY, records))
+    json_keys = itertools.repeat(b"null") if keys.count(None) == len(keys) else map(_json_key, keys)
+    layout = b'%s%d},"key":%s,"component":%d,"probabilities":[%s],"log_likelihood":%s,"n_seen":%d%s'
+    fields = zip(
+        map(heads.__getitem__, where),
+        map(_OFFSET, records),
+        json_keys,
+        components,
+        probabilities,
+        log_likelihood,
+        range(first_n_seen, first_n_seen + len(records)),
+        endings,
     )
-    return [
-        OutputRecord(
-            topic,
-            record.key,
-            layout
-            % (
-                _json_string(record.topic),
-                record.partition,
-                record.offset,
-                _json_key(record.key),
-                component,
-                row,
-                value,
-                n_seen,
-                ending,
-            ),
-        )
-        for record, component, row, value, n_seen, ending in zip(
-            records,
-            components,
-            probabilities,
-            log_likelihood,
-            range(first_n_seen, first_n_seen + len(records)),
-            endings,
-        )
-    ]
+    values = map(layout.__mod__, fields)
+    return list(map(_new_tuple, itertools.repeat(OutputRecord), zip(itertools.repeat(topic), keys, values)))
 
 
 def _prefix(raw: bytes, limit: int) -> tuple[str, str]:

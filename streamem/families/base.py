@@ -181,22 +181,23 @@ def log_responsibilities(weighted_log_prob: np.ndarray) -> tuple[np.ndarray, np.
     return log_norm, weighted_log_prob - log_norm[:, None]
 
 
-def responsibilities(weighted_log_prob: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def responsibilities(weighted_log_prob: np.ndarray, out: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Per-sample log-likelihood (n,) and responsibilities (n, K), from one exponential pass.
 
     The engines' hot path: it avoids a second `exp` over (n, K). Overwrites nothing
-    the caller keeps (works on a fresh array).
+    the caller keeps (works on a fresh array, or on `out`, (n, K), where batch EM
+    gathers every chunk's responsibilities: no copy).
     """
-    log_norm, resp, sums = _log_norm(weighted_log_prob)
+    log_norm, resp, sums = _log_norm(weighted_log_prob, out)
     resp *= (1.0 / sums)[:, None]
     return log_norm, resp
 
 
-def _log_norm(weighted_log_prob: np.ndarray):
-    top = weighted_log_prob.max(axis=1)
+def _log_norm(weighted_log_prob: np.ndarray, out: np.ndarray | None = None):
+    top = np.maximum.reduce(weighted_log_prob, axis=1)  # the ufunc: .max() adds a Python wrapper
     # A row whose maximum is -inf cannot occur: the weights sum to 1, so at least one
     # component has a finite log-weight, and every log-density here is finite.
-    scaled = np.subtract(weighted_log_prob, top[:, None])
+    scaled = np.subtract(weighted_log_prob, top[:, None], out=out)
     np.exp(scaled, out=scaled)
     sums = scaled @ np.ones(scaled.shape[1])  # faster than .sum(axis=1) for small K
     return np.log(sums) + top, scaled, sums

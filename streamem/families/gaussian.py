@@ -4,10 +4,16 @@ Four covariance types share one code path, picked by `covariance_type` as in
 scikit-learn: ``full`` (K, d, d), ``tied`` (d, d), ``diag`` (K, d), ``spherical`` (K,).
 
 Why it is fast: the E-step computes every component's whitened residuals with a
-single matrix product ``X @ [P_1 ... P_K]`` (P_k the precision Cholesky factors),
+single matrix product ``[P_1 ... P_K]^T X^T`` (P_k the precision Cholesky factors),
 and the statistics of every component come from two more products,
 ``resp.T @ X`` and ``resp.T @ (X outer X)``. There is no Python loop over
-components on the per-record path.
+components on the per-record path. Log-densities are laid out component by
+component, (K, n) (handed out as its (n, K) transpose), so that the reductions over
+components (the log-sum-exp) run along contiguous rows. Diagonal and spherical
+covariances are an affine form in ``[x^2, x, 1]``: with that design cached (batch
+EM), a chunk's E-step and a batch's statistics are one product each. The M-step gets
+the factors P_k from one Cholesky factorisation per component (of ``[[S, I], [I, cI]]``,
+whose lower-left block is P_k), not a Cholesky and an inverse.
 
 Why it stays accurate: every batch is centred on a shift before any moment is
 taken, so data around 1e6 with unit spread keeps its digits.
@@ -114,7 +120,8 @@ class GaussianStats(SufficientStatistics):
 
     def data_mean(self) -> np.ndarray:
         """Mean of the records summarised (the natural shift), shape (d,)."""
-        return self.shift + self.first.sum(axis=0) / max(self.mass.sum(), MASS_FLOOR)
+        # ufunc reductions: .sum() goes through a Python wrapper first (per update, this is the hot path)
+        return self.shift + np.add.reduce(self.first, axis=0) / max(float(np.add.reduce(self.mass)), MASS_FLOOR)
 
     @classmethod
     def field_shapes(cls, n_components: int, width: int, document: dict | None = None) -> dict[str, tuple[int, ...]]:
@@ -188,12 +195,19 @@ class GaussianParams:
             self.__dict__["_whitening"] = cached
         return cached
 
-    def quadratic_form(self, shift: np.ndarray) -> np.ndarray:
+    def quadratic_form(self, shift: np.ndarray, weighted: bool = False) -> np.ndarray:
         """Diag / spherical: (K, 2 d + 1) A with log N(x | k) = A_k . [u^2, u, 1] for u = x - shift,
-        the Mahalanobis expansion; kept for the last shift asked (batch EM asks once per chunk)."""
-        cached = self.__dict__.get("_quadratic_form")
+        the Mahalanobis expansion (`weighted`: log w_k + log N(x | k)); kept for the last shift
+        asked (batch EM asks once per chunk)."""
+        key = "_weighted_quadratic_form" if weighted else "_quadratic_form"
+        cached = self.__dict__.get(key)
         if cached is not None and cached[0] is shift:
             return cached[1]
+        if weighted:
+            form = self.quadratic_form(shift).copy()
+            form[:, -1] += self.log_weights
+            self.__dict__[key] = (shift, form)
+            return form
         K, d = self.means.shape
         means = self.means - shift
         precision = self.precisions_cholesky**2
@@ -243,7 +257,7 @@ class GaussianFamily:
         With `cache_squares`, the products behind the second moments are computed
         now, once, for a batch that will be passed over many times.
         """
-        has_missing = bool(np.isnan(X).any())
+        has_missing = bool(np.logical_or.reduce(np.isnan(X), axis=None))
         if shift is None and has_missing:
             observed = ~np.isnan(X)
             counts = observed.sum(axis=0)  # a column with no observed value is centred at 0
@@ -295,7 +309,9 @@ class GaussianFamily:
         if self.covariance_type == "spherical":
             log_det = means.shape[1] * log_det  # one factor per dimension
         # two reductions, not four: NaN fails both comparisons, so it is refused too
-        if weights.shape != (means.shape[0],) or not (weights.min() >= 0.0 and weights.max() < np.inf):
+        if weights.shape != (means.shape[0],) or not (
+            np.minimum.reduce(weights) >= 0.0 and np.maximum.reduce(weights) < np.inf
+        ):
             raise ValueError(f"weights must be {means.shape[0]} finite values >= 0, got {weights}")
         return GaussianParams(weights, means, covariances, self.covariance_type, chol, log_det)
 
@@ -344,8 +360,15 @@ class GaussianFamily:
             mahalanobis *= -0.5
             mahalanobis += constant
             return mahalanobis
-        # diag, spherical: -1/2 sum_j p_kj (x_j - m_kj)^2 + c_k is affine in [x^2, x, 1]
-        affine = params.quadratic_form(batch.shift)  # (K, 2 d + 1), cached for the parameters
+        return self._quadratic_log_prob(batch, params, constant, weighted=False)
+
+    @staticmethod
+    def _quadratic_log_prob(batch: GaussianBatch, params: GaussianParams, constant: np.ndarray, weighted: bool):
+        """Diag, spherical: -1/2 sum_j p_kj (x_j - m_kj)^2 + c_k (+ log w_k if `weighted`) is affine in
+        [x^2, x, 1]: one product with the batch's design when it has one. (n, K), F-ordered."""
+        X = batch.centred
+        d = X.shape[1]
+        affine = params.quadratic_form(batch.shift, weighted)  # (K, 2 d + 1), cached for the parameters
         if batch.design is not None:
             log_prob = affine @ batch.design.T
         else:
@@ -353,13 +376,17 @@ class GaussianFamily:
             log_prob += affine[:, d : 2 * d] @ X.T
             log_prob += affine[:, 2 * d : 2 * d + 1]
         # the expansion can exceed c_k (a negative squared distance) by rounding
-        np.minimum(log_prob, constant[:, None], out=log_prob)
+        ceiling = constant + params.log_weights if weighted else constant
+        np.minimum(log_prob, ceiling[:, None], out=log_prob)
         return log_prob.T
 
     def weighted_log_prob(
         self, batch: GaussianBatch, params: GaussianParams, log_prob: np.ndarray | None = None
     ) -> np.ndarray:
         """log w_k + log N(x | mean_k, cov_k), shape (n, K); from `log_prob` (updated in place) if given."""
+        if log_prob is None and params.covariance_type in ("diag", "spherical"):  # the weights in the product
+            constant = params.log_det_precision - 0.5 * batch.centred.shape[1] * LOG_2PI
+            return self._quadratic_log_prob(batch, params, constant, weighted=True)
         weighted = self.log_prob(batch, params) if log_prob is None else log_prob
         weighted += params.log_weights
         return weighted
@@ -405,7 +432,7 @@ class GaussianFamily:
             return GaussianStats(
                 shift=batch.shift, mass=moments[:, 2 * d], first=moments[:, d : 2 * d], second=moments[:, :d]
             )
-        mass = resp.sum(axis=0)
+        mass = np.add.reduce(resp, axis=0)
         first = resp.T @ X
         if batch.squares is not None:
             second = resp.T @ batch.squares
@@ -439,7 +466,7 @@ class GaussianFamily:
             cov += self.reg_covar
             if kind == "spherical":
                 cov = cov.mean(axis=1)
-        weights = mass / mass.sum()
+        weights = mass / np.add.reduce(mass)
         return self.make_params(weights, means, cov, repair=True)
 
     # -- sampling -----------------------------------------------------------------------
@@ -479,7 +506,7 @@ def _precision_cholesky(
         return chol, (np.log(chol).sum(axis=1) if kind == "diag" else np.log(chol)), covariances
 
     stack = covariances[None] if kind == "tied" else covariances
-    if stack.ndim != 3 or stack.shape[1] != stack.shape[2] or not np.isfinite(stack).all():
+    if stack.ndim != 3 or stack.shape[1] != stack.shape[2] or not np.logical_and.reduce(np.isfinite(stack), axis=None):
         raise ValueError(f"{kind} covariances must be finite square matrices, got shape {covariances.shape}")
     if repair_floor is None:  # the M-step's matrices are symmetric by construction; a caller's may not be
         asymmetric = np.abs(stack - stack.transpose(0, 2, 1)).max(axis=(1, 2)) > 1e-8 * np.maximum(
@@ -500,7 +527,7 @@ def _precision_cholesky(
             lower = np.linalg.cholesky(stack)
         # Every component's triangular inverse at once; P = inv(L)^T is upper triangular.
         chol = np.linalg.inv(lower).transpose(0, 2, 1)
-    log_det = np.log(np.diagonal(chol, axis1=1, axis2=2)).sum(axis=1)
+    log_det = np.add.reduce(np.log(np.diagonal(chol, axis1=1, axis2=2)), axis=1)
     if kind == "tied":
         return chol[0], log_det, stack[0]
     return chol, log_det, stack

@@ -504,15 +504,16 @@ class OnlineMixture:
         return Summary(resp, log_likelihood, stats)
 
     def statistics_of(self, X, responsibilities: np.ndarray, y=None):
-        """The statistics of a batch from responsibilities an E-step under the model's current
-        parameters gave already (`assign_many`, `assign_and_screen_many`, `summarize`): what
+        """The statistics of a batch from responsibilities an E-step under the parameters the model
+        learns with gave already (`summarize`'s; `assign_many`'s and `assign_and_screen_many`'s too
+        unless Polyak `averaging` is on, when those answer with the averaged parameters): what
         `summarize` would return, without a second E-step. Rows with missing values need
         `summarize` (their statistics are conditional expectations, not weighted sums)."""
         rows = self._summary_rows(X, y)
         resp = np.asarray(responsibilities, dtype=float)
-        if resp.shape != (rows.shape[0], self.n_components) or not np.all(np.isfinite(resp)) or np.any(resp < 0):
-            expected = (rows.shape[0], self.n_components)
-            raise ValueError(f"responsibilities must be {expected} finite non-negative values")
+        expected = (rows.shape[0], self.n_components)
+        if resp.shape != expected or not np.all(resp >= 0) or not np.allclose(resp.sum(axis=1), 1.0, atol=1e-6):
+            raise ValueError(f"responsibilities must be {expected} non-negative values, each row summing to 1")
         if np.isnan(rows).any():
             raise ValueError("rows with missing values: their statistics come from summarize")
         shift = None if self._engine is None else self._engine.stats.shift
@@ -529,6 +530,10 @@ class OnlineMixture:
         stats = self._checked_statistics(statistics)
         count = stats.count
         if self._engine is not None:
+            # records learned as statistics were screened by the caller (the Kafka consumer screens
+            # every batch it answers): they count in the moved-stream window as screened and passed,
+            # so isolated refusals age out of it
+            self._screened += int(round(count))
             pooled = stats if self._pending is None else self._pending + stats
             if pooled.count >= self.batch_size * (1 - 1e-9):
                 self._pending = None
@@ -658,6 +663,7 @@ class OnlineMixture:
             else {name: np.asarray(getattr(engine.averaged, name)).tolist() for name in engine.family.param_fields},
             "n_averaged": engine.n_averaged,
             "pending": None if self._pending is None else self._pending.to_dict(),
+            "averaging_start": engine.averaging_start,
         }
 
     def _restore_engine(self, state) -> None:
@@ -666,6 +672,8 @@ class OnlineMixture:
         if state.averaged is not None:
             averaged = family.make_params(*[np.asarray(state.averaged[name]) for name in family.param_fields])
         self._start_engine(state.stats, state.n_updates, averaged, state.n_averaged)
+        if state.averaging_start is not None and self.averaging is not None:
+            self._engine.averaging_start = state.averaging_start  # where it was (states before it: the rule above)
 
     def _buffered_rows(self) -> list:
         return [] if self._buffer is None else self._buffer[: self._count].tolist()

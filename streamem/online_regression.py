@@ -218,6 +218,8 @@ class OnlineRegressionMixture(OnlineMixture, base.MiniBatchRegressor):
             widened = np.zeros((self._buffer.shape[0], self._buffer.shape[1] + added))
             widened[:, : self._buffer.shape[1]] = self._buffer
             self._buffer = widened
+        if self._pending is not None:  # pooled statistics gain the new features too
+            self._pending = _widen_stats(self._pending, old_d, added)
         if self._engine is not None:
             self._engine.stats = _widen_stats(self._engine.stats, old_d, added)
             self._engine.params = self._regression.m_step(self._engine.stats)

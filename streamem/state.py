@@ -50,6 +50,7 @@ class EngineDocument(_Strict):
     averaged: dict[str, list | float] | None = None
     n_averaged: Count
     pending: dict[str, list | str] | None = None  # statistics applied since the last update (`apply`)
+    averaging_start: float | None = Field(default=None, ge=0, lt=2**63)  # Polyak averaging's first update
 
 
 class OnlineStateDocument(_Strict):
@@ -68,7 +69,7 @@ def json_object(document, what: str) -> dict:
     if isinstance(document, (str, bytes)):
         try:
             document = json.loads(document)
-        except json.JSONDecodeError as error:
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
             raise StateError(f"{what} is not valid JSON: {error}") from None
     if not isinstance(document, dict):
         raise StateError(f"{what} must be a JSON object, got {type(document).__name__}")
@@ -175,11 +176,17 @@ def _check_sum_of_squares(array: np.ndarray, name: str, packed: bool) -> None:
         return
     if not np.allclose(matrices, np.swapaxes(matrices, 1, 2), rtol=1e-9, atol=0.0):
         raise StateError(f"model state field 'stats.{name}' is not symmetric")
+    check_moment_matrices(matrices, f"'stats.{name}'")
+
+
+def check_moment_matrices(matrices: np.ndarray, what: str) -> None:
+    """Each symmetric (p, p) matrix of `matrices` (K, p, p) is a sum of z z^T, positive semi-definite up
+    to rounding (StateError naming `what` and the component otherwise)."""
     eigenvalues = np.linalg.eigvalsh(matrices)
     scale = _TOLERANCE * np.maximum(1.0, np.max(np.abs(eigenvalues), axis=1))
     bad = np.flatnonzero(eigenvalues[:, 0] < -scale)
     if bad.size:
         raise StateError(
-            f"model state field 'stats.{name}' is not positive semi-definite (component {int(bad[0])}: "
+            f"model state field {what} is not positive semi-definite (component {int(bad[0])}: "
             f"eigenvalue {eigenvalues[bad[0], 0]:.3g}): it must be a sum of x x^T"
         )

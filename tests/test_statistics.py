@@ -70,6 +70,8 @@ def document():
         (lambda d: d["second"][0].__setitem__(0, -5.0), "'stats.second' is not positive semi-definite"),
         (lambda d: d.update(mass=[-1.0, 2.0]), "'stats.mass' has negative values"),
         (lambda d: d.update(shift="abc"), "'shift' must be a non-empty list of numbers"),
+        (lambda d: d.update(mass=[True, 1.0]), "'mass' must be a non-empty list of numbers"),
+        (lambda d: d.update(first=[[v * 1000 for v in row] for row in d["first"]]), "together) is not positive"),
     ],
 )
 def test_a_bad_statistics_document_is_refused_naming_the_field(document, change, message):
@@ -77,6 +79,23 @@ def test_a_bad_statistics_document_is_refused_naming_the_field(document, change,
     change(document)
     with pytest.raises(StateError, match=message.replace("(", r"\(").replace(")", r"\)")):
         se.GaussianStats.from_dict(document)
+
+
+def test_moments_no_data_could_have_are_refused_for_every_layout():
+    """Fields that pass one by one but describe no records (first moments x 1000) are refused: diagonal
+    moments, and the regression family's [[xx, xy], [xy', yy]]; text that is not UTF-8 is a StateError too."""
+    X = two_blobs()
+    diag = se.GaussianMixture(2, covariance_type="diag", random_state=0).fit(X).summarize(X).statistics.to_dict()
+    diag["first"] = [[v * 1000 for v in row] for row in diag["first"]]
+    with pytest.raises(StateError, match="no records have such moments"):
+        se.GaussianStats.from_dict(diag)
+    Xr, y = regression_data()
+    regression = se.RegressionMixture(2, random_state=0).fit(Xr, y).summarize(Xr, y).statistics.to_dict()
+    regression["xy"] = [[v * 1000 for v in row] for row in regression["xy"]]
+    with pytest.raises(StateError, match="xx, xy, yy together"):
+        se.RegressionStats.from_dict(regression)
+    with pytest.raises(StateError, match="not valid JSON"):
+        se.GaussianStats.from_dict(b"\xff\xfe")
 
 
 def test_statistics_add_and_scale():
@@ -187,6 +206,46 @@ def test_statistics_of_single_records_pool_into_mini_batches_as_learn_many():
     by_learn.learn_many(pd.DataFrame(more, columns=["a", "b", "c"]))
     by_stats.apply(by_stats.summarize(more).statistics)
     np.testing.assert_allclose(by_stats.means_, by_learn.means_, rtol=1e-10)
+
+
+def test_records_learned_as_statistics_count_in_the_moved_stream_window():
+    """Isolated outliers between batches learned through apply (the consumer's path) age out of the moved-stream
+    window: 80 of them, one per 200 good records, never make the model warm up again."""
+    X = two_blobs(20000)
+    model = _warm(se.OnlineGMM(2, features=("a", "b", "c"), seed=0, outliers="skip"), X)
+    for k in range(80):
+        good = X[WARM + 200 * k : WARM + 200 * (k + 1)]
+        model.apply(model.summarize(good).statistics)
+        model.learn_many(np.array([[1e5, -1e5, 0.0]]))  # refused and skipped
+    assert model.is_warm and model.n_outliers == 80
+    assert model.n_updates == pytest.approx(WARM / 128 + 80)  # one update per apply, none dropped by a re-warm
+
+
+def test_pooled_regression_statistics_gain_new_features():
+    """A regression model with pooled statistics that meets a new feature widens them too: it saves, reloads
+    and learns on."""
+    X, y = regression_data()
+    model = _warm(se.OnlineRegressionMixture(2, seed=0), X, y)
+    model.apply(model.summarize(X[WARM : WARM + 30], y[WARM : WARM + 30]).statistics)  # 30 pooled
+    frame = pd.DataFrame({"a": X[WARM + 30 :, 0], "b": X[WARM + 30 :, 1], "c": 1.0})
+    model.learn_many(frame.iloc[:10], pd.Series(y[WARM + 30 : WARM + 40]))
+    again = se.OnlineRegressionMixture.from_dict(json.loads(json.dumps(model.to_dict())))
+    rows = frame.iloc[10:200].to_numpy()
+    again.apply(again.summarize(rows, y[WARM + 40 : WARM + 230]).statistics)
+    assert again.coef_.shape == (2, 3) and np.all(np.isfinite(again.coef_))
+
+
+def test_averaging_that_started_after_statistics_survives_a_state_round_trip():
+    """A model started from statistics of 300 records (fewer than its warm-up of 500) averages from update
+    300/128 + averaging; saved and reloaded before that, it goes on exactly as the model that never stopped."""
+    X = two_blobs(4000)
+    kept = se.OnlineGMM(2, features=("a", "b", "c"), seed=0, averaging=2)
+    kept.apply(kept.initial_statistics(X[:300]))
+    kept.learn_many(X[2000:2100])
+    reloaded = se.OnlineGMM.from_dict(json.loads(json.dumps(kept.to_dict())))
+    for model in (kept, reloaded):
+        model.learn_many(X[2100:4000])
+    np.testing.assert_array_equal(reloaded.means_, kept.means_)
 
 
 def test_online_regression_summarize_and_apply_equals_learn_many():

@@ -123,6 +123,26 @@ class GaussianStats(SufficientStatistics):
         # ufunc reductions: .sum() goes through a Python wrapper first (per update, this is the hot path)
         return self.shift + np.add.reduce(self.first, axis=0) / max(float(np.add.reduce(self.mass)), MASS_FLOOR)
 
+    def check_moments(self) -> None:
+        from streamem.state import StateError, check_moment_matrices
+
+        K, d = self.first.shape
+        if self.second.shape[1] == d:  # diagonal moments (or d = 1): mass * second_j >= first_j^2
+            scale = 1e-9 * np.maximum(1.0, np.abs(self.mass[:, None] * self.second))
+            bad = np.argwhere(self.mass[:, None] * self.second - self.first**2 < -scale)
+            if bad.size:
+                k, j = bad[0]
+                raise StateError(
+                    f"statistics of component {k}: mass x second moment < first moment^2 (feature {j}): no records "
+                    "have such moments"
+                )
+            return
+        moments = np.empty((K, d + 1, d + 1))
+        moments[:, 0, 0] = self.mass
+        moments[:, 0, 1:] = moments[:, 1:, 0] = self.first
+        moments[:, 1:, 1:] = unpack_symmetric(self.second, d)
+        check_moment_matrices(moments, "'stats' (mass, first, second together)")
+
     @classmethod
     def field_shapes(cls, n_components: int, width: int, document: dict | None = None) -> dict[str, tuple[int, ...]]:
         """`second` is packed upper triangles (full, tied) or diagonals (diag, spherical): the

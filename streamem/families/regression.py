@@ -56,6 +56,16 @@ class RegressionStats(SufficientStatistics):
         mean_y = self.shift[d] + self.xy[:, d].sum() / total
         return np.append(mean_x, mean_y)
 
+    def check_moments(self) -> None:
+        from streamem.state import check_moment_matrices
+
+        K, p = self.xy.shape
+        moments = np.empty((K, p + 1, p + 1))
+        moments[:, :p, :p] = self.xx
+        moments[:, :p, p] = moments[:, p, :p] = self.xy
+        moments[:, p, p] = self.yy
+        check_moment_matrices(moments, "'stats' (xx, xy, yy together)")
+
     @classmethod
     def field_shapes(cls, n_components: int, width: int, document: dict | None = None) -> dict[str, tuple[int, ...]]:
         """`width` is d + 1: the features, then the target (the shift covers both)."""

@@ -10,7 +10,7 @@ import pytest
 from streamem_connectors.kafka.pipeline import run_consumer
 from streamem_connectors.kafka.topics import ensure_topics
 from tests.kafka_helpers import produce, read_all, unique
-from tests.test_kafka_consumer import good_values, make_settings
+from tests.test_kafka_consumer import good_values, make_settings, stored_checkpoint
 
 
 def _answers(broker, settings) -> dict[int, tuple]:
@@ -25,14 +25,17 @@ def test_the_three_modes_answer_a_single_partition_stream_identically(broker):
     """A single-partition stream whose records all carry one model key: the keyed consumer's and a single
     replica's assignments (components, responsibilities, log-likelihoods, n_seen) equal the instance
     consumer's, record by record, through the warm-up and 15 stepwise updates: the modes differ only in where
-    statistics are learned (the replica reads its own statistics back before answering the next batch)."""
+    statistics are learned (the replica reads its own statistics back before answering the next batch). The
+    answers depend on how polls batch the records (each poll is answered, then learned), so the data are all
+    there before the runs start, and each run polls them alike."""
     total = 1000
     values = [json.dumps({**json.loads(v), "site": "s"}).encode() for v in good_values(total, seed=3)]
     answers = []
     modes = (("instance", {}), ("keyed", {"model_key": "site"}), ("replicated", {"replicate": True}))
     for mode, overrides in modes:
         topic = unique(f"modes-{mode}")
-        settings = make_settings(broker, topic, max_records=total, **overrides)
+        # polls of 173 records: mini-batches of 50 straddle them, and the first chunk of a poll completes a pool
+        settings = make_settings(broker, topic, max_records=total, max_poll_records=173, **overrides)
         ensure_topics(settings, input_partitions=1)
         produce(broker.bootstrap_servers, topic, values)
         run_consumer(settings)
@@ -64,3 +67,39 @@ def test_a_replicated_one_component_model_runs_and_reports_drift(broker):
     periodic = [d for d in drifts if not d["drift"]]
     assert periodic, drifts
     assert all(len(d["weights"]) == 2 and d["weights"][1] == 0.0 for d in periodic), periodic
+
+
+def test_a_replica_stopped_during_its_warm_up_learns_every_record_once_after_a_restart(broker):
+    """A replica stopped after 150 records (its warm-up takes 200) keeps them in its checkpoint: restarted to the
+    end of 600 records, its model has learned 600, as the instance consumer's does."""
+    learned = {}
+    for mode, overrides in (("instance", {}), ("replicated", {"replicate": True})):
+        topic = unique(f"warm-up-restart-{mode}")
+        settings = make_settings(broker, topic, max_records=150, **overrides)
+        ensure_topics(settings, input_partitions=1)
+        produce(broker.bootstrap_servers, topic, good_values(600, seed=5))
+        run_consumer(settings)
+        run_consumer(settings.model_copy(update={"max_records": 450}))
+        checkpoint = stored_checkpoint(settings)
+        learned[mode] = (checkpoint.replica["model"] if mode == "replicated" else checkpoint.model)["n_seen"]
+    assert learned == {"instance": 600, "replicated": 600}
+
+
+def test_unreadable_statistics_messages_are_skipped_not_fatal(broker):
+    """Messages on the statistics log that are not JSON, not an object, without sources, with an absurd count,
+    or with statistics of no record are skipped (logged); the replica answers and learns every record once."""
+    total = 600
+    topic = unique("replicated-bad-log")
+    settings = make_settings(broker, topic, replicate=True, max_records=total)
+    ensure_topics(settings, input_partitions=1)
+    good = {"kind": "update", "origin": "x", "sequence": 1, "count": 5, "sources": [], "statistics": {}}
+    zero = {"type": "GaussianStats", "shift": [0.0, 0.0], "mass": [0.0, 0.0], "first": [[0.0] * 2] * 2,
+            "second": [[0.0] * 3] * 2}
+    bad = [b"not json", b"[]", json.dumps({**good, "sources": None}).encode(),
+           json.dumps({**good, "count": 1e308}).encode(), json.dumps({**good, "statistics": zero}).encode(),
+           json.dumps({**good, "sources": [{"topic": topic, "partition": 0, "from": 5, "to": 2}]}).encode()]
+    produce(broker.bootstrap_servers, settings.topics["statistics"], bad)
+    produce(broker.bootstrap_servers, topic, good_values(total, seed=6))
+    counters = run_consumer(settings)
+    assert counters.assigned == total
+    assert stored_checkpoint(settings).replica["model"]["n_seen"] == total

@@ -247,9 +247,11 @@ class Learner:
         """Learn rows of a warm model as statistics, one mini-batch at a time (the first one completes
         what the model has pooled): from the responsibilities they were answered with when given
         (one E-step answers and learns), else from an E-step now; each goes to `apply_statistics`."""
-        model, start = state.model, 0
+        model, start, size = state.model, 0, state.model.records_until_update
         while start < rows.size:
-            chunk = rows[start : start + model.records_until_update]
+            # the first chunk completes what the model has pooled, the others are whole mini-batches (the
+            # replicated model does not change while its chunks are only being published)
+            chunk, size = rows[start : start + size], model.batch_size
             features, targets = X[chunk], None if target is None else target[chunk]
             if responsibilities is None:
                 stats = model.summarize(features, targets).statistics

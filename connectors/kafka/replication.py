@@ -31,9 +31,11 @@ import contextlib
 import logging
 import time
 import uuid
+from typing import Literal, NamedTuple
 
 import numpy as np
 import orjson
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 import streamem as se
 from streamem.state import StateError
@@ -54,6 +56,34 @@ __all__ = ["ReplicatedLearner"]
 
 logger = logging.getLogger(__name__)
 Partition = tuple[str, int]
+
+
+class _Source(BaseModel):
+    """The input offsets [from, to) of one partition a statistics message covers."""
+
+    model_config = ConfigDict(populate_by_name=True)
+    topic: str
+    partition: int = Field(ge=0)
+    first: int = Field(alias="from", ge=0)
+    to: int = Field(lt=2**63)
+
+    @model_validator(mode="after")
+    def _ordered(self):
+        if self.to <= self.first:
+            raise ValueError(f"empty range [{self.first}, {self.to})")
+        return self
+
+
+class StatisticsMessage(BaseModel):
+    """A message of the statistics log, checked before it is applied (a bad one is skipped by every replica)."""
+
+    kind: Literal["init", "update"]
+    origin: str
+    run: str | None = None
+    sequence: int = Field(ge=1)
+    count: int = Field(ge=1, lt=2**40)  # records summarised; far below what n_seen can count
+    sources: list[_Source]
+    statistics: dict
 
 
 def checkpoint_settings(raw: bytes) -> dict | None:
@@ -115,7 +145,9 @@ class ReplicatedLearner(Learner):
         # log has warmed the replicated model (reading its own writes, that is before the next batch)
         # the two are the same, and this one is dropped.
         self.waiting: ModelState | None = new_state(settings)
-        self.warmup_sources: list = []  # the records of the waiting model's warm-up
+        self.warmup_sources: list = []  # the records of the waiting model's warm-up (topic, partition, offset)
+        self.warmup_rows: list[np.ndarray] = []  # and their rows, published if another replica's init comes first
+        self.caught_up = False  # the whole log applied once (before the first batch: what is learned already)
         self.init_sent = False  # our warm-up is on its way through the log
         self.sequence = 0  # statistics messages this run has published
         self.run = uuid.uuid4().hex  # tells this run's messages from an earlier run's of the same instance
@@ -137,6 +169,7 @@ class ReplicatedLearner(Learner):
                 if key == settings.checkpoint_key:
                     self.book.advance(offsets)
                     self.counters = Counters(**checkpoint.counters.model_dump())
+                    self.state.since_drift_record = self.counters.records_in % settings.drift_every
                     if checkpoint.detector is not None:
                         self.state.detector = restore_detector(checkpoint.detector, where)
             if checkpoint.replica:
@@ -145,8 +178,31 @@ class ReplicatedLearner(Learner):
             replica, key, where, raw = max(candidates, key=lambda c: c[0].get("log_offset", -1))
             with _remedy_for_refusal(settings, key, where, raw):
                 self._restore(replica, where)
+        for replica, key, where, raw in candidates:
+            if key == settings.checkpoint_key:
+                with _remedy_for_refusal(settings, key, where, raw):
+                    self._restore_warm_up(replica, where)
         self.waiting.detector = self.state.detector  # one detector, whichever model answers
+        self.waiting.since_drift_record = self.state.since_drift_record
         self.log = _LogReader(settings, self.log_topic, self.log_offset)
+
+    def _restore_warm_up(self, replica: dict, where: str) -> None:
+        """The records this replica's waiting model held at its last checkpoint (answered, not yet
+        published): replayed into it while the replicated model is cold, else published with the
+        first batch (`_leave_waiting_model`)."""
+        rows, sources = replica.get("warmup_rows") or [], replica.get("warmup_sources") or []
+        if not rows:
+            return
+        try:
+            values = np.asarray(rows, dtype=float).reshape(len(rows), len(self.settings.features))
+            positions = [_Position(str(t), int(p), int(o)) for t, p, o in sources]
+            if len(positions) != len(values):
+                raise ValueError(f"{len(values)} rows but {len(positions)} sources")
+            if not self.state.model.is_warm:
+                self.waiting.model.learn_many(values)
+        except (TypeError, ValueError) as error:
+            raise CheckpointError(f"checkpoint {where}: field 'replica.warmup_rows': {error}") from None
+        self.warmup_rows, self.warmup_sources = [values], positions
 
     def _restore(self, replica: dict, where: str) -> None:
         for field in ("model", "log_offset", "applied"):
@@ -158,28 +214,45 @@ class ReplicatedLearner(Learner):
             self.applied = {(t, int(p)): int(o) for t, p, o in replica["applied"]}
         except (TypeError, ValueError) as error:
             raise CheckpointError(f"checkpoint {where}: field 'replica.applied': {error}") from None
+
         logger.info(
             "replica restored at statistics offset %d (%d records learned)", self.log_offset, self.state.model.n_seen
         )
 
     # -- the consumer side -------------------------------------------------------------------
     def process(self, batch):
-        """Answer as every learner does; the statistics messages of the learned records follow the drift records."""
-        self.catch_up()
-        if self.waiting is not None and self.state.model.is_warm:
-            self.state.since_drift_record = self.waiting.since_drift_record
-            self.waiting = None
-        outputs, decoded = self._decode(batch)
-        if not decoded.good:
-            return outputs
-        records = batch if not decoded.errors else [batch[i] for i in decoded.good]
+        """Answer as every learner does; the statistics messages of the learned records follow the drift records.
+
+        Records the log has learned already (answered again after a crash or a rebalance) are answered
+        but not published again."""
         self.messages = []
-        state = self.state if self.waiting is None else self.waiting
-        answered, drifts = self._answer(state, records, decoded.values, np.ones(len(records), dtype=bool))
-        for i, output in zip(decoded.good, answered, strict=True):
-            outputs[i] = output
+        self.catch_up(to_end=not self.caught_up)
+        self.caught_up = True
+        if self.waiting is not None and self.state.model.is_warm:
+            self._leave_waiting_model()
+        outputs, decoded = self._decode(batch)
+        if decoded.good:
+            records = batch if not decoded.errors else [batch[i] for i in decoded.good]
+            learn = np.array([r.offset >= self.applied.get((r.topic, r.partition), 0) for r in records], dtype=bool)
+            state = self.state if self.waiting is None else self.waiting
+            answered, drifts = self._answer(state, records, decoded.values, learn)
+            for i, output in zip(decoded.good, answered, strict=True):
+                outputs[i] = output
+            outputs += drifts
         messages, self.messages = self.messages, []
-        return outputs + drifts + messages
+        return outputs + messages
+
+    def _leave_waiting_model(self) -> None:
+        """The log has warmed the replicated model: answer with it from now on. Records the waiting model
+        took for a warm-up it never published (another replica's init came first) are published now."""
+        if self.warmup_rows and not self.init_sent:
+            rows = np.vstack(self.warmup_rows)
+            # not those the log has learned already (an init of this replica's previous run, say)
+            applied = self.applied
+            fresh = [i for i, r in enumerate(self.warmup_sources) if r.offset >= applied.get((r.topic, r.partition), 0)]
+            self.learn_statistics(self.state, self.warmup_sources, rows, None, np.array(fresh, dtype=int), None)
+        self.state.since_drift_record = self.waiting.since_drift_record
+        self.waiting, self.warmup_rows, self.warmup_sources = None, [], []
 
     def learn_warm_up(self, state: ModelState, records, X: np.ndarray, target, rows: np.ndarray) -> tuple[dict, int]:
         """The waiting model's warm-up, as an instance model's; when it completes, its statistics go
@@ -188,11 +261,14 @@ class ReplicatedLearner(Learner):
         cold = not model.is_warm
         refused, done = super().learn_warm_up(state, records, X, target, rows)
         if cold:
-            self.warmup_sources.extend(records[int(i)] for i in rows[:done] if int(i) not in refused)
+            taken = [int(i) for i in rows[:done] if int(i) not in refused]
+            self.warmup_sources.extend(_Position(*_position_of(records[i])) for i in taken)
+            self.warmup_rows.append(X[taken])
         if cold and model.is_warm and not self.init_sent:
             self.init_sent = True
             start = model.statistics_.scaled(model.n_seen)  # nothing but the warm-up has been blended in yet
-            sources, self.warmup_sources = _merge(_sources(self.warmup_sources)), []
+            sources = _merge(_sources(self.warmup_sources))
+            self.warmup_sources, self.warmup_rows = [], []
             self.messages.append(self._message("init", start, sources, model.n_seen))
         return refused, done
 
@@ -231,22 +307,27 @@ class ReplicatedLearner(Learner):
             self.log_offset = offset + 1
 
     def _apply(self, value: bytes) -> None:
-        message = orjson.loads(value)
-        if message.get("run") == self.run:
-            self.own_applied = max(self.own_applied, int(message["sequence"]))
-        ranges = [(s["topic"], s["partition"], s["from"], s["to"]) for s in message["sources"]]
-        if ranges and all(to <= self.applied.get((t, p), 0) for t, p, _, to in ranges):
+        try:
+            message = StatisticsMessage.model_validate_json(value)
+        except ValidationError as error:  # every replica skips the same message, so they still agree
+            logger.error("statistics message skipped: %s", str(error).replace("\n", "; "))
+            return
+        if message.run == self.run:
+            self.own_applied = max(self.own_applied, message.sequence)
+        ranges = [(s.topic, s.partition, s.to) for s in message.sources]
+        if ranges and all(to <= self.applied.get((t, p), 0) for t, p, to in ranges):
             return  # already learned: these records were published again after a crash
         try:
-            stats = se.GaussianStats.from_dict(message["statistics"])
-            count = int(message["count"])
-            # statistics of `count` records (logs written before they were sums held them per record)
-            self.state.model.apply(stats if np.isclose(stats.count, count) else stats.scaled(count / stats.count))
-        except (StateError, ValueError, TypeError, KeyError) as error:
-            # every replica skips the same message, so they still agree
-            logger.error("statistics message from %s skipped: %s", message.get("origin"), error)
+            stats = se.GaussianStats.from_dict(message.statistics)
+            if np.isclose(stats.count, 1.0) and message.count != 1:  # written per record, before they were sums
+                stats = stats.scaled(message.count)
+            if not np.isclose(stats.count, message.count, rtol=1e-6):
+                raise ValueError(f"statistics of {stats.count:.6g} records, the message says {message.count}")
+            self.state.model.apply(stats)
+        except (StateError, ValueError) as error:
+            logger.error("statistics message from %s skipped: %s", message.origin, error)
             return
-        for t, p, _, to in ranges:
+        for t, p, to in ranges:
             self.applied[(t, p)] = max(self.applied.get((t, p), 0), to)
 
     def idle(self) -> None:
@@ -258,17 +339,20 @@ class ReplicatedLearner(Learner):
 
     def checkpoint_entries(self) -> list[tuple[str, bytes]]:
         self.catch_up()
-        replica = None
-        if self.state.model.is_warm:
-            replica = {
-                "log_offset": self.log_offset,
-                "applied": [[t, p, o] for (t, p), o in sorted(self.applied.items())],
-                "model": self.state.model.to_dict(),
-            }
+        replica = {
+            "log_offset": self.log_offset,
+            "applied": [[t, p, o] for (t, p), o in sorted(self.applied.items())],
+            "model": self.state.model.to_dict(),
+        }
+        if self.warmup_rows:  # answered, waiting for a warm-up not yet published: kept, not lost
+            replica["warmup_rows"] = np.vstack(self.warmup_rows).tolist()
+            replica["warmup_sources"] = [list(position) for position in self.warmup_sources]
         document = self.instance_checkpoint(detector=self.state.detector.to_dict(), replica=replica)
         entries = [(self.settings.checkpoint_key, document.dump())]
-        if replica is not None:
-            entries.append((self.shared_key, document.model_copy(update={"key": self.shared_key}).dump()))
+        if self.state.model.is_warm:  # where a new replica starts from
+            shared = {name: value for name, value in replica.items() if not name.startswith("warmup_")}
+            shared_document = document.model_copy(update={"key": self.shared_key, "replica": shared})
+            entries.append((self.shared_key, shared_document.dump()))
         return entries
 
     def weights(self) -> list[float]:
@@ -277,6 +361,18 @@ class ReplicatedLearner(Learner):
 
     def close(self) -> None:
         self.log.close()
+
+
+class _Position(NamedTuple):
+    """Where a record came from (what a statistics message's sources are made of)."""
+
+    topic: str
+    partition: int
+    offset: int
+
+
+def _position_of(record) -> tuple[str, int, int]:
+    return record.topic, record.partition, record.offset
 
 
 def _sources(records) -> list[dict]:

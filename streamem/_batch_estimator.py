@@ -9,6 +9,7 @@ import numpy as np
 from streamem._validation import check_n_components, check_positive
 from streamem.engines.batch import EMResult, fit_with_restarts
 from streamem.exceptions import ConvergenceWarning, NotFittedError
+from streamem.families.base import check_statistics_fit
 
 __all__ = ["BatchMixture", "as_generator"]
 
@@ -67,15 +68,7 @@ class BatchMixture:
         data, added, give the M-step of all their data (the statistics must be about this model's
         components and features: a wrong type or shape raises ValueError)."""
         self._check_fitted()
-        expected = self._stats.shapes
-        if type(statistics) is not type(self._stats) or statistics.shapes != expected:
-            raise ValueError(
-                f"statistics of type {type(statistics).__name__} with shapes {getattr(statistics, 'shapes', None)} "
-                f"do not fit this model ({type(self._stats).__name__} with shapes {expected})"
-            )
-        arrays = statistics.to_arrays()
-        if not all(np.all(np.isfinite(value)) for value in arrays.values()) or not statistics.count > 0:
-            raise ValueError("statistics must be finite and summarise at least one record (count > 0)")
+        check_statistics_fit(statistics, type(self).__name__, type(self._stats), self._stats.shapes)
         self._set_params(self._family().m_step(statistics))
         self._stats = statistics
 

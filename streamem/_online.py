@@ -23,7 +23,7 @@ from streamem import outliers as guard
 from streamem._validation import check_choice, check_n_components, check_positive
 from streamem.engines.stepwise import StepwiseEM
 from streamem.exceptions import ConvergenceWarning, OutlierError
-from streamem.families.base import Summary
+from streamem.families.base import Summary, check_statistics_fit
 from streamem.schedules import StepSize
 from streamem.state import FORMAT_VERSION, StateError, parse_state
 
@@ -559,20 +559,11 @@ class OnlineMixture:
                 self._flush(self._buffer)
 
     def _checked_statistics(self, statistics):
-        if not isinstance(statistics, self._stats_type):
-            raise ValueError(
-                f"{type(self).__name__} learns {self._stats_type.__name__}, got {type(statistics).__name__}"
-            )
         features = self._feature_list()
         if not features:
             raise ValueError(f"the {type(self).__name__} does not know its features yet: give them first")
         expected = self._statistics_shapes(len(features))
-        if statistics.shapes != expected:
-            raise ValueError(f"statistics of shapes {statistics.shapes} do not fit this model's {expected}")
-        if not all(np.all(np.isfinite(value)) for value in statistics.to_arrays().values()):
-            raise ValueError("statistics must be finite")
-        if not statistics.count > 0 or np.any(statistics.mass < 0):
-            raise ValueError("statistics must summarise at least one record (count > 0, no negative mass)")
+        check_statistics_fit(statistics, type(self).__name__, self._stats_type, expected)
         return statistics
 
     def _start_from_fit(self, fit) -> None:

@@ -73,6 +73,20 @@ def test_connectors_install_under_the_project_namespace():
     assert out.split() == ["True", "streamem_connectors.kafka.cli"]
 
 
+def test_every_package_folder_is_in_the_wheel():
+    """pyproject.toml lists packages by hand (connectors/ installs under another name): every folder with an
+    __init__.py is listed, so a new subpackage cannot silently miss the wheel."""
+    import tomllib
+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {
+        ".".join([package, *init.parent.relative_to(folder).parts])
+        for package, folder in PACKAGES.items()
+        for init in folder.rglob("__init__.py")
+    }
+    assert found == listed
+
+
 def test_the_library_never_imports_the_connectors_or_kafka():
     """`streamem` stands alone: no import of the connectors or a Kafka client from any of its modules."""
     offenders = [

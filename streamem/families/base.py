@@ -14,7 +14,14 @@ from typing import NamedTuple, Protocol
 
 import numpy as np
 
-__all__ = ["SufficientStatistics", "Summary", "Family", "log_responsibilities", "responsibilities"]
+__all__ = [
+    "SufficientStatistics",
+    "Summary",
+    "Family",
+    "check_statistics_fit",
+    "log_responsibilities",
+    "responsibilities",
+]
 
 # Added to every component's responsibility mass before dividing by it, as
 # scikit-learn does: a component that received no mass keeps finite parameters.
@@ -134,6 +141,19 @@ class SufficientStatistics:
         """The shape of every field for `n_components` components about a shift of `width` values
         (`document`: the fields at hand, where the family allows more than one layout)."""
         raise NotImplementedError  # pragma: no cover - each family's statistics say
+
+
+def check_statistics_fit(statistics, owner: str, expected_type: type, expected_shapes: dict) -> None:
+    """ValueError unless `statistics` can be learned by `owner` (a model's name): of `expected_type`,
+    of `expected_shapes`, finite, summarising at least one record, with no negative mass."""
+    if not isinstance(statistics, expected_type):
+        raise ValueError(f"{owner} learns {expected_type.__name__}, got {type(statistics).__name__}")
+    if statistics.shapes != expected_shapes:
+        raise ValueError(f"statistics of shapes {statistics.shapes} do not fit this model's {expected_shapes}")
+    if not all(np.all(np.isfinite(value)) for value in statistics.to_arrays().values()):
+        raise ValueError("statistics must be finite")
+    if not statistics.count > 0 or np.any(statistics.mass < 0):
+        raise ValueError("statistics must summarise at least one record (count > 0, no negative mass)")
 
 
 class Summary(NamedTuple):

@@ -215,15 +215,15 @@ class Learner:
         return outputs
 
     # -- where learning happens: on the model itself, unless a subclass says otherwise ---------------
-    def learn(self, state: ModelState, records, X: np.ndarray, target, learn: np.ndarray, responsibilities) -> dict:
-        """Learn the rows marked in `learn`, answered already with `responsibilities`; returns
+    def learn(self, state: ModelState, records, X: np.ndarray, target, to_learn: np.ndarray, responsibilities) -> dict:
+        """Learn the rows marked in `to_learn`, answered already with `responsibilities`; returns
         {position: reason} of rows the model refused while learning them (by what it became within
         this batch: its warm-up fit, or the warm-up reference growing), which get dead letters
         instead of their answers.
 
         While the model is cold, rows go to its warm-up (it buffers them and fits on `warmup` of
         them); after that, learning is statistics (`learn_statistics`)."""
-        positions = np.flatnonzero(learn)
+        positions = np.flatnonzero(to_learn)
         refused, done = self.learn_warm_up(state, records, X, target, positions)
         if done < positions.size:  # after a warm-up within this batch the answers' parameters are gone
             self.learn_statistics(state, records, X, target, positions[done:], responsibilities if done == 0 else None)
@@ -293,9 +293,11 @@ class Learner:
         X = values[:, :d] if tuple(order) == tuple(features) else values[:, [features.index(n) for n in order]]
         return X, None if self.settings.target is None else values[:, d]
 
-    def _answer(self, state: ModelState, records, values: np.ndarray, learn: np.ndarray, model_key=None, scored=None):
-        """Score the rows with the model as it is (prequential), then learn the rows marked in `learn`
-        (`learn`: where, says the mode); a row the model's outlier guard refuses gets a dead letter
+    def _answer(
+        self, state: ModelState, records, values: np.ndarray, to_learn: np.ndarray, model_key=None, scored=None
+    ):
+        """Score the rows with the model as it is (prequential), then learn the rows marked in `to_learn`
+        (where, says the mode); a row the model's outlier guard refuses gets a dead letter
         instead, and is not learned. (`scored`: the rows' answers, already screened.)"""
         settings, model = self.settings, state.model
         X, target = self.model_columns(state, values)
@@ -306,8 +308,8 @@ class Learner:
             if keep.any():
                 kept = [record for record, good in zip(records, keep, strict=True) if good]
                 answers = (resp[keep], log_likelihood[keep], None if predictions is None else predictions[keep], None)
-                answered, drifts = self._answer(state, kept, values[keep], learn[keep], model_key, answers)
-            taken = self.offer_outliers(state, X, target, screened.outlier & learn)
+                answered, drifts = self._answer(state, kept, values[keep], to_learn[keep], model_key, answers)
+            taken = self.offer_outliers(state, X, target, screened.outlier & to_learn)
             outputs = self._dead_letters(
                 records, {int(i): screened.reason(int(i)) for i in np.flatnonzero(screened.outlier & ~taken)}
             )
@@ -339,27 +341,27 @@ class Learner:
             model_key,
         )
         self.counters.assigned += len(records)
-        refused = self.learn(state, records, X, target, learn, resp)
+        refused = self.learn(state, records, X, target, to_learn, resp)
         if refused:
             for i, dead in enumerate(self._dead_letters(records, refused)):
                 answered[i] = dead if dead is not None else answered[i]
             self.counters.assigned -= len(refused)
-            learn = learn.copy()
-            learn[list(refused)] = False
-        drifts = self._drift(state, records, resp, learn, was_warm, seen_before, model_key)
+            to_learn = to_learn.copy()
+            to_learn[list(refused)] = False
+        drifts = self._drift(state, records, resp, to_learn, was_warm, seen_before, model_key)
         state.dirty = True
         return answered, drifts
 
-    def _drift(self, state: ModelState, records, resp, learn, was_warm: bool, seen_before: int, model_key):
+    def _drift(self, state: ModelState, records, resp, to_learn, was_warm: bool, seen_before: int, model_key):
         """Drift records: one per change the detector finds in the learned rows' responsibilities, and
         a periodic one every `drift_every` learned records once the model is warm."""
         settings, model, detector = self.settings, state.model, state.detector
         drifts = []
         # answers of the provisional warm-up model say nothing about drift
-        learned = (resp if learn.all() else resp[learn]) if was_warm else resp[:0]
+        learned = (resp if to_learn.all() else resp[to_learn]) if was_warm else resp[:0]
         for event in detector.update_many(padded(learned, detector.n_components)):
             self.counters.drift_events += 1
-            record = [r for r, keep in zip(records, learn, strict=True) if keep][event.index]
+            record = [r for r, keep in zip(records, to_learn, strict=True) if keep][event.index]
             logger.info(
                 "drift at %s%s: weights %s, reference %s",
                 record.where(),
@@ -379,7 +381,7 @@ class Learner:
                     model_key,
                 )
             )
-        state.since_drift_record += int(learn.sum())
+        state.since_drift_record += int(to_learn.sum())
         # periodic drift record, once the detector has weights of its own (not its uniform start)
         if state.since_drift_record >= settings.drift_every and model.is_warm and len(detector):
             state.since_drift_record %= settings.drift_every

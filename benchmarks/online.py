@@ -55,22 +55,32 @@ def per_record(d: int, K: int, rng) -> str:
     )
 
 
-def many(rng) -> str:
+def many(rng) -> list[str]:
+    """learn_many rates with default settings (batch_size=128, default step and warm-up), and with a
+    larger batch beside it (tuned): records/s over 1024-record DataFrames, median of REPEATS passes."""
     d, K, size = 10, 8, 1024
     frame = pd.DataFrame(np.vstack([np.array(list(r.values())) for r in records(200_000, d, K, rng)]))
     frame.columns = [f"x{i}" for i in range(d)]
     batches = [frame.iloc[i : i + size] for i in range(0, len(frame), size)]
-    rates = []
-    for _ in range(REPEATS):
-        model = se.OnlineGMM(K, covariance_type="full", batch_size=size, warmup=2048, seed=0)
-        model.learn_many(batches[0])
-        model.learn_many(batches[1])  # warm-up done; time the stepwise updates only
-        began = time.perf_counter()
-        for batch in batches[2:]:
-            model.learn_many(batch)
-        rates.append(sum(len(b) for b in batches[2:]) / (time.perf_counter() - began))
-    return f"| learn_many, d={d}, K={K}, full, {size}-record DataFrames | {np.median(rates):,.0f} records/s |"
-
+    rows = []
+    cases = (("default settings (batch_size=128)", {}), ("tuned: batch_size=1024", {"batch_size": 1024}))
+    for label, settings in cases:
+        rates = []
+        for _ in range(REPEATS):
+            model = se.OnlineGMM(K, seed=0, **settings)  # covariance_type="full" is the default
+            warm = 0
+            while not model.is_warm:  # the warm-up (and its batch EM) is not timed
+                model.learn_many(batches[warm])
+                warm += 1
+            began = time.perf_counter()
+            for batch in batches[warm:]:
+                model.learn_many(batch)
+            rates.append(sum(len(b) for b in batches[warm:]) / (time.perf_counter() - began))
+        rows.append(
+            f"| learn_many, d={d}, K={K}, full, {size}-record DataFrames, {label} | {np.median(rates):,.0f} records/s |"
+        )
+        print(rows[-1], flush=True)
+    return rows
 
 def main() -> None:
     rng = np.random.default_rng(0)
@@ -78,14 +88,13 @@ def main() -> None:
     for row in rows:
         print(row, flush=True)
     bulk = many(rng)
-    print(bulk, flush=True)
     body = (
         "## Online: `OnlineGMM` vs River `cluster.KMeans`\n\n"
         f"Records/s, median of {REPEATS} passes over {N_RECORDS:,} records (learn) and 5,000 (predict), full\n"
         "covariances, `batch_size=128`. Goals: learn_one at least 1x River's KMeans, predict_one at least 0.5x,\n"
-        "learn_many above 1M records/s.\n\n"
+        "learn_many above 1M records/s with default settings (the outlier guard on; the warm-up not timed).\n\n"
         "| case | learn_one streamem | learn_one KMeans | ratio | predict_one streamem | predict_one KMeans | ratio |\n"
-        "|---|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n\n| case | streamem |\n|---|---|\n" + bulk
+        "|---|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n\n| case | streamem |\n|---|---|\n" + "\n".join(bulk)
     )
     write_section("online", body)
 

@@ -29,6 +29,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/batch.py
 	$(PY) benchmarks/online.py
 	$(PY) benchmarks/kafka_pipeline.py
+	$(PY) benchmarks/kafka_latency.py
 	$(PY) benchmarks/drift.py
 	$(PY) benchmarks/outliers.py
 	$(PY) benchmarks/soak.py

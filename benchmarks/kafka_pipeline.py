@@ -296,8 +296,11 @@ def model_path_costs(client: str = "confluent", n: int = BREAKDOWN_RECORDS) -> d
 def _unreachable_producer(client: str):
     """The consumer's own sink's `send` (its producer's calls) on a producer whose broker is never reached; the
     records are dropped from its queue after each call (untimed), as acknowledgements would."""
+    import logging
+
     from streamem_connectors.kafka.clients import make_sink
 
+    logging.getLogger("confluent_kafka").setLevel(logging.CRITICAL)  # its connection refused, again and again
     settings = ConsumerSettings(bootstrap_servers="127.0.0.1:9", features=["x"], client=client)
     sink = make_sink(settings)
 

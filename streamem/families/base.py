@@ -148,9 +148,11 @@ def check_statistics_fit(statistics, owner: str, expected_type: type, expected_s
     of `expected_shapes`, finite, summarising at least one record, with no negative mass."""
     if not isinstance(statistics, expected_type):
         raise ValueError(f"{owner} learns {expected_type.__name__}, got {type(statistics).__name__}")
-    if statistics.shapes != expected_shapes:
+    arrays = statistics.to_arrays()
+    if {name: value.shape for name, value in arrays.items()} != expected_shapes:
         raise ValueError(f"statistics of shapes {statistics.shapes} do not fit this model's {expected_shapes}")
-    if not all(np.all(np.isfinite(value)) for value in statistics.to_arrays().values()):
+    # one sum per field: a NaN or an infinity anywhere makes it non-finite (so would finite values near 1e308)
+    if not np.isfinite(sum(float(np.add.reduce(value, axis=None)) for value in arrays.values())):
         raise ValueError("statistics must be finite")
     if not statistics.count > 0 or np.any(statistics.mass < 0):
         raise ValueError("statistics must summarise at least one record (count > 0, no negative mass)")

@@ -30,7 +30,7 @@ import traceback
 from streamem_connectors.kafka.answerer import Answerer, Report
 from streamem_connectors.kafka.checkpoint import CheckpointError
 from streamem_connectors.kafka.clients import DeliveryFailed
-from streamem_connectors.kafka.learners import Counters, OffsetBook, Partition
+from streamem_connectors.kafka.learner import Counters, OffsetBook, Partition
 from streamem_connectors.kafka.records import InputBatch
 from streamem_connectors.kafka.settings import ConsumerSettings
 from streamem_connectors.kafka.topics import BrokerUnreachable
@@ -160,7 +160,7 @@ class _Child:
             target=_relay_logs, args=(self._logs,), name="streamem-model-logs", daemon=True
         )
         self._log_thread.start()
-        level = logging.getLogger("connectors").getEffectiveLevel()
+        level = logging.getLogger("streamem_connectors").getEffectiveLevel()
         self._process = context.Process(
             target=_serve, args=(settings, child, child_logs, level), name="streamem-model", daemon=True
         )

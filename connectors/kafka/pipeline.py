@@ -31,7 +31,7 @@ from typing import NamedTuple
 
 from streamem_connectors.kafka import records as schemas
 from streamem_connectors.kafka.clients import Partition, make_source
-from streamem_connectors.kafka.learners import Counters
+from streamem_connectors.kafka.learner import Counters
 from streamem_connectors.kafka.model_process import AnswererHandle
 from streamem_connectors.kafka.settings import ConsumerSettings
 from streamem_connectors.kafka.signals import StopSignals

@@ -142,3 +142,28 @@ def test_the_delivery_thresholds_come_from_the_sink():
     for timeout_s in (3.0, 300.0, 1800.0):
         limit_s = Observability(delivery_timeout_s=timeout_s).delivery_limit_s
         assert limit_s >= 2 * (timeout_s + min(ATTEMPT_S, timeout_s))
+
+
+def test_a_kafka_clients_traceback_becomes_one_line_below_debug():
+    """A client library's error with a traceback (a socket reset while the broker goes away) is logged as one
+    line naming the exception; with --log-level DEBUG the traceback stays."""
+    from streamem_connectors.kafka.observability import ClientLogThrottle
+
+    try:
+        raise ConnectionResetError(104, "Connection reset by peer")
+    except ConnectionResetError:
+        import sys
+
+        exc_info = sys.exc_info()
+    formatter = logging.Formatter("%(levelname)s %(name)s: %(message)s")
+    lines = {}
+    for tracebacks in (False, True):
+        message = "Error receiving network data closing socket"
+        record = logging.LogRecord("kafka.net.transport", logging.ERROR, __file__, 1, message, (), exc_info)
+        assert ClientLogThrottle(tracebacks=tracebacks).filter(record)
+        lines[tracebacks] = formatter.format(record)
+    assert lines[False] == (
+        "ERROR kafka.net.transport: Error receiving network data closing socket "
+        "(ConnectionResetError: [Errno 104] Connection reset by peer)"
+    )
+    assert "Traceback (most recent call last)" in lines[True]

@@ -220,9 +220,10 @@ class ClientLogThrottle(logging.Filter):
     buries the consumer's own lines (one warning per delivery attempt, one error if it gives up).
     """
 
-    def __init__(self, every_s: float = 60.0):
+    def __init__(self, every_s: float = 60.0, tracebacks: bool = False):
         super().__init__()
         self.every_s = every_s
+        self.tracebacks = tracebacks
         self._last: dict[tuple[str, str], float] = {}
 
     def filter(self, record: logging.LogRecord) -> bool:
@@ -234,6 +235,12 @@ class ClientLogThrottle(logging.Filter):
         if len(self._last) > 1000:  # templates with details baked in: keep the table small
             self._last.clear()
         self._last[key] = now
+        if record.exc_info and record.exc_info[1] is not None and not self.tracebacks:
+            # a client's traceback (a socket reset while the broker goes away) is a dozen lines of its
+            # insides: one line says it, the traceback is for --log-level DEBUG
+            error = record.exc_info[1]
+            record.msg = f"{record.msg} ({type(error).__name__}: {str(error).replace('%', '%%')})"
+            record.exc_info = record.exc_text = None
         return True
 
 
@@ -241,7 +248,8 @@ def configure_logging(level: str, fmt: str) -> None:
     """Root logging: `fmt` is "json" (one object per line) or "text"; the Kafka clients' own lines
     are throttled (`ClientLogThrottle`)."""
     handler = logging.StreamHandler()
-    handler.addFilter(ClientLogThrottle())
+    numeric = level if isinstance(level, int) else logging.getLevelName(str(level).upper())
+    handler.addFilter(ClientLogThrottle(tracebacks=numeric == logging.DEBUG))
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
         logging.Formatter.converter = time.gmtime

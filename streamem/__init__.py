@@ -12,7 +12,9 @@ from streamem.compare import ConsistencyReport, compare
 from streamem.exceptions import ConvergenceWarning, NotFittedError, OutlierError
 from streamem.families.base import SufficientStatistics, Summary
 from streamem.families.gaussian import GaussianStats
+from streamem.families.markov import HMMStats
 from streamem.families.regression import RegressionStats
+from streamem.gaussian_hmm import GaussianHMM
 from streamem.gaussian_mixture import GaussianMixture
 from streamem.online_gmm import OnlineGMM
 from streamem.online_regression import OnlineRegressionMixture
@@ -27,8 +29,10 @@ __all__ = [
     "ConsistencyReport",
     "compare",
     "ConvergenceWarning",
+    "GaussianHMM",
     "GaussianMixture",
     "GaussianStats",
+    "HMMStats",
     "NotFittedError",
     "OnlineGMM",
     "OnlineRegressionMixture",

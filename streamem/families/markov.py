@@ -1,0 +1,143 @@
+"""A hidden Markov model's statistics and parameters: the chain's, beside its emission family's.
+
+The emission statistics are the family's own (`GaussianStats`, `RegressionStats`), summed with
+each record weighted by the posterior probability of each state instead of a mixture
+responsibility; the emission M-step is the family's. Only the chain adds statistics: the expected
+number of sequences starting in each state and of transitions between each pair of states.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from streamem.families.base import SufficientStatistics
+from streamem.families.gaussian import GaussianStats
+from streamem.families.regression import RegressionStats
+
+__all__ = ["HMMStats", "ChainParams", "chain_m_step", "checked_chain", "DEAD_STATE_MASS"]
+
+# A state whose expected number of records is below this was not visited: its emission
+# parameters and its row of the transition matrix keep their previous values.
+DEAD_STATE_MASS = 1e-8
+
+_EMISSION_TYPES = {cls.__name__: cls for cls in (GaussianStats, RegressionStats)}
+
+
+@dataclasses.dataclass(frozen=True)
+class HMMStats:
+    """Expected sufficient statistics of a hidden Markov model over some records.
+
+    first: (K,) expected number of sequences starting in each state; transitions: (K, K) expected
+    number of moves from state i to state j; emissions: the emission family's statistics with
+    every record weighted by P(state k | the records). All three add over records and scale.
+    """
+
+    first: np.ndarray
+    transitions: np.ndarray
+    emissions: SufficientStatistics
+
+    def __add__(self, other: HMMStats) -> HMMStats:
+        if not isinstance(other, HMMStats):
+            return NotImplemented
+        emissions = self.emissions + other.emissions
+        return HMMStats(self.first + other.first, self.transitions + other.transitions, emissions)
+
+    def scaled(self, factor: float) -> HMMStats:
+        """The statistics multiplied by `factor`."""
+        return HMMStats(self.first * factor, self.transitions * factor, self.emissions.scaled(factor))
+
+    @property
+    def count(self) -> float:
+        """How many records the statistics summarise."""
+        return self.emissions.count
+
+    @property
+    def shapes(self) -> dict:
+        """The shape of every field, by name (the emissions' as a nested dict)."""
+        return {"first": self.first.shape, "transitions": self.transitions.shape, "emissions": self.emissions.shapes}
+
+    def to_dict(self) -> dict:
+        """The statistics as a JSON-ready dict (`type`, `first`, `transitions`, `emissions`)."""
+        return {
+            "type": type(self).__name__,
+            "first": self.first.tolist(),
+            "transitions": self.transitions.tolist(),
+            "emissions": self.emissions.to_dict(),
+        }
+
+    @classmethod
+    def from_dict(cls, document) -> HMMStats:
+        """Statistics from `to_dict()` output (a dict or its JSON text), checked before use:
+        `streamem.state.StateError` names the first field that is missing, of the wrong shape,
+        negative or not finite."""
+        from streamem.state import StateError, json_object
+
+        document = json_object(document, "statistics")
+        if document.get("type", cls.__name__) != cls.__name__:
+            raise StateError(f"statistics of type {document.get('type')!r}, expected {cls.__name__!r}")
+        unknown = sorted(set(document) - {"type", "first", "transitions", "emissions"})
+        if unknown:
+            raise StateError(f"statistics have unknown field {unknown[0]!r}")
+        for name in ("first", "transitions", "emissions"):
+            if name not in document:
+                raise StateError(f"statistics field {name!r} is missing")
+        emissions_document = json_object(document["emissions"], "emissions")
+        kind = _EMISSION_TYPES.get(emissions_document.get("type"))
+        if kind is None:
+            raise StateError(f"emission statistics of unknown type {emissions_document.get('type')!r}")
+        emissions = kind.from_dict(emissions_document)
+        n_states = emissions.mass.shape[0]
+        first = _counts(document["first"], "first", (n_states,), StateError)
+        transitions = _counts(document["transitions"], "transitions", (n_states, n_states), StateError)
+        return cls(first, transitions, emissions)
+
+
+def _counts(value, name: str, shape: tuple, error: type) -> np.ndarray:
+    try:
+        array = np.array(value, dtype=float)
+    except (TypeError, ValueError):
+        raise error(f"statistics field {name!r} must be numbers of shape {shape}") from None
+    if array.shape != shape:
+        raise error(f"statistics field {name!r} has shape {array.shape}, expected {shape}")
+    if not np.all(np.isfinite(array)) or np.any(array < 0):
+        raise error(f"statistics field {name!r} must be finite and not negative")
+    return array
+
+
+@dataclasses.dataclass(frozen=True)
+class ChainParams:
+    """startprob (K,): P(first state); transmat (K, K): P(next state j | state i), rows sum to 1."""
+
+    startprob: np.ndarray
+    transmat: np.ndarray
+
+
+def checked_chain(startprob, transmat, n_states: int) -> ChainParams:
+    """ValueError unless `startprob` is K probabilities and `transmat` K rows of them."""
+    start = np.asarray(startprob, dtype=float)
+    if start.shape != (n_states,) or not np.all(np.isfinite(start)) or np.any(start < 0):
+        raise ValueError(f"startprob must be {n_states} probabilities, got {startprob!r}")
+    if not np.isclose(start.sum(), 1.0):
+        raise ValueError(f"startprob must sum to 1, got {start.sum()}")
+    matrix = np.asarray(transmat, dtype=float)
+    if matrix.shape != (n_states, n_states) or not np.all(np.isfinite(matrix)) or np.any(matrix < 0):
+        raise ValueError(f"transmat must be a ({n_states}, {n_states}) matrix of probabilities, got {transmat!r}")
+    rows = matrix.sum(axis=1)
+    if not np.allclose(rows, 1.0):
+        raise ValueError(f"every row of transmat must sum to 1, got row sums {rows.tolist()}")
+    return ChainParams(start / start.sum(), matrix / rows[:, None])
+
+
+def chain_m_step(stats: HMMStats, previous: ChainParams) -> ChainParams:
+    """Maximum-likelihood start and transition probabilities from expected counts. A row with no
+    expected transitions out (a state never visited but at the end) keeps its previous values,
+    as does the start distribution when no sequence starts in the statistics."""
+    first = stats.first
+    total = first.sum()
+    startprob = first / total if total > 0 else previous.startprob
+    rows = stats.transitions.sum(axis=1)
+    visited = rows > DEAD_STATE_MASS
+    transmat = np.where(visited[:, None], stats.transitions / np.where(visited, rows, 1.0)[:, None], previous.transmat)
+    return ChainParams(startprob, transmat)

@@ -112,13 +112,17 @@ class RegressionFamily:
     reg_noise
         Added to every component's noise variance after each M-step (the analogue
         of `reg_covar`): a component that fits its points exactly stays finite.
+    shared_variance
+        One noise variance for all components (the M-step pools their residual sums of
+        squares), as a Markov-switching regression with `switching_variance=False`.
     """
 
     covariance_type = "regression"
     param_fields = ("weights", "coef", "intercept", "noise_variance")
 
-    def __init__(self, reg_noise: float = 1e-6):
+    def __init__(self, reg_noise: float = 1e-6, shared_variance: bool = False):
         self.reg_noise = float(reg_noise)
+        self.shared_variance = bool(shared_variance)
 
     @staticmethod
     def prepare(X: np.ndarray, y: np.ndarray, shift: np.ndarray | None = None) -> RegressionBatch:
@@ -148,8 +152,9 @@ class RegressionFamily:
         return params
 
     def n_parameters(self, n_components: int, n_features: int) -> int:
-        """Coefficients and intercept, noise variance, and K - 1 free weights."""
-        return n_components * (n_features + 2) + n_components - 1
+        """Coefficients and intercept, noise variance (one if shared), and K - 1 free weights."""
+        n_variances = 1 if self.shared_variance else n_components
+        return n_components * (n_features + 1) + n_variances + n_components - 1
 
     def predict_components(self, batch: RegressionBatch, params: RegressionParams) -> np.ndarray:
         """Each component's mean of y~ (centred target) for every record, shape (n, K)."""
@@ -201,7 +206,11 @@ class RegressionFamily:
         beta = np.linalg.solve(stats.xx + ridge, stats.xy[:, :, None])[:, :, 0]
         # residual sum of squares for this beta: yy - 2 b.xy + b' xx b (exact for any b)
         rss = stats.yy - 2.0 * np.einsum("kp,kp->k", beta, stats.xy) + np.einsum("kp,kpq,kq->k", beta, stats.xx, beta)
-        noise_variance = np.maximum(rss, 0.0) / mass + self.reg_noise
+        rss = np.maximum(rss, 0.0)
+        if self.shared_variance:  # the ML variance of one noise for all: every residual over every record
+            noise_variance = np.full_like(rss, rss.sum() / mass.sum() + self.reg_noise)
+        else:
+            noise_variance = rss / mass + self.reg_noise
         coef = beta[:, :d]
         intercept = beta[:, d] + stats.shift[d] - coef @ stats.shift[:d]
         return RegressionParams(mass / mass.sum(), coef, intercept, noise_variance)

@@ -9,7 +9,7 @@ from streamem._validation import check_array, check_choice, check_positive, chec
 from streamem.families.base import Summary
 from streamem.families.regression import RegressionFamily, RegressionParams
 
-__all__ = ["RegressionMixture"]
+__all__ = ["RegressionMixture", "quantile_start", "random_subset_start"]
 
 REGRESSION_INITS = ("quantiles", "random_from_data")
 
@@ -91,8 +91,8 @@ class RegressionMixture(BatchMixture):
             first = starts["count"] == 0
             starts["count"] += 1
             if self.init == "quantiles" and first:
-                return _quantile_start(family, batch, K)
-            return _random_subset_start(family, batch, K, rng)
+                return quantile_start(family, batch, K)
+            return random_subset_start(family, batch, K, rng)
 
         result = self._run(family, batch, initial_params, d)
         self._set_params(result.params)
@@ -164,7 +164,7 @@ def _least_squares(batch, rows=None) -> np.ndarray:
     return np.linalg.lstsq(design, target, rcond=None)[0]
 
 
-def _quantile_start(family: RegressionFamily, batch, K: int) -> RegressionParams:
+def quantile_start(family: RegressionFamily, batch, K: int) -> RegressionParams:
     """The pooled least-squares line, offset to K quantiles of its residuals."""
     beta = _least_squares(batch)
     residuals = batch.target - batch.design @ beta
@@ -175,7 +175,7 @@ def _quantile_start(family: RegressionFamily, batch, K: int) -> RegressionParams
     )
 
 
-def _random_subset_start(family: RegressionFamily, batch, K: int, rng: np.random.Generator) -> RegressionParams:
+def random_subset_start(family: RegressionFamily, batch, K: int, rng: np.random.Generator) -> RegressionParams:
     """Each line fitted by least squares to d + 2 random records."""
     n, p = batch.design.shape
     size = min(n, p + 1)

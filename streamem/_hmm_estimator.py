@@ -39,10 +39,16 @@ class HiddenMarkovModel(BatchMixture):
     def _initial_emissions(self, family, batch, rng):  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def _keep_states(self, new, old, dead: np.ndarray):  # pragma: no cover - abstract
+    def _keep_states(self, family, emissions, old, dead: np.ndarray):  # pragma: no cover - abstract
+        """The emission M-step when the states in `dead` got no records: they keep `old`'s parameters
+        (`families.markov.pooled_for_dead` gives the family's M-step statistics it can always take)."""
         raise NotImplementedError
 
     def _set_emissions(self, emissions) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _remember_data(self, batch) -> None:  # pragma: no cover - abstract
+        """Keep what inference needs from the fitted data (its width and centre)."""
         raise NotImplementedError
 
     def _n_emission_parameters(self) -> int:  # pragma: no cover - abstract
@@ -71,7 +77,6 @@ class HiddenMarkovModel(BatchMixture):
         starts, ends = sequence_bounds(lengths, n)
         chain = self._chain_start(K)
         layout = family.suff_stats(batch[:1], np.full((1, K), 1.0 / K))  # what `apply` will accept
-        self._emission_layout = (type(layout), layout.shapes)
 
         def initial_params(rng: np.random.Generator) -> HMMParams:
             return HMMParams(chain, self._initial_emissions(family, batch, rng))
@@ -100,6 +105,8 @@ class HiddenMarkovModel(BatchMixture):
                     ConvergenceWarning,
                     stacklevel=3,
                 )
+        self._remember_data(batch)  # only now: a fit that fails leaves a fitted model as it was
+        self._emission_layout = (type(layout), layout.shapes)
         self._stats = stats
         self.converged_ = converged
         self.n_iter_ = len(history)

@@ -9,6 +9,7 @@ from streamem._hmm_estimator import HiddenMarkovModel
 from streamem._validation import check_array, check_choice, check_positive
 from streamem.families.base import Summary
 from streamem.families.gaussian import COVARIANCE_TYPES, GaussianFamily, GaussianParams
+from streamem.families.markov import pooled_for_dead
 from streamem.init import INIT_METHODS, initial_responsibilities
 
 __all__ = ["GaussianHMM"]
@@ -119,11 +120,13 @@ class GaussianHMM(HiddenMarkovModel):
             check_choice(self.init, "init", INIT_METHODS)
             check_positive(self.reg_covar, "reg_covar", allow_zero=True)
             X = check_array(X)
-            self.n_features_in_ = X.shape[1]
-            self._shift = X.mean(axis=0)
-        else:
-            X = check_array(X, n_features=self.n_features_in_)
+            return self._family().prepare(X), X.shape[0]
+        X = check_array(X, n_features=self.n_features_in_)
         return self._family().prepare(X, self._shift), X.shape[0]
+
+    def _remember_data(self, batch) -> None:
+        self.n_features_in_ = batch.centred.shape[1]
+        self._shift = batch.shift
 
     def _initial_emissions(self, family: GaussianFamily, batch, rng) -> GaussianParams:
         K, d = self.n_states, batch.centred.shape[1]
@@ -155,13 +158,17 @@ class GaussianHMM(HiddenMarkovModel):
             fitted.covariances if covariances is None else covariances,
         )
 
-    def _keep_states(self, new: GaussianParams, old: GaussianParams, dead: np.ndarray) -> GaussianParams:
+    def _keep_states(self, family: GaussianFamily, emissions, old: GaussianParams, dead: np.ndarray) -> GaussianParams:
+        if self.covariance_type == "tied":  # the covariance belongs to every state: the live ones set it
+            new = family.m_step(emissions)
+        else:
+            new = family.m_step(pooled_for_dead(emissions, dead))
         means = np.where(dead[:, None], old.means, new.means)
         covariances = new.covariances
-        if self.covariance_type != "tied":  # a tied covariance belongs to every state
+        if self.covariance_type != "tied":
             mask = dead.reshape((-1,) + (1,) * (covariances.ndim - 1))
             covariances = np.where(mask, old.covariances, new.covariances)
-        return self._family().make_params(new.weights, means, covariances)
+        return family.make_params(new.weights, means, covariances)
 
     def _set_emissions(self, emissions: GaussianParams) -> None:
         self.means_ = emissions.means

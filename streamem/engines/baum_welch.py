@@ -52,13 +52,15 @@ def expected_statistics(family, batch, params: HMMParams, starts, ends) -> tuple
 
 def m_step(family, stats: HMMStats, previous: HMMParams, keep_states: Callable) -> HMMParams:
     """Parameters from statistics. A state the statistics never visit (expected records below
-    `DEAD_STATE_MASS`) keeps its previous emission parameters through `keep_states(new, old, mask)`,
-    so a dead state stays finite and where it was instead of collapsing onto the data's mean."""
+    `DEAD_STATE_MASS`) keeps its previous emission parameters: `keep_states(family, emissions, old,
+    mask)` runs the M-step for that case, so a dead state stays finite and where it was instead of
+    collapsing onto the data's mean with a zero covariance."""
     chain = chain_m_step(stats, previous.chain)
-    emissions = family.m_step(stats.emissions)
     dead = stats.emissions.mass < DEAD_STATE_MASS
     if dead.any():
-        emissions = keep_states(emissions, previous.emissions, dead)
+        emissions = keep_states(family, stats.emissions, previous.emissions, dead)
+    else:
+        emissions = family.m_step(stats.emissions)
     return HMMParams(chain, emissions)
 
 

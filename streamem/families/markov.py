@@ -16,7 +16,7 @@ from streamem.families.base import SufficientStatistics
 from streamem.families.gaussian import GaussianStats
 from streamem.families.regression import RegressionStats
 
-__all__ = ["HMMStats", "ChainParams", "chain_m_step", "checked_chain", "DEAD_STATE_MASS"]
+__all__ = ["HMMStats", "ChainParams", "chain_m_step", "checked_chain", "pooled_for_dead", "DEAD_STATE_MASS"]
 
 # A state whose expected number of records is below this was not visited: its emission
 # parameters and its row of the transition matrix keep their previous values.
@@ -141,3 +141,16 @@ def chain_m_step(stats: HMMStats, previous: ChainParams) -> ChainParams:
     visited = rows > DEAD_STATE_MASS
     transmat = np.where(visited[:, None], stats.transitions / np.where(visited, rows, 1.0)[:, None], previous.transmat)
     return ChainParams(startprob, transmat)
+
+
+def pooled_for_dead(emissions: SufficientStatistics, dead: np.ndarray) -> SufficientStatistics:
+    """`emissions` with each dead state's statistics replaced by those of all records together, so
+    the family's M-step gives it finite parameters (to be replaced by its previous ones) whatever
+    the regularisation; the live states' statistics are untouched. Not for parameters the states
+    share (a tied covariance), which the stand-in would change."""
+    fields = {}
+    for name in emissions._additive_fields():
+        value = getattr(emissions, name)
+        mask = dead.reshape((-1,) + (1,) * (value.ndim - 1))
+        fields[name] = np.where(mask, value.sum(axis=0, keepdims=True), value)
+    return dataclasses.replace(emissions, **fields)

@@ -72,10 +72,18 @@ class StepwiseEM:
         """Blend in one mini-batch's per-record statistics (computed here, or by another replica);
         `batch_scale` makes per-record statistics of sums on the way."""
         step = self.schedule(self.n_updates)
-        stats = _hold_dead_components(self.stats.blend(batch_stats, step, batch_scale))
-        self.stats = stats.recentred(stats.data_mean())
-        self.n_updates += 1
-        self.params = self.family.m_step(self.stats)
+        # a family may do the whole update in one fused pass (the Gaussian family, full covariances: the
+        # per-update cost of a small model is NumPy's call overhead, not arithmetic); None: not here
+        fused = getattr(self.family, "blend_and_m_step", None)
+        updated = None if fused is None else fused(self.stats, batch_stats, step, batch_scale, DEAD_MASS)
+        if updated is not None:
+            self.stats, self.params = updated
+            self.n_updates += 1
+        else:
+            stats = _hold_dead_components(self.stats.blend(batch_stats, step, batch_scale))
+            self.stats = stats.recentred(stats.data_mean())
+            self.n_updates += 1
+            self.params = self.family.m_step(self.stats)
         if self.averaging_start is not None and self.n_updates >= self.averaging_start:
             self._average()
 

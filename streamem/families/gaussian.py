@@ -26,6 +26,7 @@ import functools
 
 import numpy as np
 
+from streamem.families import gaussian_kernels as kernels
 from streamem.families.base import MASS_FLOOR, SufficientStatistics, log_responsibilities, responsibilities
 from streamem.families.gaussian_linalg import (
     LOG_2PI,
@@ -364,6 +365,8 @@ class GaussianFamily:
         chol = params.precisions_cholesky
         kind = params.covariance_type
         constant = params.log_det_precision - 0.5 * d * LOG_2PI
+        if kind == "full" and _compiled(K, d):
+            return kernels.full_log_prob(_contiguous(X), means, chol, constant).T
         if kind == "full":
             # whitened residuals of every component from one product [P_1 ... P_K]^T X^T
             offsets = np.matmul(means[:, None, :], chol).reshape(K * d, 1)
@@ -427,7 +430,13 @@ class GaussianFamily:
         """
         if batch.has_missing:
             return self._marginal_expected_stats(batch, params)
-        log_norm, resp = responsibilities(self.weighted_log_prob(batch, params, log_prob))
+        weighted = self.weighted_log_prob(batch, params, log_prob)
+        if params.covariance_type == "full" and batch.squares is None and _compiled(*weighted.shape[::-1]):
+            # one compiled pass: responsibilities (in place of the log-densities) and the moments
+            transposed = weighted.T if weighted.flags.f_contiguous else np.ascontiguousarray(weighted.T)
+            log_norm, mass, first, second = kernels.full_moments(transposed, _contiguous(batch.centred))
+            return log_norm, transposed.T, GaussianStats(shift=batch.shift, mass=mass, first=first, second=second)
+        log_norm, resp = responsibilities(weighted)
         return log_norm, resp, self.suff_stats(batch, resp)
 
     def _marginal_expected_stats(self, batch: GaussianBatch, params: GaussianParams):
@@ -464,6 +473,52 @@ class GaussianFamily:
 
     def m_step(self, stats: GaussianStats) -> GaussianParams:
         """Maximum-likelihood parameters from statistics, plus `reg_covar` on the diagonal."""
+        if self.covariance_type == "full" and _compiled(*stats.first.shape):
+            params = self._compiled_m_step(stats)
+            if params is not None:
+                return params
+        return self._numpy_m_step(stats)
+
+    def _compiled_m_step(self, stats: GaussianStats) -> GaussianParams | None:
+        """Full covariances: the M-step as one compiled call (None: a covariance the NumPy path repairs or
+        refuses, or a weight that is not a finite value >= 0)."""
+        weights, means, cov, chol, log_det, ok = kernels.full_m_step(
+            _contiguous(stats.shift),
+            _contiguous(stats.mass),
+            _contiguous(stats.first),
+            _contiguous(stats.second),
+            self.reg_covar,
+        )
+        return GaussianParams(weights, means, cov, "full", chol, log_det) if ok else None
+
+    def blend_and_m_step(
+        self, stats: GaussianStats, batch: GaussianStats, step_size: float, batch_scale: float, dead_mass: float
+    ) -> tuple[GaussianStats, GaussianParams] | None:
+        """One stepwise update of full-covariance statistics in two compiled calls: `stats.blend(batch,
+        step_size, batch_scale)`, a component under `dead_mass` held there, re-centred on the data mean, then
+        the M-step; returns (statistics, parameters), or None where the caller takes the NumPy path (other
+        covariance types, statistics about another shift, a covariance the M-step must repair)."""
+        if self.covariance_type != "full" or not _compiled(*stats.first.shape):
+            return None
+        if batch.shift is not stats.shift and not np.array_equal(batch.shift, stats.shift):
+            return None
+        shift, mass, first, second = kernels.blend_full(
+            _contiguous(stats.shift),
+            _contiguous(stats.mass),
+            _contiguous(stats.first),
+            _contiguous(stats.second),
+            _contiguous(batch.mass),
+            _contiguous(batch.first),
+            _contiguous(batch.second),
+            1.0 - step_size,
+            step_size * batch_scale,
+            dead_mass,
+        )
+        blended = GaussianStats(shift=shift, mass=mass, first=first, second=second)
+        params = self._compiled_m_step(blended)
+        return None if params is None else (blended, params)
+
+    def _numpy_m_step(self, stats: GaussianStats) -> GaussianParams:
         mass = stats.mass + MASS_FLOOR
         offsets = stats.first / mass[:, None]
         means = stats.shift + offsets
@@ -504,6 +559,22 @@ class GaussianFamily:
         if not blocks:
             return np.empty((0, d)), np.empty(0, dtype=int)
         return np.vstack(blocks), np.concatenate(labels)
+
+
+def _compiled(n_components: int, n_features: int) -> bool:
+    """The compiled kernels sum components and features as NumPy does up to `kernels.MAX_WIDTH` of them.
+    The first use compiles (or loads from numba's cache) all of them at once: a model's first use of one
+    is its warm-up fit, so no mini-batch waits for a compilation."""
+    if not kernels.compiled[0]:
+        kernels.warm_up_kernels()
+    return n_components <= kernels.MAX_WIDTH and n_features <= kernels.MAX_WIDTH
+
+
+def _contiguous(array: np.ndarray) -> np.ndarray:
+    """A C-contiguous float64 array (the layout the kernels are compiled for; no copy when it is one)."""
+    if array.flags.c_contiguous and array.dtype == np.float64:
+        return array
+    return np.ascontiguousarray(array, dtype=np.float64)
 
 
 def _precision_cholesky(

@@ -29,6 +29,7 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/batch.py
+	$(PY) benchmarks/hmm.py
 	$(PY) benchmarks/online.py
 	$(PY) benchmarks/kafka_pipeline.py
 	$(PY) benchmarks/kafka_latency.py

@@ -16,7 +16,9 @@ from streamem.families.markov import HMMStats
 from streamem.families.regression import RegressionStats
 from streamem.gaussian_hmm import GaussianHMM
 from streamem.gaussian_mixture import GaussianMixture
+from streamem.markov_switching import MarkovSwitchingRegression
 from streamem.online_gmm import OnlineGMM
+from streamem.online_hmm import OnlineGaussianHMM
 from streamem.online_regression import OnlineRegressionMixture
 from streamem.regression_mixture import RegressionMixture
 
@@ -33,8 +35,10 @@ __all__ = [
     "GaussianMixture",
     "GaussianStats",
     "HMMStats",
+    "MarkovSwitchingRegression",
     "NotFittedError",
     "OnlineGMM",
+    "OnlineGaussianHMM",
     "OnlineRegressionMixture",
     "OutlierError",
     "RegressionMixture",

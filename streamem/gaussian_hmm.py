@@ -12,7 +12,7 @@ from streamem.families.gaussian import COVARIANCE_TYPES, GaussianFamily, Gaussia
 from streamem.families.markov import pooled_for_dead
 from streamem.init import INIT_METHODS, initial_responsibilities
 
-__all__ = ["GaussianHMM"]
+__all__ = ["GaussianHMM", "keep_gaussian_states"]
 
 
 class GaussianHMM(HiddenMarkovModel):
@@ -159,16 +159,7 @@ class GaussianHMM(HiddenMarkovModel):
         )
 
     def _keep_states(self, family: GaussianFamily, emissions, old: GaussianParams, dead: np.ndarray) -> GaussianParams:
-        if self.covariance_type == "tied":  # the covariance belongs to every state: the live ones set it
-            new = family.m_step(emissions)
-        else:
-            new = family.m_step(pooled_for_dead(emissions, dead))
-        means = np.where(dead[:, None], old.means, new.means)
-        covariances = new.covariances
-        if self.covariance_type != "tied":
-            mask = dead.reshape((-1,) + (1,) * (covariances.ndim - 1))
-            covariances = np.where(mask, old.covariances, new.covariances)
-        return family.make_params(new.weights, means, covariances)
+        return keep_gaussian_states(family, emissions, old, dead)
 
     def _set_emissions(self, emissions: GaussianParams) -> None:
         self.means_ = emissions.means
@@ -249,3 +240,16 @@ def _full_covariance(params: GaussianParams, k: int) -> np.ndarray:
         "diag": lambda: np.diag(covariances[k]),
         "spherical": lambda: np.eye(d) * covariances[k],
     }[params.covariance_type]()
+
+
+def keep_gaussian_states(family: GaussianFamily, emissions, old: GaussianParams, dead: np.ndarray) -> GaussianParams:
+    """The Gaussian emissions' M-step when the states in `dead` got no records: they keep `old`'s
+    means and covariances (a tied covariance belongs to every state: the live ones set it)."""
+    tied = family.covariance_type == "tied"
+    new = family.m_step(emissions if tied else pooled_for_dead(emissions, dead))
+    means = np.where(dead[:, None], old.means, new.means)
+    covariances = new.covariances
+    if not tied:
+        mask = dead.reshape((-1,) + (1,) * (covariances.ndim - 1))
+        covariances = np.where(mask, old.covariances, new.covariances)
+    return family.make_params(new.weights, means, covariances)

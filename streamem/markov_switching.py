@@ -10,7 +10,8 @@ from streamem._hmm_estimator import HiddenMarkovModel
 from streamem._validation import check_array, check_choice, check_positive, check_target
 from streamem.engines.markov_chain import filter_states, sequence_bounds
 from streamem.families.base import Summary
-from streamem.families.regression import RegressionBatch, RegressionFamily, RegressionParams
+from streamem.families.markov import pooled_for_dead
+from streamem.families.regression import RegressionBatch, RegressionFamily, RegressionParams, RegressionStats
 from streamem.regression_mixture import REGRESSION_INITS, quantile_start, random_subset_start
 
 __all__ = ["MarkovSwitchingRegression"]
@@ -182,14 +183,20 @@ class MarkovSwitchingRegression(HiddenMarkovModel):
                 )
         return coef, intercept, variance
 
-    def _keep_states(self, new: RegressionParams, old: RegressionParams, dead: np.ndarray) -> RegressionParams:
+    def _keep_states(
+        self, family: RegressionFamily, emissions: RegressionStats, old: RegressionParams, dead: np.ndarray
+    ) -> RegressionParams:
+        if self.switching_variance:  # a dead state's M-step on all records' statistics: finite, then replaced
+            emissions = pooled_for_dead(emissions, dead)
+        # (a shared variance pools every state's residuals: a dead state adds nothing to them, and a
+        # stand-in for its statistics would change the variance the live states share)
+        new = family.m_step(emissions)
         coef = np.where(dead[:, None], old.coef, new.coef)
         intercept = np.where(dead, old.intercept, new.intercept)
-        # a shared variance belongs to every state: the pooled one is the dead state's too
         variance = (
             np.where(dead, old.noise_variance, new.noise_variance) if self.switching_variance else new.noise_variance
         )
-        return self._family().make_params(new.weights, coef, intercept, variance)
+        return family.make_params(new.weights, coef, intercept, variance)
 
     def _set_emissions(self, emissions: RegressionParams) -> None:
         self.coef_ = emissions.coef

@@ -24,6 +24,7 @@ from streamem.families.gaussian import (
     GaussianStats,
     RecordScorer,
 )
+from streamem.families.gaussian_kernels import closest_distance
 from streamem.families.gaussian_linalg import LOG_2PI as _LOG_2PI
 from streamem.gaussian_mixture import GaussianMixture
 from streamem.outliers import DEFAULT_THRESHOLD, MAHALANOBIS, WARM_UP, OutlierScreen, make_screen
@@ -226,6 +227,18 @@ class OnlineGMM(OnlineMixture, base.Clusterer):
         n, d = rows.shape
         missing = np.isnan(rows).any(axis=1) if self.missing == "marginalize" else None
         given, log_prob = log_prob is not None, log_prob
+        if params.covariance_type == "full" and (missing is None or not missing.any()):
+            # the hot path in one compiled pass over the log-densities; any record far: the general code
+            if not given:
+                if not reusable:
+                    batch = self._gaussian.prepare(rows, params.weights @ params.means)
+                log_prob = self._gaussian.log_prob(batch, params)
+            if log_prob.flags.f_contiguous:
+                constant = params.log_det_precision - 0.5 * d * _LOG_2PI
+                distance, far = closest_distance(log_prob.T, constant, self.outlier_threshold or np.inf)
+                if not far:
+                    return distance, MAHALANOBIS, np.zeros(n, dtype=int), log_prob if reusable else None
+            given = True
         with np.errstate(over="ignore", invalid="ignore"):
             if missing is not None and missing.any():
                 complete = np.where(missing[:, None], 0.0, rows)
@@ -500,6 +513,17 @@ class OnlineGMM(OnlineMixture, base.Clusterer):
 
 def _frame_values(X: pd.DataFrame, names: tuple, allow_missing: bool = False) -> np.ndarray:
     """The model's feature columns of X; a missing or extra column is an error, as in a record."""
+    if isinstance(X, pd.DataFrame) and not allow_missing:
+        # learn_many's frames: when X has exactly the model's columns, in order, and pandas gives floats
+        # (every column numeric), one sum says every value is finite (NaN and inf make it non-finite);
+        # 25 us against 120 for the column-by-column checks, which still run on anything else
+        values = X.to_numpy()
+        if values.dtype == np.float64 and X.columns.tolist() == list(names):
+            values = np.ascontiguousarray(values)
+            with np.errstate(over="ignore"):  # finite values near 1e308 can sum to inf: the checks below
+                total = np.add.reduce(values, axis=None)
+            if np.isfinite(total):
+                return values
     if isinstance(X, pd.DataFrame):
         missing = [name for name in names if name not in X.columns]
         if missing:

@@ -190,3 +190,13 @@ def test_works_inside_a_river_pipeline_with_a_scaler():
     predicted = np.array([pipeline.predict_one({"u": row[0], "v": row[1]}) for row in X[-500:]])
     agreement = max(np.mean(predicted == labels[-500:]), np.mean(predicted != labels[-500:]))
     assert agreement > 0.99
+
+
+def test_frame_values_whose_sum_overflows_are_still_finite_values():
+    """A DataFrame of finite values near 1e308 (their sum is inf) is not refused as non-finite: the
+    too-large rule screens them, while a NaN in a frame still names its row and column."""
+    model = se.OnlineGMM(1, warmup=10, batch_size=5, features=("a", "b"), seed=0)
+    screen = model.screen_many(pd.DataFrame({"a": [1e308, 1e308, 1.0], "b": [0.0, 0.0, 0.0]}))
+    assert screen.outlier.tolist() == [True, True, False]
+    with pytest.raises(ValueError, match="feature 'b' is NaN in row"):
+        model.learn_many(pd.DataFrame({"a": [1.0, 2.0], "b": [0.0, np.nan]}, index=[6, 7]))

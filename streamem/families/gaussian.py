@@ -430,13 +430,16 @@ class GaussianFamily:
         """
         if batch.has_missing:
             return self._marginal_expected_stats(batch, params)
-        weighted = self.weighted_log_prob(batch, params, log_prob)
-        if params.covariance_type == "full" and batch.squares is None and _compiled(*weighted.shape[::-1]):
+        if params.covariance_type == "full" and batch.squares is None and _compiled(*params.means.shape):
             # one compiled pass: responsibilities (in place of the log-densities) and the moments
-            transposed = weighted.T if weighted.flags.f_contiguous else np.ascontiguousarray(weighted.T)
-            log_norm, mass, first, second = kernels.full_moments(transposed, _contiguous(batch.centred))
-            return log_norm, transposed.T, GaussianStats(shift=batch.shift, mass=mass, first=first, second=second)
-        log_norm, resp = responsibilities(weighted)
+            if log_prob is None:
+                log_prob = self.log_prob(batch, params)
+            by_component = log_prob.T if log_prob.flags.f_contiguous else np.ascontiguousarray(log_prob.T)
+            log_norm, mass, first, second = kernels.full_moments(
+                by_component, params.log_weights, _contiguous(batch.centred)
+            )
+            return log_norm, by_component.T, GaussianStats(shift=batch.shift, mass=mass, first=first, second=second)
+        log_norm, resp = responsibilities(self.weighted_log_prob(batch, params, log_prob))
         return log_norm, resp, self.suff_stats(batch, resp)
 
     def _marginal_expected_stats(self, batch: GaussianBatch, params: GaussianParams):
@@ -502,7 +505,7 @@ class GaussianFamily:
             return None
         if batch.shift is not stats.shift and not np.array_equal(batch.shift, stats.shift):
             return None
-        shift, mass, first, second = kernels.blend_full(
+        shift, mass, first, second, weights, means, cov, chol, log_det, ok = kernels.update_full(
             _contiguous(stats.shift),
             _contiguous(stats.mass),
             _contiguous(stats.first),
@@ -513,10 +516,12 @@ class GaussianFamily:
             1.0 - step_size,
             step_size * batch_scale,
             dead_mass,
+            self.reg_covar,
         )
+        if not ok:
+            return None
         blended = GaussianStats(shift=shift, mass=mass, first=first, second=second)
-        params = self._compiled_m_step(blended)
-        return None if params is None else (blended, params)
+        return blended, GaussianParams(weights, means, cov, "full", chol, log_det)
 
     def _numpy_m_step(self, stats: GaussianStats) -> GaussianParams:
         mass = stats.mass + MASS_FLOOR

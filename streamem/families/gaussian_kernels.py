@@ -30,6 +30,7 @@ __all__ = [
     "full_log_prob",
     "full_m_step",
     "full_moments",
+    "update_full",
     "warm_up_kernels",
 ]
 
@@ -101,7 +102,7 @@ def full_log_prob(centred, means, chol, constant):
 
 @numba.njit(**_JIT)
 def closest_distance(log_prob, constant, threshold):
-    """Squared Mahalanobis distance of each record to its closest component, -2 max_k (log N_k - c_k),
+    """Squared Mahalanobis distance of each record to its closest component, max(-2 max_k (log N_k - c_k), 0),
     from log-densities (K, n), and how many records are not within `threshold` (NaN counts as far)."""
     K, n = log_prob.shape
     distance = np.empty(n)
@@ -112,16 +113,21 @@ def closest_distance(log_prob, constant, threshold):
             value = log_prob[k, m] - constant[k]
             if value > best:
                 best = value
-        distance[m] = -2.0 * best
-        if not distance[m] <= threshold:
+        value = -2.0 * best
+        if not value <= threshold:
             far += 1
+        distance[m] = 0.0 if value < 0.0 else value  # rounding can take it below 0; NaN stays NaN
     return distance, far
 
 
 @numba.njit(**_JIT)
-def _normalise(weighted):
-    """log w_k + log N(x | k) (K, n) -> responsibilities, in place; returns each record's log-likelihood."""
+def _normalise(weighted, log_weights):
+    """log N(x | k) (K, n) -> responsibilities, in place (log w_k added first); returns each record's
+    log-likelihood."""
     K, n = weighted.shape
+    for k in range(K):
+        for m in range(n):
+            weighted[k, m] += log_weights[k]
     top = weighted[0].copy()
     for k in range(1, K):
         for m in range(n):
@@ -187,11 +193,12 @@ def _moments(resp, centred):
 
 
 @numba.njit(**_JIT)
-def full_moments(weighted, centred):
-    """Responsibilities and moments from log w_k + log N(x | k), given as (K, n) (overwritten with the
-    responsibilities): returns (log-likelihood (n,), mass (K,), first (K, d), second (K, d (d + 1) / 2),
-    the upper triangles packed row by row)."""
-    log_norm = _normalise(weighted)
+def full_moments(log_prob, log_weights, centred):
+    """Responsibilities and moments from the log-densities log N(x | k), (K, n) (overwritten with the
+    responsibilities) and the log-weights (K,): returns (log-likelihood (n,), mass (K,), first (K, d),
+    second (K, d (d + 1) / 2), the upper triangles packed row by row)."""
+    weighted = log_prob
+    log_norm = _normalise(weighted, log_weights)
     mass, first, second = _moments(weighted, centred)
     return log_norm, mass, first, second
 
@@ -316,6 +323,15 @@ def blend_full(shift, mass, first, second, b_mass, b_first, b_second, keep, take
     return centre, new_mass, out_first, out_second
 
 
+@numba.njit(**_JIT)
+def update_full(shift, mass, first, second, b_mass, b_first, b_second, keep, take, dead_mass, reg_covar):
+    """`blend_full` then `full_m_step` of its statistics, in one call: returns the four statistics
+    fields, then the six values of `full_m_step`."""
+    blended = blend_full(shift, mass, first, second, b_mass, b_first, b_second, keep, take, dead_mass)
+    weights, means, cov, chol, log_det, ok = full_m_step(blended[0], blended[1], blended[2], blended[3], reg_covar)
+    return blended[0], blended[1], blended[2], blended[3], weights, means, cov, chol, log_det, ok
+
+
 def warm_up_kernels() -> None:
     """Compile (or load from the cache) every kernel now, on tiny inputs of the types the hot path uses."""
     if compiled[0]:
@@ -326,10 +342,10 @@ def warm_up_kernels() -> None:
     chol = np.broadcast_to(np.eye(d), (K, d, d)).copy()
     weighted = full_log_prob(centred, means, chol, np.zeros(K))
     closest_distance(weighted, np.zeros(K), 1.0)
-    full_moments(weighted, centred)
+    full_moments(weighted, np.zeros(K), centred)
     mass, first, second = np.ones(K), np.zeros((K, d)), np.ones((K, 3))
     full_m_step(np.zeros(d), mass, first, second, 1e-6)
-    blend_full(np.zeros(d), mass, first, second, mass, first, second, 0.5, 0.5, 1e-8)
+    update_full(np.zeros(d), mass, first, second, mass, first, second, 0.5, 0.5, 1e-8, 1e-6)
     compiled[0] = True
 
 

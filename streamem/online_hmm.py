@@ -12,7 +12,7 @@ from river import base
 
 from streamem._validation import check_array, check_choice, check_n_components, check_positive, record_values
 from streamem.engines.baum_welch import HMMParams
-from streamem.engines.block_online import BlockOnlineEM, block_statistics
+from streamem.engines.block_online import BlockOnlineEM, block_statistics, one_sequence
 from streamem.engines.markov_chain import filter_states
 from streamem.exceptions import ConvergenceWarning
 from streamem.families.gaussian import COVARIANCE_TYPES, GaussianFamily
@@ -176,7 +176,12 @@ class OnlineGaussianHMM(base.Clusterer):
             missing = [name for name in names if name not in X.columns]
             if missing:
                 raise ValueError(f"feature {missing[0]!r} is missing from the frame")
-            return check_array(X[list(names)].to_numpy(dtype=float, na_value=np.nan), n_features=len(names)), names
+            frame = X if tuple(X.columns) == names else X[list(names)]
+            try:
+                values = frame.to_numpy(dtype=float)
+            except (TypeError, ValueError) as error:
+                raise ValueError(f"X contains non-numeric values ({error})") from None
+            return check_array(values, n_features=len(names)), names
         if self._names is None:
             raise ValueError("the OnlineGaussianHMM does not know its features yet: give features=... or a DataFrame")
         return check_array(X, n_features=len(self._names)), self._names
@@ -273,8 +278,7 @@ class OnlineGaussianHMM(base.Clusterer):
         predicted = chain.startprob if before is None else before @ chain.transmat
         batch = self._family.prepare(rows, self._engine.stats.emissions.shift)
         log_b = self._family.log_prob(batch, params.emissions)
-        bounds = (np.zeros(1, dtype=np.int64), np.array([rows.shape[0]], dtype=np.int64))
-        return filter_states(log_b, predicted, chain.transmat, *bounds)
+        return filter_states(log_b, predicted, chain.transmat, *one_sequence(rows.shape[0]))
 
     def _next(self, x) -> tuple[np.ndarray, float]:
         """(P(state of x | past and x), log p(x | past)) for `x` as the next record; changes nothing."""

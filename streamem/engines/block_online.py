@@ -28,9 +28,21 @@ from streamem.engines.markov_chain import ForwardBackward, forward_backward
 from streamem.families.markov import HMMStats
 from streamem.schedules import StepSize
 
-__all__ = ["BlockOnlineEM", "block_statistics"]
+__all__ = ["BlockOnlineEM", "block_statistics", "one_sequence"]
 
-_ONE_SEQUENCE = (np.zeros(1, dtype=np.int64), np.ones(1, dtype=np.int64))
+_RECENTRE_EVERY = 16
+_BOUNDS: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # one sequence of n records: (starts, ends), by n
+
+
+def one_sequence(n: int) -> tuple[np.ndarray, np.ndarray]:
+    """(starts, ends) of a single sequence of `n` records (cached: blocks are mostly one size)."""
+    bounds = _BOUNDS.get(n)
+    if bounds is None:
+        bounds = _BOUNDS[n] = (np.zeros(1, dtype=np.int64), np.array([n], dtype=np.int64))
+        if len(_BOUNDS) > 64:
+            _BOUNDS.clear()
+            _BOUNDS[n] = bounds
+    return bounds
 
 
 def block_statistics(family, batch, params: HMMParams, previous_filter) -> tuple[ForwardBackward, HMMStats]:
@@ -47,8 +59,7 @@ def block_statistics(family, batch, params: HMMParams, previous_filter) -> tuple
     else:
         predicted = previous_filter @ chain.transmat
     log_b = family.log_prob(batch, params.emissions)
-    starts, ends = _ONE_SEQUENCE if n == 1 else (np.zeros(1, dtype=np.int64), np.array([n], dtype=np.int64))
-    result = forward_backward(log_b, predicted, chain.transmat, starts, ends)
+    result = forward_backward(log_b, predicted, chain.transmat, *one_sequence(n))
     transitions, first = result.transitions, result.first
     if previous_filter is not None:
         # P(z_0 = i, z_1 = j | ...) = filter_0(i) A_ij P(z_1 = j | ...) / P(z_1 = j | filter_0)
@@ -73,11 +84,11 @@ class BlockOnlineEM:
 
     def apply(self, block: HMMStats) -> None:
         """Blend a block's statistics (sums over its records) in and run the M-step."""
-        eta = self.schedule(self.n_updates)
-        scale = 1.0 / block.count
-        stats = self.stats.scaled(1.0 - eta) + block.scaled(eta * scale)
+        stats = self.stats.blend(block, self.schedule(self.n_updates), 1.0 / block.count)
         self.params = m_step(self.family, stats, self.params, self.keep_states)
-        # moments about the data's current mean keep full precision on a stream far from the origin
-        emissions = stats.emissions.recentred(stats.emissions.data_mean())
-        self.stats = HMMStats(stats.first, stats.transitions, emissions)
         self.n_updates += 1
+        if self.n_updates % _RECENTRE_EVERY < 1:
+            # moments about the data's current mean keep full precision on a stream that moves far
+            # from where it started (exact algebra; every few blocks is enough: a block moves little)
+            stats = HMMStats(stats.first, stats.transitions, stats.emissions.recentred(stats.emissions.data_mean()))
+        self.stats = stats

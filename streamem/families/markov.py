@@ -48,6 +48,15 @@ class HMMStats:
         """The statistics multiplied by `factor`."""
         return HMMStats(self.first * factor, self.transitions * factor, self.emissions.scaled(factor))
 
+    def blend(self, block: HMMStats, step_size: float, block_scale: float = 1.0) -> HMMStats:
+        """Stepwise update `(1 - step_size) * self + step_size * block_scale * block` (one new object)."""
+        keep, take = 1.0 - step_size, step_size * block_scale
+        return HMMStats(
+            keep * self.first + take * block.first,
+            keep * self.transitions + take * block.transitions,
+            self.emissions.blend(block.emissions, step_size, block_scale),
+        )
+
     @property
     def count(self) -> float:
         """How many records the statistics summarise."""
@@ -127,7 +136,7 @@ def checked_chain(startprob, transmat, n_states: int) -> ChainParams:
     rows = matrix.sum(axis=1)
     if not np.allclose(rows, 1.0):
         raise ValueError(f"every row of transmat must sum to 1, got row sums {rows.tolist()}")
-    return ChainParams(start / start.sum(), matrix / rows[:, None])
+    return ChainParams(start, matrix)  # as given (not renormalised): a restored model must be bit for bit
 
 
 def chain_m_step(stats: HMMStats, previous: ChainParams) -> ChainParams:
@@ -135,9 +144,11 @@ def chain_m_step(stats: HMMStats, previous: ChainParams) -> ChainParams:
     expected transitions out (a state never visited but at the end) keeps its previous values,
     as does the start distribution when no sequence starts in the statistics."""
     first = stats.first
-    total = first.sum()
+    total = float(np.add.reduce(first))
     startprob = first / total if total > 0 else previous.startprob
-    rows = stats.transitions.sum(axis=1)
+    rows = np.add.reduce(stats.transitions, axis=1)
+    if min(rows.tolist()) > DEAD_STATE_MASS:  # the usual case: every state was left at least once
+        return ChainParams(startprob, stats.transitions / rows[:, None])
     visited = rows > DEAD_STATE_MASS
     transmat = np.where(visited[:, None], stats.transitions / np.where(visited, rows, 1.0)[:, None], previous.transmat)
     return ChainParams(startprob, transmat)

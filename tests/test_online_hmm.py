@@ -1,0 +1,220 @@
+"""OnlineGaussianHMM: River's contract, the filter, state round trips, and agreement with batch Baum-Welch."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import warnings
+
+import numpy as np
+import pandas as pd
+import pytest
+from river import checks
+from scipy.special import logsumexp
+from scipy.stats import multivariate_normal
+
+import streamem as se
+from streamem.state import StateError
+
+
+def sticky_stream(n: int, means: np.ndarray, stay: float, seed: int, scale: float = 1.0):
+    """Records of a chain that stays in its state with probability `stay`, and the states."""
+    rng = np.random.default_rng(seed)
+    K = len(means)
+    states = np.empty(n, dtype=np.int64)
+    state = 0
+    leave, jumps = rng.random(n) > stay, rng.integers(1, K, n)
+    for t in range(n):
+        if leave[t]:
+            state = (state + jumps[t]) % K
+        states[t] = state
+    return means[states] + scale * rng.normal(size=(n, means.shape[1])), states
+
+
+def frame(X: np.ndarray) -> pd.DataFrame:
+    return pd.DataFrame(X, columns=[f"f{j}" for j in range(X.shape[1])])
+
+
+THREE_STATES = np.array([[0.0, 0.0], [2.5, 0.0], [0.0, 2.5]])
+
+
+@pytest.mark.parametrize("params", list(se.OnlineGaussianHMM._unit_test_params()))
+def test_river_check_estimator_passes(params):
+    """river.checks.check_estimator passes with no check skipped."""
+    model = se.OnlineGaussianHMM(**params)
+    assert not model._unit_test_skips()
+    checks.check_estimator(model)
+
+
+def test_learn_many_gives_the_model_learn_one_gives():
+    """learn_many over uneven chunks (through the warm-up and across blocks) equals a learn_one loop."""
+    X, _ = sticky_stream(1500, THREE_STATES, 0.95, seed=0)
+    one, many = (se.OnlineGaussianHMM(3, warmup=300, batch_size=64, seed=0) for _ in range(2))
+    for x in frame(X).to_dict("records"):
+        one.learn_one(x)
+    for start, stop in [(0, 7), (7, 299), (299, 301), (301, 400), (400, 1337), (1337, 1500)]:
+        many.learn_many(frame(X).iloc[start:stop])
+    assert one.n_seen == many.n_seen == 1500
+    np.testing.assert_allclose(many.transmat_, one.transmat_, rtol=1e-9)
+    np.testing.assert_allclose(many.means_, one.means_, rtol=1e-9)
+    np.testing.assert_allclose(many.filter_, one.filter_, atol=1e-9)
+
+
+def test_predict_proba_one_is_the_filter_moved_one_step():
+    """predict_proba_one / score_one equal the filter pushed through transmat_ and weighed by the
+    densities (scipy), computed from the public attributes; learn_one then makes that the filter."""
+    X, _ = sticky_stream(900, THREE_STATES, 0.95, seed=1)
+    model = se.OnlineGaussianHMM(3, warmup=300, batch_size=50, seed=0)
+    model.learn_many(frame(X[:830]))
+    x = {"f0": 2.0, "f1": 0.3}
+    densities = np.array(
+        [multivariate_normal(model.means_[k], model.covariances_[k]).logpdf([2.0, 0.3]) for k in range(3)]
+    )
+    joint = np.log(model.filter_ @ model.transmat_) + densities
+    expected = np.exp(joint - logsumexp(joint))
+    answer = model.predict_proba_one(x)
+    np.testing.assert_allclose([answer[k] for k in range(3)], expected, rtol=1e-9)
+    assert model.score_one(x) == pytest.approx(logsumexp(joint), rel=1e-12)
+    assert model.predict_one(x) == int(np.argmax(expected))
+    model.learn_one(x)
+    np.testing.assert_allclose(model.filter_, expected, rtol=1e-9)
+
+
+def test_state_round_trip_mid_stream_equals_never_stopping():
+    """to_dict -> JSON -> from_dict in the warm-up and mid-block, then going on, gives the same answers
+    and parameters as a model that never stopped."""
+    X, _ = sticky_stream(1200, THREE_STATES, 0.95, seed=2)
+    records = frame(X).to_dict("records")
+    never = se.OnlineGaussianHMM(3, warmup=200, batch_size=64, seed=0)
+    restored = se.OnlineGaussianHMM(3, warmup=200, batch_size=64, seed=0)
+    for t, x in enumerate(records):
+        if t in (150, 523, 1000):  # in the warm-up, in a block, and again
+            restored = se.OnlineGaussianHMM.from_dict(json.loads(json.dumps(restored.to_dict())))
+        assert restored.predict_proba_one(x) == pytest.approx(never.predict_proba_one(x), rel=1e-12)
+        never.learn_one(x)
+        restored.learn_one(x)
+    np.testing.assert_array_equal(restored.transmat_, never.transmat_)
+    np.testing.assert_array_equal(restored.covariances_, never.covariances_)
+
+
+def test_state_does_not_grow_with_the_stream():
+    """The state holds at most one block of records: its JSON is as long after 20,000 records as after 2,000."""
+    X, _ = sticky_stream(20_000, THREE_STATES, 0.95, seed=3)
+    model = se.OnlineGaussianHMM(3, seed=0)
+    model.learn_many(frame(X[:2000]))
+    short = len(json.dumps(model.to_dict()))
+    model.learn_many(frame(X[2000:]))
+    assert len(json.dumps(model.to_dict())) < 1.2 * short
+
+
+def test_online_agrees_with_batch_baum_welch_on_a_long_sticky_stream():
+    """On 100,000 records of a sticky chain, the online transition matrix is within 0.01 and the means
+    within 0.05 of batch Baum-Welch on the same records (default settings)."""
+    X, _ = sticky_stream(100_000, THREE_STATES, 0.97, seed=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", se.ConvergenceWarning)
+        batch = se.GaussianHMM(3, random_state=0).fit(X)
+    online = se.OnlineGaussianHMM(3, seed=0)
+    online.learn_many(frame(X))
+    ours = [int(np.argmin(((online.means_ - m) ** 2).sum(axis=1))) for m in batch.means_]
+    assert sorted(ours) == [0, 1, 2]
+    np.testing.assert_allclose(online.means_[ours], batch.means_, atol=0.05)
+    np.testing.assert_allclose(online.transmat_[np.ix_(ours, ours)], batch.transmat_, atol=0.01)
+
+
+def test_online_filter_labels_regimes_as_the_true_filter_and_switches_less_than_a_mixture():
+    """Prequential labels of a regime stream: within 1 point of the filter run with the true parameters,
+    and several times fewer switches than OnlineGMM's on the same records."""
+    means = np.array([[0.0], [1.6]])
+    X, states = sticky_stream(20_000, means, 0.98, seed=5)
+    truth = se.GaussianHMM(
+        2,
+        "spherical",
+        max_iter=0,
+        startprob_init=[0.5, 0.5],
+        transmat_init=[[0.98, 0.02], [0.02, 0.98]],
+        means_init=means,
+        covariances_init=[1.0, 1.0],
+    ).fit(X)
+    true_labels = truth.filter_proba(X).argmax(axis=1)
+    online, mixture = se.OnlineGaussianHMM(2, seed=0), se.OnlineGMM(2, seed=0)
+    hmm_labels, gmm_labels = np.empty(len(X), dtype=int), np.empty(len(X), dtype=int)
+    for t, x in enumerate(frame(X).to_dict("records")):
+        hmm_labels[t], gmm_labels[t] = online.predict_one(x), mixture.predict_one(x)
+        online.learn_one(x)
+        mixture.learn_one(x)
+    scored = slice(2000, None)  # after both warm-ups and a few blocks
+    upper = int(np.argmax(online.means_.ravel()))
+    hmm_accuracy = ((hmm_labels[scored] == upper) == (states[scored] == 1)).mean()
+    true_accuracy = (true_labels[scored] == states[scored]).mean()
+    assert hmm_accuracy >= true_accuracy - 0.01
+    switches = {name: int((np.diff(labels[scored]) != 0).sum()) for name, labels in [("hmm", hmm_labels),
+                                                                                     ("gmm", gmm_labels)]}
+    assert switches["hmm"] * 5 < switches["gmm"]
+
+
+# -- bad input ---------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("record", "error", "message"),
+    [
+        ({"f0": float("nan"), "f1": 0.0}, ValueError, "f0"),
+        ({"f0": "fast", "f1": 0.0}, TypeError, "'f0' is not a number"),
+        ({"f0": 1.0}, ValueError, "'f1' is missing"),
+        ({"f0": 1.0, "f1": 0.0, "f2": 3.0}, ValueError, "unexpected feature 'f2'"),
+        ([1.0, 0.0], TypeError, "dict"),
+    ],
+)
+def test_a_bad_record_is_a_clear_error_and_changes_nothing(record, error, message):
+    """learn_one / predict_one of a bad record raise naming the field; parameters, filter and block stay."""
+    X, _ = sticky_stream(700, THREE_STATES, 0.95, seed=6)
+    model = se.OnlineGaussianHMM(3, warmup=300, batch_size=64, seed=0)
+    model.learn_many(frame(X))
+    before = json.dumps(model.to_dict())
+    for call in (model.learn_one, model.predict_one, model.score_one):
+        with pytest.raises(error, match=message):
+            call(record)
+    assert json.dumps(model.to_dict()) == before
+
+
+def test_a_bad_frame_is_refused_whole():
+    """learn_many with a NaN in row 130 raises naming it and learns none of the frame's rows."""
+    X, _ = sticky_stream(700, THREE_STATES, 0.95, seed=7)
+    model = se.OnlineGaussianHMM(3, warmup=300, batch_size=64, seed=0)
+    model.learn_many(frame(X[:400]))
+    before = json.dumps(model.to_dict())
+    bad = frame(X[400:]).copy()
+    bad.iloc[130, 1] = np.nan
+    with pytest.raises(ValueError, match="row 130"):
+        model.learn_many(bad)
+    assert json.dumps(model.to_dict()) == before
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda d: d.update(format="streamem.OnlineGMM"), "format"),
+        (lambda d: d.update(filter=[0.5, 0.6, 0.1]), "filter"),
+        (lambda d: d["engine"].update(transmat=[[1.0, 0.0, 0.0]] * 2), "transmat"),
+        (lambda d: d["engine"]["stats"].update(first=[1.0, -1.0, 0.0]), "negative"),
+        (lambda d: d.update(block=[[1.0, "x"]]), "block"),
+        (lambda d: d.update(block=[[1.0, 2.0, 3.0]]), "features"),
+        (lambda d: d["engine"].update(n_updates=float("inf")), "n_updates"),
+    ],
+)
+def test_a_corrupted_state_is_refused_by_name(change, message):
+    """from_dict of a damaged document raises StateError naming what is wrong."""
+    X, _ = sticky_stream(700, THREE_STATES, 0.95, seed=8)
+    model = se.OnlineGaussianHMM(3, warmup=300, batch_size=64, seed=0)
+    model.learn_many(frame(X))
+    document = copy.deepcopy(model.to_dict())
+    change(document)
+    with pytest.raises(StateError, match=message):
+        se.OnlineGaussianHMM.from_dict(document)
+
+
+def test_predictions_before_the_warm_up_are_uniform():
+    """Before the warm-up every state is equally likely and nothing is learned by predicting."""
+    model = se.OnlineGaussianHMM(3, warmup=50)
+    assert model.predict_proba_one({"a": 1.0}) == {0: 1 / 3, 1: 1 / 3, 2: 1 / 3}
+    assert math.isfinite(model.score_one({"a": 1.0})) and model.n_seen == 0

@@ -194,11 +194,12 @@ def test_a_bad_frame_is_refused_whole():
     ("change", "message"),
     [
         (lambda d: d.update(format="streamem.OnlineGMM"), "format"),
-        (lambda d: d.update(filter=[0.5, 0.6, 0.1]), "filter"),
+        (lambda d: d["streams"][0].update(filter=[0.5, 0.6, 0.1]), "filter"),
         (lambda d: d["engine"].update(transmat=[[1.0, 0.0, 0.0]] * 2), "transmat"),
         (lambda d: d["engine"]["stats"].update(first=[1.0, -1.0, 0.0]), "negative"),
-        (lambda d: d.update(block=[[1.0, "x"]]), "block"),
-        (lambda d: d.update(block=[[1.0, 2.0, 3.0]]), "features"),
+        (lambda d: d["streams"][0].update(block=[[1.0, "x"]]), "block"),
+        (lambda d: d["streams"][0].update(block=[[1.0, 2.0, 3.0]]), "features"),
+        (lambda d: d["streams"][0].update(block=[[1.0, 2.0]] * 64), "full block"),
         (lambda d: d["engine"].update(n_updates=float("inf")), "n_updates"),
     ],
 )
@@ -211,6 +212,31 @@ def test_a_corrupted_state_is_refused_by_name(change, message):
     change(document)
     with pytest.raises(StateError, match=message):
         se.OnlineGaussianHMM.from_dict(document)
+
+
+def test_streams_share_parameters_but_not_filters():
+    """Two streams in one model: records of one never move the other's filter; each stream's answers are
+    its own filter moved one step (the Kafka consumer's partitions)."""
+    X, _ = sticky_stream(1000, THREE_STATES, 0.95, seed=9)
+    model = se.OnlineGaussianHMM(3, warmup=300, batch_size=64, features=("f0", "f1"), seed=0)
+    model.filter_and_learn(X[:200], stream="a")
+    model.filter_and_learn(X[500:600], stream="b")  # the warm-up is two sequences of 200 and 100
+    assert model.is_warm and sorted(model.streams_) == ["a", "b"]
+    before = model.stream_filter("a").copy()
+    model.filter_and_learn(X[600:630], stream="b")  # no update: b's block is not full
+    np.testing.assert_array_equal(model.stream_filter("a"), before)
+    answers, log_likelihood = model.filter_and_learn(X[200:210], stream="a")
+    densities = np.array(
+        [multivariate_normal(model.means_[k], model.covariances_[k]).logpdf(X[200]) for k in range(3)]
+    )
+    joint = np.log(before @ model.transmat_) + densities
+    np.testing.assert_allclose(answers[0], np.exp(joint - logsumexp(joint)), rtol=1e-9)
+    assert log_likelihood[0] == pytest.approx(logsumexp(joint), rel=1e-12)
+    restored = se.OnlineGaussianHMM.from_dict(json.dumps(model.to_dict()))
+    for stream in ("a", "b"):
+        np.testing.assert_array_equal(restored.stream_filter(stream), model.stream_filter(stream))
+    model.forget_stream("b")
+    assert model.streams_ == ["a"] and model.stream_filter("b") is None
 
 
 def test_predictions_before_the_warm_up_are_uniform():

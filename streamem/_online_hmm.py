@@ -1,0 +1,330 @@
+"""What the online hidden Markov models share: the warm-up, the block-online engine, one filter per
+stream, and the JSON state.
+
+One model can follow several streams (the Kafka consumer's partitions) with shared parameters:
+each stream is its own sequence, with its own filter and its own open block of records. River's
+API uses the stream `None`. A subclass says how records become rows and a family batch, how the
+warm-up is fitted, and how its emission parameters are saved (`_prepare`, `_warm_up_fit`,
+`_emission_document`, `_emission_params`, `keep_states`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+
+from streamem._validation import check_array, check_n_components, check_positive
+from streamem.engines.baum_welch import HMMParams
+from streamem.engines.block_online import BlockOnlineEM, block_statistics, one_sequence
+from streamem.engines.markov_chain import filter_states
+from streamem.families.markov import HMMStats, checked_chain
+from streamem.schedules import StepSize
+from streamem.state import StateError, json_object
+
+__all__ = ["OnlineHiddenMarkov", "Stream"]
+
+FORMAT_VERSION = 1
+
+
+@dataclasses.dataclass
+class Stream:
+    """One sequence: the filter before its open block (None: the stream has not started), the block's
+    rows (`count` of `rows`), and the filter through the block's rows when it was last asked."""
+
+    before: np.ndarray | None
+    rows: np.ndarray
+    count: int = 0
+    latest: tuple[int, np.ndarray] | None = None
+
+    def block(self) -> np.ndarray:
+        return self.rows[: self.count]
+
+
+class OnlineHiddenMarkov:
+    """Base of `OnlineGaussianHMM` and `OnlineMarkovSwitchingRegression` (not public)."""
+
+    def _check_common(self) -> None:
+        check_n_components(self.n_states)
+        check_positive(self.batch_size, "batch_size", integer=True)
+        check_positive(self.warmup, "warmup", integer=True)
+        if self.warmup < self.n_states:
+            raise ValueError(f"warmup must be at least n_states={self.n_states}, got {self.warmup}")
+        if self.step is not None and not isinstance(self.step, StepSize):
+            raise ValueError(f"step must be a StepSize, got {self.step!r}")
+
+    def _reset(self) -> None:
+        self._warm: dict = {}  # stream -> warm-up rows (lists), in arrival order of the streams
+        self._n_warm = 0
+        self._engine: BlockOnlineEM | None = None
+        self._streams: dict = {}
+        self.n_seen = 0
+
+    # -- what a subclass provides -----------------------------------------------------------------
+    def _prepare(self, rows: np.ndarray, shift):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _warm_up_fit(self, rows: np.ndarray, lengths: list[int]):  # pragma: no cover - abstract
+        """A batch model fitted to the warm-up sequences: (HMMParams, HMMStats summed over them,
+        the filtered probabilities (n, K) under the fitted parameters)."""
+        raise NotImplementedError
+
+    def _emission_document(self, emissions) -> dict:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _emission_params(self, document: dict, width: int):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    # -- state of the model -------------------------------------------------------------------------
+    @property
+    def is_warm(self) -> bool:
+        return self._engine is not None
+
+    @property
+    def warmup_needed(self) -> int:
+        """Records the warm-up still needs (0 once warm)."""
+        return 0 if self._engine is not None else self.warmup - self._n_warm
+
+    @property
+    def startprob_(self):
+        return None if self._engine is None else self._engine.params.chain.startprob
+
+    @property
+    def transmat_(self):
+        return None if self._engine is None else self._engine.params.chain.transmat
+
+    @property
+    def statistics_(self) -> HMMStats | None:
+        """The running statistics, normalised per record (None before the warm-up)."""
+        return None if self._engine is None else self._engine.stats
+
+    @property
+    def streams_(self) -> list:
+        """The streams the model follows (River's single stream is None)."""
+        return list(self._streams) if self._engine is not None else list(self._warm)
+
+    def stream_filter(self, stream=None) -> np.ndarray | None:
+        """P(state | every record of `stream` learned so far), (K,) (None before the warm-up or the
+        stream's first record)."""
+        if self._engine is None or stream not in self._streams:
+            return None
+        return self._latest(self._streams[stream])
+
+    def forget_stream(self, stream) -> None:
+        """Drop a stream's filter and open block (its records stay learned up to its last block)."""
+        self._streams.pop(stream, None)
+        rows = self._warm.pop(stream, None)
+        if rows is not None:
+            self._n_warm -= len(rows)
+
+    # -- learning -------------------------------------------------------------------------------------
+    def filter_and_learn(self, rows: np.ndarray, stream=None) -> tuple[np.ndarray, np.ndarray]:
+        """Answer and learn consecutive validated rows of `stream`: (filtered probabilities (n, K),
+        log p(row | the stream before it) (n,)), each row answered as `predict_proba_one` would
+        have answered it just before learning it. During the warm-up the answers are uniform and
+        the log-likelihoods NaN (there is no model yet)."""
+        n, K = rows.shape[0], self.n_states
+        filtered, log_likelihood = np.full((n, K), 1.0 / K), np.full(n, np.nan)
+        at = 0
+        if self._engine is None:
+            at = min(n, self.warmup - self._n_warm)
+            self._warm.setdefault(stream, []).extend(rows[:at].tolist())
+            self._n_warm += at
+            self.n_seen += at
+            if self._n_warm < self.warmup:
+                return filtered, log_likelihood
+            self._warm_up()
+        size = self.batch_size
+        while at < n:
+            current = self._streams.get(stream)
+            if current is None:
+                current = self._streams[stream] = Stream(None, np.empty((size, rows.shape[1])))
+            take = min(n - at, size - current.count)
+            segment = rows[at : at + take]
+            answers, densities = self._filtered(segment, self._latest(current))
+            filtered[at : at + take], log_likelihood[at : at + take] = answers, densities
+            current.rows[current.count : current.count + take] = segment
+            current.count += take
+            current.latest = (current.count, answers[-1])
+            at += take
+            self.n_seen += take
+            if current.count == size:
+                self._update(current)
+        return filtered, log_likelihood
+
+    def _warm_up(self) -> None:
+        streams = list(self._warm.items())
+        rows = np.array([row for _, block in streams for row in block], dtype=float)
+        lengths = [len(block) for _, block in streams]
+        params, stats, filtered = self._warm_up_fit(rows, lengths)
+        self._engine = BlockOnlineEM(
+            family=self._family,
+            stats=stats.scaled(1.0 / len(rows)),
+            params=params,
+            n_updates=len(rows) / self.batch_size,
+            schedule=self.step or StepSize(),
+            keep_states=self.keep_states,
+        )
+        ends = np.cumsum(lengths)
+        self._streams = {
+            name: Stream(filtered[end - 1].copy(), np.empty((self.batch_size, rows.shape[1])))
+            for (name, _), end in zip(streams, ends, strict=True)
+        }
+        self._warm, self._n_warm = {}, 0
+
+    def _update(self, stream: Stream) -> None:
+        engine = self._engine
+        batch = self._prepare(stream.block(), engine.stats.emissions.shift)
+        result, block = block_statistics(self._family, batch, engine.params, stream.before)
+        engine.apply(block)
+        stream.before = result.filtered[-1].copy()
+        stream.count, stream.latest = 0, None
+
+    # -- the filter -------------------------------------------------------------------------------
+    def _latest(self, stream: Stream) -> np.ndarray | None:
+        """The filter through the stream's block (computed when asked, for the rows learned since)."""
+        if stream.count == 0:
+            return stream.before
+        done, filtered = stream.latest if stream.latest is not None else (0, stream.before)
+        if done < stream.count:
+            filtered = self._filtered(stream.rows[done : stream.count], filtered)[0][-1]
+            stream.latest = (stream.count, filtered)
+        return filtered
+
+    def _filtered(self, rows: np.ndarray, before: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        """Filtered probabilities (n, K) and log p(x_t | past) (n,) of `rows` following the filter `before`."""
+        params = self._engine.params
+        chain = params.chain
+        predicted = chain.startprob if before is None else before @ chain.transmat
+        batch = self._prepare(rows, self._engine.stats.emissions.shift)
+        log_b = self._family.log_prob(batch, params.emissions)
+        return filter_states(log_b, predicted, chain.transmat, *one_sequence(rows.shape[0]))
+
+    def _next(self, row: list, stream=None) -> tuple[np.ndarray, float] | None:
+        """(P(state of row | stream so far and row), log p(row | stream so far)); None before the warm-up."""
+        if self._engine is None:
+            return None
+        current = self._streams.get(stream)
+        before = None if current is None else self._latest(current)
+        filtered, log_likelihood = self._filtered(np.array([row], dtype=float), before)
+        return filtered[0], float(log_likelihood[0])
+
+    # -- state as JSON ------------------------------------------------------------------------------
+    def _params_document(self) -> dict:
+        import inspect
+
+        names = [name for name in inspect.signature(type(self).__init__).parameters if name != "self"]
+        params = {name: getattr(self, name) for name in names}
+        params["step"] = None if self.step is None else self.step._get_params()
+        for name, value in params.items():
+            if isinstance(value, tuple):
+                params[name] = list(value)
+        return params
+
+    def to_dict(self) -> dict:
+        """The whole state as a JSON-ready dict: parameters, running statistics, and every stream's
+        filter and open block (restore it and go on: the answers equal never stopping)."""
+        engine = self._engine
+        return {
+            "format": f"streamem.{type(self).__name__}",
+            "version": FORMAT_VERSION,
+            "params": self._params_document(),
+            "features": self._feature_list(),
+            "n_seen": self.n_seen,
+            "warm_up": [{"stream": name, "rows": rows} for name, rows in self._warm.items()],
+            "streams": [
+                {
+                    "stream": name,
+                    "filter": None if s.before is None else s.before.tolist(),
+                    "block": s.block().tolist(),
+                }
+                for name, s in self._streams.items()
+            ],
+            "engine": None
+            if engine is None
+            else {
+                "n_updates": engine.n_updates,
+                "stats": engine.stats.to_dict(),
+                "startprob": engine.params.chain.startprob.tolist(),
+                "transmat": engine.params.chain.transmat.tolist(),
+                **self._emission_document(engine.params.emissions),
+            },
+        }
+
+    @classmethod
+    def from_dict(cls, document):
+        """Rebuild a model from `to_dict()` output (or its JSON text); `StateError` names what is wrong."""
+        document = json_object(document, "model state")
+        expected = f"streamem.{cls.__name__}"
+        if document.get("format") != expected:
+            raise StateError(f"model state format is {document.get('format')!r}, expected {expected!r}")
+        if document.get("version") != FORMAT_VERSION:
+            raise StateError(f"model state version {document.get('version')!r} is not {FORMAT_VERSION}")
+        try:
+            params = dict(document["params"])
+            if params.get("step") is not None:
+                params["step"] = StepSize(**params["step"])
+            if params.get("features") is not None:
+                params["features"] = tuple(params["features"])
+            model = cls(**params)
+            model._restore(document)
+        except StateError:
+            raise
+        except (KeyError, TypeError, ValueError, AttributeError) as error:
+            raise StateError(f"model state is invalid: {error}") from None
+        return model
+
+    def _restore(self, document: dict) -> None:
+        names = document["features"]
+        self._set_features(names)
+        width = None if names is None else self._row_width(len(names))
+        self.n_seen = int(document["n_seen"])
+        warm = {entry["stream"]: _rows(entry["rows"], width, "warm_up") for entry in document["warm_up"]}
+        engine = document["engine"]
+        if engine is None:
+            if document["streams"] or sum(map(len, warm.values())) >= self.warmup:
+                raise StateError("model state has streams but no parameters")
+            self._warm, self._n_warm = warm, sum(map(len, warm.values()))
+            return
+        if warm or width is None:
+            raise StateError("model state is warm but holds warm-up records, or has no features")
+        K = self.n_states
+        stats = HMMStats.from_dict(engine["stats"])
+        expected = self._family.suff_stats(self._prepare(np.zeros((1, width)), None), np.full((1, K), 1.0 / K))
+        if stats.first.shape != (K,) or stats.emissions.shapes != expected.shapes:
+            raise StateError(f"model state statistics have shapes {stats.shapes}, expected {K} states of "
+                             f"{expected.shapes}")
+        chain = checked_chain(engine["startprob"], engine["transmat"], K)
+        emissions = self._emission_params(engine, width)
+        n_updates = float(engine["n_updates"])
+        if not math.isfinite(n_updates) or n_updates < 0:
+            raise StateError(f"model state n_updates must be a finite number >= 0, got {n_updates}")
+        self._engine = BlockOnlineEM(
+            self._family, stats, HMMParams(chain, emissions), n_updates, self.step or StepSize(), self.keep_states
+        )
+        self._streams = {}
+        for entry in document["streams"]:
+            block = _rows(entry["block"], width, "block")
+            if len(block) >= self.batch_size:
+                raise StateError(f"model state stream {entry['stream']!r} holds a full block")
+            before = None if entry["filter"] is None else np.asarray(entry["filter"], dtype=float)
+            if before is not None and (
+                before.shape != (K,) or not np.all(before >= 0) or not math.isclose(before.sum(), 1.0, rel_tol=1e-9)
+            ):
+                raise StateError(f"model state filter of stream {entry['stream']!r} must be {K} probabilities "
+                                 "summing to 1")
+            stream = Stream(before, np.empty((self.batch_size, width)))
+            stream.rows[: len(block)] = block
+            stream.count = len(block)
+            self._streams[entry["stream"]] = stream
+
+
+def _rows(value, width: int | None, name: str) -> list[list[float]]:
+    if not isinstance(value, list):
+        raise StateError(f"model state {name} must be a list of records")
+    if value and width is None:
+        raise StateError(f"model state has {name} records but no feature names")
+    if not value:
+        return []
+    return check_array(value, name=f"model state {name}", n_features=width).tolist()

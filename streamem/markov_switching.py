@@ -14,7 +14,7 @@ from streamem.families.markov import pooled_for_dead
 from streamem.families.regression import RegressionBatch, RegressionFamily, RegressionParams, RegressionStats
 from streamem.regression_mixture import REGRESSION_INITS, quantile_start, random_subset_start
 
-__all__ = ["MarkovSwitchingRegression"]
+__all__ = ["MarkovSwitchingRegression", "keep_regression_states"]
 
 
 class MarkovSwitchingRegression(HiddenMarkovModel):
@@ -186,17 +186,7 @@ class MarkovSwitchingRegression(HiddenMarkovModel):
     def _keep_states(
         self, family: RegressionFamily, emissions: RegressionStats, old: RegressionParams, dead: np.ndarray
     ) -> RegressionParams:
-        if self.switching_variance:  # a dead state's M-step on all records' statistics: finite, then replaced
-            emissions = pooled_for_dead(emissions, dead)
-        # (a shared variance pools every state's residuals: a dead state adds nothing to them, and a
-        # stand-in for its statistics would change the variance the live states share)
-        new = family.m_step(emissions)
-        coef = np.where(dead[:, None], old.coef, new.coef)
-        intercept = np.where(dead, old.intercept, new.intercept)
-        variance = (
-            np.where(dead, old.noise_variance, new.noise_variance) if self.switching_variance else new.noise_variance
-        )
-        return family.make_params(new.weights, coef, intercept, variance)
+        return keep_regression_states(family, emissions, old, dead)
 
     def _set_emissions(self, emissions: RegressionParams) -> None:
         self.coef_ = emissions.coef
@@ -295,3 +285,20 @@ def _state_values(value, name: str, K: int) -> np.ndarray:
     if array.shape != (K,) or not np.all(np.isfinite(array)):
         raise ValueError(f"{name} must be {K} finite numbers (one per state), got {value!r}")
     return array
+
+
+def keep_regression_states(
+    family: RegressionFamily, emissions: RegressionStats, old: RegressionParams, dead: np.ndarray
+) -> RegressionParams:
+    """The regression emissions' M-step when the states in `dead` got no records: they keep `old`'s
+    lines (and variances, when each state has its own)."""
+    switching = not family.shared_variance
+    if switching:  # a dead state's M-step on all records' statistics: finite, then replaced
+        emissions = pooled_for_dead(emissions, dead)
+    # (a shared variance pools every state's residuals: a dead state adds nothing to them, and a
+    # stand-in for its statistics would change the variance the live states share)
+    new = family.m_step(emissions)
+    coef = np.where(dead[:, None], old.coef, new.coef)
+    intercept = np.where(dead, old.intercept, new.intercept)
+    variance = np.where(dead, old.noise_variance, new.noise_variance) if switching else new.noise_variance
+    return family.make_params(new.weights, coef, intercept, variance)

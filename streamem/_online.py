@@ -359,6 +359,8 @@ class OnlineMixture:
             offset, start = start, start + span
             skipped = len(self.skipped_)
             if guarded and self._count == 0 and span == capacity and self._engine is not None:
+                if values_fit and self._learn_screened(chunk):  # the family screens and learns in one pass
+                    continue
                 # A whole mini-batch is at hand: screen it as the update will see it, so the
                 # update reuses the screen's log-densities (one pass over the rows, not two).
                 batch = self._prepare(chunk, self._engine.stats.shift)
@@ -389,6 +391,24 @@ class OnlineMixture:
                 self._flush(self._buffer)
         if self._moved:
             self._rewarm()
+
+    def _learn_screened(self, rows: np.ndarray) -> bool:
+        """Learn a whole mini-batch of a warm model if the family screens and summarises it in one pass
+        (`_screened_statistics`) and no record is refused: what screening then `_flush` would do, for
+        less. False: nothing was done (a record is beyond the threshold, or the family cannot)."""
+        stats = self._screened_statistics(rows)
+        if stats is None:
+            return False
+        self.n_seen += rows.shape[0]
+        self._count = 0
+        self._scorer = self._reference = self._scored = None
+        self._engine.apply(stats, 1.0 / rows.shape[0])
+        return True
+
+    def _screened_statistics(self, rows: np.ndarray):
+        """The statistics of rows (no value too large, none missing) if none is refused by the distance
+        rule, from the family's one-pass screen; None where a subclass has none."""
+        return None
 
     def _flush(self, rows: np.ndarray, batch=None) -> None:
         """Learn from a full buffer: the warm-up fit, or one stepwise update (from `batch`, the

@@ -213,6 +213,13 @@ class OnlineGMM(OnlineMixture, base.Clusterer):
         radius = np.sqrt(self.outlier_threshold / trace) - np.linalg.norm(key.means - centre, axis=1)
         return centre, float(radius.max())
 
+    def _screened_statistics(self, rows: np.ndarray):
+        engine = self._engine
+        if engine.averaged is not None:  # the screen judges by the averaged parameters, the update by the current
+            return None
+        threshold = self.outlier_threshold if self._distance_rule else np.inf
+        return self._gaussian.screened_stats(rows, engine.stats.shift, engine.params, threshold)
+
     def _model_distances(self, rows: np.ndarray, batch=None, log_prob=None):
         """Squared Mahalanobis distance of each row to its closest component, the rule's tag, that
         component's most deviant feature, and the log-densities `log_prob(batch)` when `batch` (the

@@ -43,7 +43,8 @@ def test_compiled_m_step_equals_the_numpy_m_step_and_inverts_each_covariance(K, 
 
 @pytest.mark.parametrize("dead", [False, True])
 def test_fused_update_equals_blend_hold_recentre_and_m_step(dead):
-    """blend_and_m_step gives bit for bit the statistics of blend, the dead-component hold and the re-centring."""
+    """blend_and_m_step gives bit for bit the statistics of blend, the dead-component hold and the re-centring
+    (and NumPy's log-weights)."""
     rng = np.random.default_rng(7)
     family = GaussianFamily("full")
     stats, batch = _statistics(rng, 4, 3), _statistics(rng, 4, 3).scaled(400.0)
@@ -62,6 +63,7 @@ def test_fused_update_equals_blend_hold_recentre_and_m_step(dead):
         np.testing.assert_array_equal(getattr(fused_stats, name), getattr(expected, name))
     assert fused_stats.mass[3] == (DEAD_MASS if dead else fused_stats.mass[3])
     np.testing.assert_array_equal(fused_params.covariances, family._numpy_m_step(expected).covariances)
+    np.testing.assert_array_equal(fused_params.log_weights, np.log(fused_params.weights))  # the kernel's, cached
 
 
 def test_full_log_prob_equals_scipy_densities():
@@ -114,3 +116,24 @@ def test_a_covariance_that_is_not_positive_definite_takes_the_repairing_path():
     params = family.m_step(stats)
     assert np.all(np.isfinite(params.precisions_cholesky))
     np.testing.assert_array_equal(params.means, family._numpy_m_step(stats).means)
+
+
+def test_learn_many_one_pass_screen_gives_learn_one_statistics_bit_for_bit():
+    """Whole mini-batches screened and summarised in one compiled pass end where learn_one ends, bit for bit,
+    and a far record among them still takes the general screen (skipped and reported at its row)."""
+    import pandas as pd
+
+    import streamem as se
+
+    rng = np.random.default_rng(11)
+    X = rng.normal(0, 1, (1500, 3)) + np.where(rng.random(1500) < 0.5, 0.0, 6.0)[:, None]
+    X[1300] = [400.0, 0.0, 0.0]  # beyond the threshold below, inside a whole mini-batch of learn_many
+    make = lambda: se.OnlineGMM(2, warmup=200, batch_size=100, seed=0, outliers="skip", outlier_threshold=1e3)  # noqa: E731
+    one, many = make(), make()
+    for row in X:
+        one.learn_one(dict(zip("abc", row)))
+    many.learn_many(pd.DataFrame(X, columns=list("abc")))
+    assert [position for position, _ in many.skipped_] == [1300] and one.n_outliers == many.n_outliers == 1
+    for name in ("shift", "mass", "first", "second"):
+        np.testing.assert_array_equal(getattr(many.statistics_, name), getattr(one.statistics_, name))
+    np.testing.assert_array_equal(many.covariances_, one.covariances_)

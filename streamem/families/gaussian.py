@@ -285,7 +285,10 @@ class GaussianFamily:
             shift = np.where(observed, X, 0.0).sum(axis=0) / np.maximum(counts, 1)
         elif shift is None:
             shift = X.mean(axis=0)
-        shift = np.asarray(shift, dtype=float)
+        if type(shift) is not np.ndarray or shift.dtype != np.float64:
+            # (not asarray on every call: it gives a kernel's arrays a new view, and the shift's identity
+            # is what tells an update that the batch is about its statistics' shift)
+            shift = np.asarray(shift, dtype=float)
         centred = X - shift
         if not cache_squares or has_missing:
             return GaussianBatch(centred=centred, shift=shift, has_missing=has_missing)
@@ -442,6 +445,30 @@ class GaussianFamily:
         log_norm, resp = responsibilities(self.weighted_log_prob(batch, params, log_prob))
         return log_norm, resp, self.suff_stats(batch, resp)
 
+    def screened_stats(
+        self, rows: np.ndarray, shift: np.ndarray, params: GaussianParams, threshold: float
+    ) -> GaussianStats | None:
+        """`expected_stats(prepare(rows, shift), params)[2]` unless a record's squared Mahalanobis distance
+        to its closest component is beyond `threshold` (the outlier screen of the online models), in two
+        compiled calls (the same numbers); None then, or where only the general path goes (covariances
+        other than full, more than `kernels.MAX_WIDTH` components or features). Rows without NaN."""
+        K, d = params.means.shape
+        if params.covariance_type != "full" or not _compiled(K, d):
+            return None
+        centred, log_prob, far = kernels.screen_full(
+            _contiguous(rows),
+            _contiguous(shift),
+            params.means,
+            params.precisions_cholesky,
+            params.log_det_precision,
+            0.5 * d * LOG_2PI,
+            threshold,
+        )
+        if far:
+            return None
+        _, mass, first, second = kernels.full_moments(log_prob, params.log_weights, centred)
+        return GaussianStats(shift=shift, mass=mass, first=first, second=second)
+
     def _marginal_expected_stats(self, batch: GaussianBatch, params: GaussianParams):
         """`expected_stats` of a batch with missing features (`gaussian_missing.missing_e_step`),
         its full second moments packed as this covariance type keeps them."""
@@ -505,7 +532,7 @@ class GaussianFamily:
             return None
         if batch.shift is not stats.shift and not np.array_equal(batch.shift, stats.shift):
             return None
-        shift, mass, first, second, weights, means, cov, chol, log_det, ok = kernels.update_full(
+        shift, mass, first, second, weights, means, cov, chol, log_det, logs, ok = kernels.update_full(
             _contiguous(stats.shift),
             _contiguous(stats.mass),
             _contiguous(stats.first),
@@ -521,7 +548,9 @@ class GaussianFamily:
         if not ok:
             return None
         blended = GaussianStats(shift=shift, mass=mass, first=first, second=second)
-        return blended, GaussianParams(weights, means, cov, "full", chol, log_det)
+        params = GaussianParams(weights, means, cov, "full", chol, log_det)
+        params.__dict__["_log_weights"] = logs  # what the `log_weights` property computes (np.log), cached
+        return blended, params
 
     def _numpy_m_step(self, stats: GaussianStats) -> GaussianParams:
         mass = stats.mass + MASS_FLOOR

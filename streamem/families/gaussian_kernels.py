@@ -30,6 +30,8 @@ __all__ = [
     "full_log_prob",
     "full_m_step",
     "full_moments",
+    "log_weights",
+    "screen_full",
     "update_full",
     "warm_up_kernels",
 ]
@@ -118,6 +120,28 @@ def closest_distance(log_prob, constant, threshold):
             far += 1
         distance[m] = 0.0 if value < 0.0 else value  # rounding can take it below 0; NaN stays NaN
     return distance, far
+
+
+@numba.njit(**_JIT)
+def screen_full(rows, shift, means, chol, log_det, half_log_2pi, threshold):
+    """The outlier screen of a mini-batch and its log-densities in one call: rows - shift (n, d), the
+    log-densities (K, n) as `full_log_prob` gives them (constant log_det - half_log_2pi), and how many
+    records are farther than `threshold` from their closest component (`closest_distance`)."""
+    n, d = rows.shape
+    K = means.shape[0]
+    centred = np.empty((n, d))
+    for m in range(n):
+        for i in range(d):
+            centred[m, i] = rows[m, i] - shift[i]
+    centred_means = np.empty((K, d))
+    constant = np.empty(K)
+    for k in range(K):
+        for i in range(d):
+            centred_means[k, i] = means[k, i] - shift[i]
+        constant[k] = log_det[k] - half_log_2pi
+    log_prob = full_log_prob(centred, centred_means, chol, constant)
+    far = closest_distance(log_prob, constant, threshold)[1]
+    return centred, log_prob, far
 
 
 @numba.njit(**_JIT)
@@ -272,6 +296,15 @@ def full_m_step(shift, mass, first, second, reg_covar):
 
 
 @numba.njit(**_JIT)
+def log_weights(weights):
+    """np.log of the weights (the same numbers: both call the C library's log; log 0 = -inf)."""
+    out = np.empty(weights.shape[0])
+    for k in range(weights.shape[0]):
+        out[k] = math.log(weights[k]) if weights[k] > 0.0 else (-np.inf if weights[k] == 0.0 else np.nan)
+    return out
+
+
+@numba.njit(**_JIT)
 def blend_full(shift, mass, first, second, b_mass, b_first, b_second, keep, take, dead_mass):
     """`SufficientStatistics.blend`, `_hold_dead_components` and `recentred(data_mean())` of packed
     Gaussian statistics in one pass, in the NumPy code's order: returns (shift, mass, first, second).
@@ -326,10 +359,11 @@ def blend_full(shift, mass, first, second, b_mass, b_first, b_second, keep, take
 @numba.njit(**_JIT)
 def update_full(shift, mass, first, second, b_mass, b_first, b_second, keep, take, dead_mass, reg_covar):
     """`blend_full` then `full_m_step` of its statistics, in one call: returns the four statistics
-    fields, then the six values of `full_m_step`."""
+    fields, the values of `full_m_step` but `ok`, the log-weights, then `ok`."""
     blended = blend_full(shift, mass, first, second, b_mass, b_first, b_second, keep, take, dead_mass)
     weights, means, cov, chol, log_det, ok = full_m_step(blended[0], blended[1], blended[2], blended[3], reg_covar)
-    return blended[0], blended[1], blended[2], blended[3], weights, means, cov, chol, log_det, ok
+    logs = log_weights(weights)
+    return blended[0], blended[1], blended[2], blended[3], weights, means, cov, chol, log_det, logs, ok
 
 
 def warm_up_kernels() -> None:
@@ -342,6 +376,7 @@ def warm_up_kernels() -> None:
     chol = np.broadcast_to(np.eye(d), (K, d, d)).copy()
     weighted = full_log_prob(centred, means, chol, np.zeros(K))
     closest_distance(weighted, np.zeros(K), 1.0)
+    screen_full(centred, np.zeros(d), means, chol, np.zeros(K), 1.0, 1.0)
     full_moments(weighted, np.zeros(K), centred)
     mass, first, second = np.ones(K), np.zeros((K, d)), np.ones((K, 3))
     full_m_step(np.zeros(d), mass, first, second, 1e-6)

@@ -19,6 +19,7 @@ from streamem.gaussian_mixture import GaussianMixture
 from streamem.markov_switching import MarkovSwitchingRegression
 from streamem.online_gmm import OnlineGMM
 from streamem.online_hmm import OnlineGaussianHMM
+from streamem.online_markov_switching import OnlineMarkovSwitchingRegression
 from streamem.online_regression import OnlineRegressionMixture
 from streamem.regression_mixture import RegressionMixture
 
@@ -39,6 +40,7 @@ __all__ = [
     "NotFittedError",
     "OnlineGMM",
     "OnlineGaussianHMM",
+    "OnlineMarkovSwitchingRegression",
     "OnlineRegressionMixture",
     "OutlierError",
     "RegressionMixture",

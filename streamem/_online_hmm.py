@@ -20,6 +20,7 @@ from streamem.engines.baum_welch import HMMParams
 from streamem.engines.block_online import BlockOnlineEM, block_statistics, one_sequence
 from streamem.engines.markov_chain import filter_states
 from streamem.families.markov import HMMStats, checked_chain
+from streamem.outliers import TOO_LARGE
 from streamem.schedules import StepSize
 from streamem.state import StateError, json_object
 
@@ -125,6 +126,10 @@ class OnlineHiddenMarkov:
         have answered it just before learning it. During the warm-up the answers are uniform and
         the log-likelihoods NaN (there is no model yet)."""
         n, K = rows.shape[0], self.n_states
+        if n and np.abs(rows).max() >= TOO_LARGE:
+            i, j = np.argwhere(np.abs(rows) >= TOO_LARGE)[0]
+            raise ValueError(f"row {i}, column {j} is {rows[i, j]:.3g}: too large for the model's statistics "
+                             f"(|x| >= {TOO_LARGE:.0e})")
         filtered, log_likelihood = np.full((n, K), 1.0 / K), np.full(n, np.nan)
         at = 0
         if self._engine is None:

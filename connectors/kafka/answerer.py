@@ -14,7 +14,7 @@ from typing import NamedTuple
 
 from streamem_connectors.kafka.checkpoint import make_store
 from streamem_connectors.kafka.clients import make_sink
-from streamem_connectors.kafka.learners import make_learner
+from streamem_connectors.kafka.modes import make_learner
 from streamem_connectors.kafka.records import InputBatch, OutputRecord
 from streamem_connectors.kafka.settings import ConsumerSettings
 

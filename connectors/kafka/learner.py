@@ -57,6 +57,10 @@ def new_model(settings: ConsumerSettings):
     """A fresh model of this run's settings, knowing its features (so it takes arrays)."""
     step = StepSize(alpha=settings.step_alpha, eta_min=settings.step_floor)
     common = dict(batch_size=settings.batch_size, step=step, warmup=settings.warmup, seed=settings.seed)
+    if settings.model == "hmm":
+        return se.OnlineGaussianHMM(
+            settings.n_components, covariance_type=settings.covariance_type, features=tuple(settings.features), **common
+        )
     common.update(outliers="skip", outlier_threshold=outlier_threshold(settings))
     if settings.target is not None:
         model = se.OnlineRegressionMixture(settings.n_components, **common)
@@ -93,6 +97,8 @@ def assign_and_screen(model, settings: ConsumerSettings, features: np.ndarray, t
 
 
 def model_type(settings: ConsumerSettings):
+    if settings.model == "hmm":
+        return se.OnlineGaussianHMM
     return se.OnlineRegressionMixture if settings.target is not None else se.OnlineGMM
 
 
@@ -178,7 +184,9 @@ class Learner:
         self.counters = Counters()
         self.book = OffsetBook(forget_lost=self.forgets_lost)
 
-    def instance_checkpoint(self, model: dict | None = None, detector: dict | None = None, replica=None) -> Checkpoint:
+    def instance_checkpoint(
+        self, model: dict | None = None, detector: dict | None = None, replica=None, regimes=None
+    ) -> Checkpoint:
         """This instance's checkpoint document (`<group>/<instance>`): the offsets, the counters and the
         settings every mode stores, with what the mode keeps there (its model and detector, or none)."""
         return Checkpoint(
@@ -189,6 +197,7 @@ class Learner:
             offsets=offset_list(self.offsets),
             counters=dataclasses.asdict(self.counters),
             replica=replica,
+            regimes=regimes,
             settings=model_settings(self.settings),
         )
 

@@ -32,22 +32,14 @@ from streamem_connectors.kafka.learner import (
     new_state,
     offset_list,
 )
-from streamem_connectors.kafka.replication import ReplicatedLearner
 from streamem_connectors.kafka.resume import check_missing, check_resume, refuse_or_reset, resumed_or_reset
 from streamem_connectors.kafka.settings import ConsumerSettings
 
 # assign_and_screen and new_model are the learners' building blocks; the benchmarks take them from here
-__all__ = ["InstanceLearner", "KeyedLearner", "assign_and_screen", "make_learner", "new_model"]
+__all__ = ["InstanceLearner", "KeyedLearner", "assign_and_screen", "new_model"]
 
 logger = logging.getLogger(__name__)
 Partition = tuple[str, int]
-
-
-def make_learner(settings: ConsumerSettings, store) -> Learner:
-    """The learner of this run's mode: replicated, one model per key, or one model for the instance."""
-    if settings.replicate:
-        return ReplicatedLearner(settings, store)
-    return KeyedLearner(settings, store) if settings.model_key else InstanceLearner(settings, store)
 
 
 class InstanceLearner(Learner):
@@ -63,7 +55,7 @@ class InstanceLearner(Learner):
             others = {k: v for k, v in found.items() if k != key}
             resumed_or_reset(settings, lambda: check_missing(settings, where, input_positions(settings), others))
             return
-        restored = resumed_or_reset(settings, lambda: self._restore(raw, where))
+        restored = resumed_or_reset(settings, lambda: self.restore_checkpoint(raw, where))
         if restored is None:
             return
         self.state, offsets, self.counters = restored
@@ -73,7 +65,7 @@ class InstanceLearner(Learner):
             "resumed from checkpoint %s: %d records learned, offsets %s", where, self.state.model.n_seen, self.offsets
         )
 
-    def _restore(self, raw: bytes, where: str) -> tuple[ModelState, dict[Partition, int], Counters]:
+    def restore_checkpoint(self, raw: bytes, where: str) -> tuple[ModelState, dict[Partition, int], Counters]:
         """The model, offsets and counters of a checkpoint, each checked (CheckpointError otherwise)."""
         checkpoint = Checkpoint.parse(raw, where)
         positions = input_positions(self.settings)

@@ -40,6 +40,7 @@ __all__ = [
     "assignments",
     "dead_letter",
     "drift_record",
+    "regime_change_record",
     "source_of",
 ]
 
@@ -398,3 +399,20 @@ def drift_record(
     if model_key is not None:
         body["model_key"] = model_key
     return OutputRecord(topic, None if model_key is None else model_key.encode(), orjson.dumps(body))
+
+
+def regime_change_record(
+    record: InputRecord, topic: str, n_seen: int, previous: int | None, state: int, probabilities
+) -> OutputRecord:
+    """{"source", "n_seen", "regime_change": true, "from", "to", "probabilities"}: the partition of
+    `record` is now in hidden state `to` (its filtered probability at least the threshold), after
+    `from` (null: the first regime announced on that partition)."""
+    body = {
+        "source": source_of(record),
+        "n_seen": n_seen,
+        "regime_change": True,
+        "from": previous,
+        "to": state,
+        "probabilities": probabilities,
+    }
+    return OutputRecord(topic, None, orjson.dumps(body))

@@ -57,7 +57,12 @@ class ConsumerSettings(BaseSettings):
         False, description="one global model over every consumer of the group, replicated via the statistics topic"
     )
     statistics_topic: str | None = Field(None, description="default: <input-topic>.statistics (one partition)")
-    n_components: int = Field(3, ge=1, description="mixture components K")
+    model: Literal["gmm", "hmm"] = Field(
+        "gmm",
+        description="gmm: a mixture, every record on its own; hmm: a hidden Markov model, regimes that persist "
+        "(the records of a partition are one sequence, with its own filter)",
+    )
+    n_components: int = Field(3, ge=1, description="mixture components K (hidden states with --model hmm)")
     covariance_type: Literal["full", "tied", "diag", "spherical"] = Field("full", description="Gaussian covariance")
     batch_size: int = Field(128, ge=1, description="records per stepwise-EM update")
     warmup: int = Field(500, ge=1, description="records fitted by batch EM before going stepwise")
@@ -79,6 +84,13 @@ class ConsumerSettings(BaseSettings):
 
     # -- drift -----------------------------------------------------------------------------------
     drift_every: int = Field(1000, ge=1, description="publish a drift record every this many input records")
+    regime_threshold: float = Field(
+        0.9,
+        gt=0.5,
+        le=1.0,
+        description="with --model hmm: publish a regime_change drift record when a partition's most likely state "
+        "changes and its filtered probability is at least this",
+    )
 
     # -- how -------------------------------------------------------------------------------------
     max_records: int | None = Field(
@@ -165,6 +177,11 @@ class ConsumerSettings(BaseSettings):
             )
         if self.replicate and (self.model_key is not None or self.target is not None):
             raise ValueError("replicate works with one Gaussian mixture: not with model_key or target")
+        if self.model == "hmm" and (self.model_key is not None or self.replicate or self.target is not None):
+            raise ValueError(
+                "model 'hmm' runs one hidden Markov model per instance on features: not with model_key, "
+                "replicate or target"
+            )
         if self.model_key is not None and self.model_key in [*self.features, self.target]:
             raise ValueError(f"model_key {self.model_key!r} is also a feature or the target")
         if len(set(self.features)) != len(self.features):

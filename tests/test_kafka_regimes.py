@@ -1,0 +1,161 @@
+"""`streamem run --model hmm`: a hidden Markov model, one filter per partition, regime_change records."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from kafka import KafkaProducer
+
+import streamem as se
+from streamem_connectors.kafka.checkpoint import CheckpointError
+from streamem_connectors.kafka.pipeline import run_consumer
+from streamem_connectors.kafka.settings import ConsumerSettings
+from streamem_connectors.kafka.topics import ensure_topics
+from tests.kafka_helpers import read_all, unique
+from tests.test_kafka_consumer import make_settings, stored_checkpoint
+
+
+def regime_stream(n: int, seed: int, stay: float = 0.99) -> tuple[np.ndarray, np.ndarray]:
+    """Records {a, b} of a sticky two-state chain (means 0 and 3 apart) and its states."""
+    rng = np.random.default_rng(seed)
+    states = np.empty(n, dtype=np.int64)
+    state = 0
+    for t, leave in enumerate(rng.random(n) > stay):
+        state = 1 - state if leave else state
+        states[t] = state
+    means = np.array([[0.0, 0.0], [3.0, 1.0]])
+    return means[states] + rng.normal(size=(n, 2)), states
+
+
+def produce_to(bootstrap: str, topic: str, partition: int, X: np.ndarray, extra: dict | None = None) -> None:
+    """The rows of X as JSON records {a, b}, in order, to one partition."""
+    producer = KafkaProducer(bootstrap_servers=bootstrap, linger_ms=5)
+    futures = [
+        producer.send(topic, partition=partition, value=json.dumps({"a": a, "b": b, **(extra or {})}).encode())
+        for a, b in X.tolist()
+    ]
+    producer.flush()
+    producer.close()
+    assert all(f.succeeded() for f in futures)
+
+
+def hmm_settings(broker, topic: str, **overrides) -> ConsumerSettings:
+    return make_settings(broker, topic, model="hmm", n_components=2, warmup=300, batch_size=64, **overrides)
+
+
+def by_offset(broker, topic: str, partition: int = 0) -> dict[int, dict]:
+    return {r["source"]["offset"]: r for r in read_all(broker.bootstrap_servers, topic)
+            if r["source"]["partition"] == partition}
+
+
+def test_one_partition_is_answered_as_the_library_filters_it(broker):
+    """On one partition, every assignment's probabilities and log-likelihood equal OnlineGaussianHMM's
+    filter_and_learn over the same records (NaN during the warm-up), and the regime_change records mark
+    the true regime switches."""
+    total = 3000
+    X, states = regime_stream(total, seed=1)
+    topic = unique("regimes-one")
+    settings = hmm_settings(broker, topic, max_records=total, max_poll_records=173)
+    ensure_topics(settings, input_partitions=1)
+    produce_to(broker.bootstrap_servers, topic, 0, X)
+    counters = run_consumer(settings)
+    assert counters.assigned == total and counters.dead_lettered == 0
+    answers = by_offset(broker, settings.topics["assignments"])
+    assert sorted(answers) == list(range(total))
+    model = se.OnlineGaussianHMM(2, warmup=300, batch_size=64, features=("a", "b"), seed=0,
+                                 step=se.schedules.StepSize(alpha=0.8, eta_min=0.02))
+    expected, log_likelihood = model.filter_and_learn(X, stream=f"{topic}/0")
+    ours = np.array([answers[t]["probabilities"] for t in range(total)])
+    np.testing.assert_allclose(ours, expected, rtol=1e-9, atol=1e-12)
+    assert all(answers[t]["log_likelihood"] is None for t in range(300))  # the warm-up has no model yet
+    np.testing.assert_allclose([answers[t]["log_likelihood"] for t in range(300, total)], log_likelihood[300:],
+                               rtol=1e-9)
+    changes = [r for r in read_all(broker.bootstrap_servers, settings.topics["drift"]) if r.get("regime_change")]
+    switches = int((np.diff(states[300:]) != 0).sum())
+    assert switches - 3 <= len(changes) - 1 <= switches + 3, (switches, len(changes))
+    for change in changes:
+        offset = change["source"]["offset"]
+        assert max(change["probabilities"]) >= 0.9 and change["to"] == int(np.argmax(expected[offset]))
+
+
+def test_each_partition_is_its_own_sequence_and_a_restart_resumes_its_filter(broker):
+    """Two partitions with their own regimes, consumed in two runs (stopped after 2,500 of 4,000 records):
+    every record answered once; each partition's regime_change records follow its own switches; the
+    checkpoint holds a filter for each partition and the regime last announced on it."""
+    X0, states0 = regime_stream(2000, seed=3)  # its first 300 records (the warm-up) hold both regimes
+    X1, states1 = regime_stream(2000, seed=4)
+    topic = unique("regimes-two")
+    settings = hmm_settings(broker, topic, max_records=2500)
+    ensure_topics(settings, input_partitions=2)
+    produce_to(broker.bootstrap_servers, topic, 0, X0)
+    produce_to(broker.bootstrap_servers, topic, 1, X1)
+    run_consumer(settings)
+    checkpoint = stored_checkpoint(settings)
+    streams = {s["stream"] for s in checkpoint.model["streams"]}
+    assert streams == {f"{topic}/0", f"{topic}/1"} and set(checkpoint.regimes) <= streams
+    run_consumer(settings.model_copy(update={"max_records": 1500}))
+    for partition, states in ((0, states0), (1, states1)):
+        answers = by_offset(broker, settings.topics["assignments"], partition)
+        assert sorted(answers) == list(range(2000))
+        changes = [r for r in read_all(broker.bootstrap_servers, settings.topics["drift"])
+                   if r.get("regime_change") and r["source"]["partition"] == partition]
+        switches = int((np.diff(states[400:]) != 0).sum())
+        assert abs(len(changes) - 1 - switches) <= 4, (partition, switches, len(changes))
+
+
+def test_a_restart_answers_as_if_the_consumer_never_stopped(broker):
+    """One partition consumed in three runs (stops mid-block and mid-warm-up) gives the same answers, record
+    for record, as one run: the checkpoint holds the filter and the open block with the offsets."""
+    total = 1500
+    X, _ = regime_stream(total, seed=4)
+    answers = []
+    for runs in ([total], [250, 777, total - 1027]):
+        topic = unique("regimes-restart")
+        settings = hmm_settings(broker, topic, max_poll_records=100)
+        ensure_topics(settings, input_partitions=1)
+        produce_to(broker.bootstrap_servers, topic, 0, X)
+        for count in runs:
+            run_consumer(settings.model_copy(update={"max_records": count}))
+        answers.append(by_offset(broker, settings.topics["assignments"]))
+    once, restarted = answers
+    assert sorted(restarted) == list(range(total))
+    for offset in range(total):
+        assert once[offset]["probabilities"] == pytest.approx(restarted[offset]["probabilities"], rel=1e-12)
+
+
+def test_a_value_too_large_is_dead_lettered_and_the_filter_goes_on(broker):
+    """A record of 1e200 gets a dead letter naming the field; its neighbours are answered and learned."""
+    X, _ = regime_stream(600, seed=5)
+    topic = unique("regimes-large")
+    settings = hmm_settings(broker, topic, max_records=601)
+    ensure_topics(settings, input_partitions=1)
+    produce_to(broker.bootstrap_servers, topic, 0, X[:400])
+    produce_to(broker.bootstrap_servers, topic, 0, np.array([[1e200, 0.0]]))
+    produce_to(broker.bootstrap_servers, topic, 0, X[400:])
+    counters = run_consumer(settings)
+    assert counters.assigned == 600 and counters.dead_lettered == 1
+    dead = read_all(broker.bootstrap_servers, settings.topics["dead_letter"])
+    assert dead[0]["source"]["offset"] == 400 and "'a' is 1e+200, too large" in dead[0]["error"]
+    assert stored_checkpoint(settings).model["n_seen"] == 600
+
+
+def test_hmm_refuses_modes_it_does_not_run():
+    """--model hmm with --model-key, --replicate or --target is a settings error naming them."""
+    for extra in ({"model_key": "site"}, {"replicate": True}, {"target": "y"}):
+        with pytest.raises(ValueError, match="model 'hmm' runs one hidden Markov model per instance"):
+            ConsumerSettings(features=["a", "b"], model="hmm", **extra)
+
+
+def test_a_checkpoint_of_another_model_is_refused(broker):
+    """A gmm checkpoint resumed with --model hmm (or the reverse) is refused, naming the setting."""
+    X, _ = regime_stream(400, seed=6)
+    topic = unique("regimes-switch")
+    settings = make_settings(broker, topic, max_records=250)
+    ensure_topics(settings, input_partitions=1)
+    produce_to(broker.bootstrap_servers, topic, 0, X)
+    run_consumer(settings)
+    with pytest.raises((CheckpointError, SystemExit)) as raised:
+        run_consumer(settings.model_copy(update={"model": "hmm"}))
+    assert "model" in str(raised.value)

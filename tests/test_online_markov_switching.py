@@ -200,7 +200,8 @@ def test_prequential_forecasts_beat_a_regression_mixture_and_near_the_true_filte
 
 def test_a_new_feature_extends_the_lines_with_a_zero_coefficient():
     """Without features=, a feature first seen mid-stream gets coefficient 0 (the forecast for records
-    without it does not move) and a feature missing from a record reads 0 (River's linear models)."""
+    without it does not move), a feature missing from a record reads 0 (River's linear models), and the
+    widened model survives a JSON round trip."""
     X, y, _ = regime_stream(700, COEF, INTERCEPT, 0.5, 0.97, seed=6)
     model = se.OnlineMarkovSwitchingRegression(2, warmup=300, batch_size=64, seed=0)
     model.learn_many(frame(X[:650]), y[:650])
@@ -213,6 +214,8 @@ def test_a_new_feature_extends_the_lines_with_a_zero_coefficient():
     assert model.predict_one({"f0": 1.0}) == pytest.approx(float(predicted @ (model.coef_[:, 0] + model.intercept_)))
     only_new = float(predicted @ (2.0 * model.coef_[:, 1] + model.intercept_))
     assert model.predict_one({"new": 2.0}) == pytest.approx(only_new)
+    restored = se.OnlineMarkovSwitchingRegression.from_dict(json.dumps(model.to_dict()))
+    assert restored.features_ == ("f0", "new") and restored.predict_one({"new": 2.0}) == model.predict_one({"new": 2.0})
 
 
 # -- bad input ---------------------------------------------------------------------------------

@@ -242,7 +242,7 @@ class OnlineGMM(OnlineMixture, base.Clusterer):
                 log_prob = self._gaussian.log_prob(batch, params)
             if log_prob.flags.f_contiguous:
                 constant = params.log_det_precision - 0.5 * d * _LOG_2PI
-                distance, far = closest_distance(log_prob.T, constant, self.outlier_threshold or np.inf)
+                distance, far = closest_distance(log_prob.T, constant, float(self.outlier_threshold or np.inf))
                 if not far:
                     return distance, MAHALANOBIS, np.zeros(n, dtype=int), log_prob if reusable else None
             given = True

@@ -137,3 +137,27 @@ def test_learn_many_one_pass_screen_gives_learn_one_statistics_bit_for_bit():
     for name in ("shift", "mass", "first", "second"):
         np.testing.assert_array_equal(getattr(many.statistics_, name), getattr(one.statistics_, name))
     np.testing.assert_array_equal(many.covariances_, one.covariances_)
+
+
+def test_every_path_calls_the_kernels_with_the_one_compiled_type():
+    """Averaged parameters (strided factors), an integer threshold, read-only frames, learn_one, apply and
+    batch EM all reach each kernel as the one type it was compiled for: none compiles again mid-stream."""
+    import pandas as pd
+
+    import streamem as se
+
+    rng = np.random.default_rng(2)
+    X = rng.normal(size=(2000, 3))
+    frozen = X.copy()
+    frozen.flags.writeable = False
+    for params in ({"averaging": 2}, {"outlier_threshold": 99}, {}):
+        model = se.OnlineGMM(2, seed=0, **params)
+        model.learn_many(pd.DataFrame(frozen, columns=list("abc")))
+        for row in X[:300]:
+            model.learn_one(dict(zip("abc", row)))
+        model.apply(model.summarize(X[:200]).statistics)
+        model.predict_many(pd.DataFrame(X[:10], columns=list("abc")))
+    se.GaussianMixture(2, random_state=0).fit(frozen)
+    for kernel in (kernels.full_log_prob, kernels.screen_full, kernels.full_moments, kernels.full_m_step,
+                   kernels.update_full, kernels.closest_distance):
+        assert len(kernel.signatures) == 1, (kernel.__name__, kernel.signatures)

@@ -369,7 +369,7 @@ class GaussianFamily:
         kind = params.covariance_type
         constant = params.log_det_precision - 0.5 * d * LOG_2PI
         if kind == "full" and _compiled(K, d):
-            return kernels.full_log_prob(_contiguous(X), means, chol, constant).T
+            return kernels.full_log_prob(_contiguous(X), means, _contiguous(chol), _contiguous(constant)).T
         if kind == "full":
             # whitened residuals of every component from one product [P_1 ... P_K]^T X^T
             offsets = np.matmul(means[:, None, :], chol).reshape(K * d, 1)
@@ -439,7 +439,7 @@ class GaussianFamily:
                 log_prob = self.log_prob(batch, params)
             by_component = log_prob.T if log_prob.flags.f_contiguous else np.ascontiguousarray(log_prob.T)
             log_norm, mass, first, second = kernels.full_moments(
-                by_component, params.log_weights, _contiguous(batch.centred)
+                by_component, _contiguous(params.log_weights), _contiguous(batch.centred)
             )
             return log_norm, by_component.T, GaussianStats(shift=batch.shift, mass=mass, first=first, second=second)
         log_norm, resp = responsibilities(self.weighted_log_prob(batch, params, log_prob))
@@ -458,15 +458,15 @@ class GaussianFamily:
         centred, log_prob, far = kernels.screen_full(
             _contiguous(rows),
             _contiguous(shift),
-            params.means,
-            params.precisions_cholesky,
-            params.log_det_precision,
+            _contiguous(params.means),
+            _contiguous(params.precisions_cholesky),
+            _contiguous(params.log_det_precision),
             0.5 * d * LOG_2PI,
-            threshold,
+            float(threshold),
         )
         if far:
             return None
-        _, mass, first, second = kernels.full_moments(log_prob, params.log_weights, centred)
+        _, mass, first, second = kernels.full_moments(log_prob, _contiguous(params.log_weights), centred)
         return GaussianStats(shift=shift, mass=mass, first=first, second=second)
 
     def _marginal_expected_stats(self, batch: GaussianBatch, params: GaussianParams):
@@ -524,7 +524,7 @@ class GaussianFamily:
     def blend_and_m_step(
         self, stats: GaussianStats, batch: GaussianStats, step_size: float, batch_scale: float, dead_mass: float
     ) -> tuple[GaussianStats, GaussianParams] | None:
-        """One stepwise update of full-covariance statistics in two compiled calls: `stats.blend(batch,
+        """One stepwise update of full-covariance statistics in one compiled call: `stats.blend(batch,
         step_size, batch_scale)`, a component under `dead_mass` held there, re-centred on the data mean, then
         the M-step; returns (statistics, parameters), or None where the caller takes the NumPy path (other
         covariance types, statistics about another shift, a covariance the M-step must repair)."""
@@ -540,9 +540,9 @@ class GaussianFamily:
             _contiguous(batch.mass),
             _contiguous(batch.first),
             _contiguous(batch.second),
-            1.0 - step_size,
-            step_size * batch_scale,
-            dead_mass,
+            float(1.0 - step_size),
+            float(step_size * batch_scale),
+            float(dead_mass),
             self.reg_covar,
         )
         if not ok:
@@ -605,10 +605,12 @@ def _compiled(n_components: int, n_features: int) -> bool:
 
 
 def _contiguous(array: np.ndarray) -> np.ndarray:
-    """A C-contiguous float64 array (the layout the kernels are compiled for; no copy when it is one)."""
-    if array.flags.c_contiguous and array.dtype == np.float64:
+    """A writeable C-contiguous float64 array: the one type the kernels are compiled for (another layout,
+    or a read-only array, would compile them again: seconds on the hot path); no copy when it is one."""
+    flags = array.flags
+    if flags.c_contiguous and flags.writeable and array.dtype == np.float64:
         return array
-    return np.ascontiguousarray(array, dtype=np.float64)
+    return np.array(array, dtype=np.float64, order="C")
 
 
 def _precision_cholesky(

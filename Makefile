@@ -16,12 +16,14 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
+	$(PY) -m streamem.precompile
 	$(PY) -m streamem demo
 
 # Two pytest workers: the Kafka tests mostly wait on the broker, so two run side by side on two
 # cores (520 tests: 6 min 37 s against 11 min 40 s in one worker); each worker starts its own broker.
 test: $(STAMP)
 	$(PY) -m ruff check streamem connectors tests benchmarks
+	$(PY) -m streamem.precompile  # numba's first compile (~12 s) once, before the tests' deadlines start
 	$(PY) -m pytest -n 2
 
 lint: $(STAMP)

@@ -17,7 +17,6 @@ from streamem.exceptions import ConvergenceWarning
 from streamem.families.markov import ChainParams, HMMStats
 from streamem.families.regression import RegressionFamily, RegressionParams
 from streamem.markov_switching import MarkovSwitchingRegression, keep_regression_states
-from streamem.online_regression import _widen_stats
 from streamem.schedules import StepSize
 
 __all__ = ["OnlineMarkovSwitchingRegression"]
@@ -201,7 +200,7 @@ class OnlineMarkovSwitchingRegression(OnlineHiddenMarkov, base.MiniBatchRegresso
         if engine is None:
             return
         stats, emissions = engine.stats, engine.params.emissions
-        engine.stats = HMMStats(stats.first, stats.transitions, _widen_stats(stats.emissions, old_d, added))
+        engine.stats = HMMStats(stats.first, stats.transitions, stats.emissions.widened(old_d, added))
         coef = np.hstack([emissions.coef, np.zeros((self.n_states, added))])
         engine.params = HMMParams(
             engine.params.chain,

@@ -219,9 +219,9 @@ class OnlineRegressionMixture(OnlineMixture, base.MiniBatchRegressor):
             widened[:, : self._buffer.shape[1]] = self._buffer
             self._buffer = widened
         if self._pending is not None:  # pooled statistics gain the new features too
-            self._pending = _widen_stats(self._pending, old_d, added)
+            self._pending = self._pending.widened(old_d, added)
         if self._engine is not None:
-            self._engine.stats = _widen_stats(self._engine.stats, old_d, added)
+            self._engine.stats = self._engine.stats.widened(old_d, added)
             self._engine.params = self._regression.m_step(self._engine.stats)
             if self._engine.averaged is not None:
                 averaged = self._engine.averaged
@@ -427,20 +427,6 @@ class OnlineRegressionMixture(OnlineMixture, base.MiniBatchRegressor):
 def _statistics_shapes_for(K: int, d: int) -> dict[str, tuple[int, ...]]:
     p = d + 1
     return {"shift": (p,), "mass": (K,), "xx": (K, p, p), "xy": (K, p), "yy": (K,)}
-
-
-def _widen_stats(stats: RegressionStats, old_d: int, added: int) -> RegressionStats:
-    """Insert `added` zero features before the intercept column (records so far read 0 there)."""
-    K, p = stats.mass.shape[0], old_d + 1
-    order = list(range(old_d)) + [old_d + added]  # where the old columns land
-    new_p = p + added
-    xx = np.zeros((K, new_p, new_p))
-    xx[np.ix_(range(K), order, order)] = stats.xx
-    xy = np.zeros((K, new_p))
-    xy[:, order] = stats.xy
-    shift = np.zeros(new_p)
-    shift[order] = stats.shift
-    return RegressionStats(shift=shift, mass=stats.mass, xx=xx, xy=xy, yy=stats.yy)
 
 
 def _target_values(y) -> np.ndarray:

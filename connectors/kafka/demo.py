@@ -9,6 +9,7 @@ import time
 import numpy as np
 
 from streamem_connectors.kafka.broker import EmbeddedBroker
+from streamem_connectors.kafka.demo_regimes import run_regime_part
 from streamem_connectors.kafka.pipeline import Progress, run_consumer
 from streamem_connectors.kafka.settings import ConsumerSettings
 from streamem_connectors.kafka.text import shorten
@@ -53,7 +54,15 @@ def produce_regimes(bootstrap_servers: str, topic: str, n: int, bad: int, seed: 
     return [int(c) for c in np.cumsum(sizes)[:-1]]
 
 
-def run_demo(records: int = 90_000, bad_records: int = 25, client: str = "kafka-python", seed: int = 0) -> int:
+def run_demo(
+    records: int = 90_000,
+    bad_records: int = 25,
+    client: str = "kafka-python",
+    seed: int = 0,
+    regime_records: int = 20_000,
+) -> int:
+    """The consumer on a regime-switching stream (drift in the mixture weights), then, with
+    `regime_records` > 0, a stream of persistent regimes through a mixture and a hidden Markov model."""
     out = sys.stdout
     began = time.monotonic()
     print("streamem demo: starting the embedded Kafka-compatible broker (Tansu) ...", file=out, flush=True)
@@ -98,6 +107,8 @@ def run_demo(records: int = 90_000, bad_records: int = 25, client: str = "kafka-
             if kind != "statistics" or settings.replicate:
                 print(f"  {kind:<12} {name}", file=out)
         _show_samples(broker.bootstrap_servers, topics, out, middle=records // 2)
+        if regime_records:
+            run_regime_part(broker.bootstrap_servers, regime_records, seed, client, out)
     return 0
 
 

@@ -72,6 +72,20 @@ class RegressionStats(SufficientStatistics):
         K, p = n_components, width
         return {"shift": (p,), "mass": (K,), "xx": (K, p, p), "xy": (K, p), "yy": (K,)}
 
+    def widened(self, old_d: int, added: int) -> RegressionStats:
+        """The statistics with `added` features inserted before the intercept column, reading 0 in every
+        record summarised so far (River's convention for a feature that appears mid-stream)."""
+        K, p = self.mass.shape[0], old_d + 1
+        order = list(range(old_d)) + [old_d + added]  # where the old columns land
+        new_p = p + added
+        xx = np.zeros((K, new_p, new_p))
+        xx[np.ix_(range(K), order, order)] = self.xx
+        xy = np.zeros((K, new_p))
+        xy[:, order] = self.xy
+        shift = np.zeros(new_p)
+        shift[order] = self.shift
+        return RegressionStats(shift=shift, mass=self.mass, xx=xx, xy=xy, yy=self.yy)
+
     def recentred(self, shift: np.ndarray) -> RegressionStats:
         shift = np.asarray(shift, dtype=float)
         delta = self.shift - shift

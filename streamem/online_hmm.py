@@ -197,14 +197,14 @@ class OnlineGaussianHMM(OnlineHiddenMarkov, base.Clusterer):
         names = self._names_for(x)
         row = record_values(x, names)
         self._names = names
-        self.filter_and_learn(np.array([row], dtype=float))
+        self.learn_rows(np.array([row], dtype=float))
 
     def learn_many(self, X) -> None:
         """Learn from a DataFrame (or an array, once the features are known) of consecutive records,
         vectorised; the same model as a `learn_one` loop over its rows."""
         rows, names = self._frame_rows(X)
         self._names = names
-        self.filter_and_learn(rows)
+        self.learn_rows(rows)
 
     def _answer(self, x) -> tuple[np.ndarray, float]:
         row = record_values(x, self._names_for(x))

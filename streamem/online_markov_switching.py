@@ -262,7 +262,7 @@ class OnlineMarkovSwitchingRegression(OnlineHiddenMarkov, base.MiniBatchRegresso
         target = check_target_value(y)
         values = self._values(x, learn=True)
         values.append(target)
-        self.filter_and_learn(np.array([values], dtype=float))
+        self.learn_rows(np.array([values], dtype=float))
 
     def learn_many(self, X: pd.DataFrame, y) -> None:
         """Learn from a DataFrame (or an array with the columns of `features_`, in order) of consecutive
@@ -279,7 +279,7 @@ class OnlineMarkovSwitchingRegression(OnlineHiddenMarkov, base.MiniBatchRegresso
                 raise ValueError("the frame must hold at least one feature")
         rows = self._aligned(values, columns)
         rows[:, -1] = target
-        self.filter_and_learn(rows)
+        self.learn_rows(rows)
 
     def _warm_targets(self) -> np.ndarray:
         return np.array([row[-1] for rows in self._warm.values() for row in rows], dtype=float)

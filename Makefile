@@ -32,6 +32,8 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/batch.py
 	$(PY) benchmarks/hmm.py
+	$(PY) benchmarks/markov_switching.py
+	$(PY) benchmarks/online_hmm.py
 	$(PY) benchmarks/online.py
 	$(PY) benchmarks/kafka_pipeline.py
 	$(PY) benchmarks/kafka_latency.py

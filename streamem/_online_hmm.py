@@ -330,7 +330,8 @@ class OnlineHiddenMarkov:
                 raise StateError(f"model state filter of stream {entry['stream']!r} must be {K} probabilities "
                                  "summing to 1")
             stream = Stream(before, np.empty((self.batch_size, width)))
-            stream.rows[: len(block)] = block
+            if block:  # a block just learned leaves none open
+                stream.rows[: len(block)] = block
             stream.count = len(block)
             self._streams[entry["stream"]] = stream
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 
 import numpy as np
 import pytest
@@ -13,8 +14,8 @@ from streamem_connectors.kafka.checkpoint import CheckpointError
 from streamem_connectors.kafka.pipeline import run_consumer
 from streamem_connectors.kafka.settings import ConsumerSettings
 from streamem_connectors.kafka.topics import ensure_topics
-from tests.kafka_helpers import read_all, unique
-from tests.test_kafka_consumer import make_settings, stored_checkpoint
+from tests.kafka_helpers import TopicCounter, read_all, unique, wait_for
+from tests.test_kafka_consumer import _start, make_settings, stored_checkpoint
 
 
 def regime_stream(n: int, seed: int, stay: float = 0.99) -> tuple[np.ndarray, np.ndarray]:
@@ -159,3 +160,41 @@ def test_a_checkpoint_of_another_model_is_refused(broker):
     with pytest.raises((CheckpointError, SystemExit)) as raised:
         run_consumer(settings.model_copy(update={"model": "hmm"}))
     assert "model" in str(raised.value)
+
+
+def test_kill_9_then_restart_answers_every_record_as_an_uninterrupted_run(broker):
+    """SIGKILL of `streamem run --model hmm` mid-stream, then a restart from its checkpoint: every offset is
+    answered, and every answer (the tail after the checkpoint twice, identically) equals an uninterrupted run's:
+    the checkpoint resumed the filter where the partition was."""
+    total = 6000
+    X, _ = regime_stream(total, seed=7)
+    answers = {}
+    for mode in ("uninterrupted", "killed"):
+        topic = unique(f"regimes-kill-{mode}")
+        settings = make_settings(broker, topic, model="hmm", max_records=total, max_poll_records=200)
+        ensure_topics(settings, input_partitions=1)
+        produce_to(broker.bootstrap_servers, topic, 0, X)
+        if mode == "killed":
+            counter = TopicCounter(broker.bootstrap_servers, settings.topics["assignments"])
+            victim = _start(settings, "--model", "hmm", "--max-records", str(total), "--checkpoint-every", "1000")
+            try:
+                wait_for(lambda: counter.count() >= 2500, 60, "the first process to answer 2,500 records")  # noqa: B023
+            finally:
+                victim.send_signal(signal.SIGKILL)
+                victim.wait()
+                counter.close()
+            learned = sum(o.offset for o in stored_checkpoint(settings).offsets)
+            assert 0 < learned < total
+            run_consumer(settings.model_copy(update={"max_records": total - learned}))
+        else:
+            run_consumer(settings)
+        records = read_all(broker.bootstrap_servers, settings.topics["assignments"])
+        seen: dict[int, list] = {}
+        for record in records:
+            seen.setdefault(record["source"]["offset"], []).append(record["probabilities"])
+        answers[mode] = seen
+    once, killed = answers["uninterrupted"], answers["killed"]
+    assert sorted(killed) == sorted(once) == list(range(total))
+    for offset, repeated in killed.items():
+        for probabilities in repeated:
+            assert probabilities == pytest.approx(once[offset][0], rel=1e-12, abs=1e-15), offset

@@ -89,7 +89,7 @@ def test_state_round_trip_mid_stream_equals_never_stopping():
     never = se.OnlineGaussianHMM(3, warmup=200, batch_size=64, seed=0)
     restored = se.OnlineGaussianHMM(3, warmup=200, batch_size=64, seed=0)
     for t, x in enumerate(records):
-        if t in (150, 523, 1000):  # in the warm-up, in a block, and again
+        if t in (150, 523, 968, 1000):  # in the warm-up, in a block, right after one (none open), and again
             restored = se.OnlineGaussianHMM.from_dict(json.loads(json.dumps(restored.to_dict())))
         assert restored.predict_proba_one(x) == pytest.approx(never.predict_proba_one(x), rel=1e-12)
         never.learn_one(x)

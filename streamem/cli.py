@@ -55,6 +55,13 @@ def _add_table_arguments(parser: argparse.ArgumentParser) -> None:
     """The data arguments `fit` and `check` share."""
     parser.add_argument("data", help="CSV file with a header row")
     parser.add_argument(
+        "--model",
+        default="gmm",
+        choices=["gmm", "hmm"],
+        help="gmm: a mixture (each row on its own); hmm: a hidden Markov model, the rows in file order one sequence "
+        "whose regimes persist (with --target: a Markov-switching regression)",
+    )
+    parser.add_argument(
         "--covariance-type",
         "--covariance",
         dest="covariance",
@@ -98,7 +105,8 @@ def _register_fit(commands) -> None:
         "fit",
         help="fit the batch core to a CSV file: parameters as JSON, figures, a report",
         description="Fit a Gaussian mixture (or, with --target, a mixture of linear regressions) to a CSV file's "
-        "numeric columns. Writes OUT/model.json (also a warm start for the online models: "
+        "numeric columns; with --model hmm, a hidden Markov model (or a Markov-switching regression) of its rows "
+        "in file order. Writes OUT/model.json (for a mixture also a warm start for the online models: "
         "OnlineGMM.from_fit), OUT/figures/*.png and OUT/report.md.",
         formatter_class=HelpFormatter,
     )
@@ -133,10 +141,19 @@ def _fit(args) -> int:
             na_values=args.na_values,
             n_init=args.n_init,
             seed=args.seed,
+            model=args.model,
         )
     except (ValueError, OSError, MissingExtra) as error:  # OSError: a file or --out that cannot be read or written
         print(f"streamem fit: {error}", file=sys.stderr)
         return 2
+    if args.model == "hmm":
+        durations = ", ".join("inf" if d is None else f"{d:.3g}" for d in document["expected_durations"])
+        print(
+            f"{document['n_states']} states, log-likelihood per record {document['log_likelihood']:.4f}, "
+            f"BIC {document['bic']:.1f}, expected durations {durations} records; "
+            f"wrote {args.out}/model.json, {args.out}/report.md and {args.out}/figures/"
+        )
+        return 0
     print(
         f"{document['n_components']} components, log-likelihood per record {document['log_likelihood']:.4f}, "
         f"BIC {document['bic']:.1f}; wrote {args.out}/model.json, {args.out}/report.md and {args.out}/figures/"
@@ -150,7 +167,9 @@ def _register_check(commands) -> None:
         help="run the online model over a CSV file as a stream and compare it with batch EM",
         description="Feed a CSV file's rows, in file order, to the online model (OnlineGMM) as a stream, fit batch "
         "EM to the whole file, and print how far apart they are: components matched, largest weight, mean and "
-        "covariance gaps, log-likelihood gap per record.",
+        "covariance gaps, log-likelihood gap per record. With --model hmm: OnlineGaussianHMM against batch "
+        "Baum-Welch (transition, mean and covariance gaps) and regime switches per 1,000 records of the online "
+        "filter against OnlineGMM's labels on the same rows.",
         formatter_class=HelpFormatter,
     )
     check.add_argument(
@@ -178,6 +197,7 @@ def _check(args) -> int:
             out_dir=args.out,
             missing=args.missing,
             na_values=args.na_values,
+            model=args.model,
         )
     except (ValueError, OSError, MissingExtra) as error:
         print(f"streamem check: {error}", file=sys.stderr)

@@ -16,6 +16,7 @@ __all__ = [
     "mixture_1d",
     "mixture_2d",
     "online_trace",
+    "regimes",
     "regression_lines",
     "responsibilities",
     "save",
@@ -88,9 +89,10 @@ def mixture_1d(model, x, *, bins: int = 40, name: str = "x", title: str | None =
     return figure
 
 
-def log_likelihood_trace(model, *, title: str | None = None):
-    """Mean log-likelihood per record at each EM iteration."""
-    trace = np.asarray(model.log_likelihoods_)
+def log_likelihood_trace(model, *, n_records: int | None = None, title: str | None = None):
+    """Mean log-likelihood per record at each EM iteration (a hidden Markov model's trace holds totals:
+    give `n_records` to divide them)."""
+    trace = np.asarray(model.log_likelihoods_) / (n_records or 1)
     figure, ax = _figure(6, 4)
     ax.plot(np.arange(1, len(trace) + 1), trace, "o-", ms=3)
     ax.set_xlabel("EM iteration")
@@ -220,4 +222,29 @@ def online_trace(history, *, name: str = "first feature", title: str | None = No
     bottom.set_ylabel(f"mean {name}" if name != "first feature" else "mean (first feature)")
     bottom.set_xlabel("records learned")
     top.set_title(title or "Online model over time")
+    return figure
+
+
+def regimes(series, states, *, names=None, first: int = 0, title: str | None = None, limit: int = 4):
+    """Each column of `series` (n, m) against its row number (from `first`), one panel each (the first `limit`),
+    with the background shaded by `states` (n,), the regime of each row; `names` label the panels."""
+    series = np.asarray(series, dtype=float)
+    if series.ndim == 1:
+        series = series[:, None]
+    states = np.asarray(states)
+    shown = min(series.shape[1], limit)
+    figure, axes = _figure(9, 1.2 + 1.4 * shown, rows=shown, sharex=True, squeeze=False)
+    steps = first + np.arange(len(series))
+    for j, ax in enumerate(axes[:, 0]):
+        for k in np.unique(states):
+            # one fill per regime (not one span per run: thousands of runs draw slowly)
+            ax.fill_between(
+                steps, 0, 1, where=states == k, step="mid", transform=ax.get_xaxis_transform(),
+                color=_colour(int(k)), alpha=0.25, lw=0, label=f"regime {k}" if j == 0 else None,
+            )  # fmt: skip
+        ax.plot(steps, series[:, j], color="black", lw=0.6)
+        ax.set_ylabel(names[j] if names else f"feature {j}")
+    axes[0, 0].legend(fontsize=8, loc="upper right", ncols=min(len(np.unique(states)), 4))
+    axes[-1, 0].set_xlabel("record (file order)")
+    axes[0, 0].set_title(title or "Series with regimes shaded")
     return figure

@@ -46,6 +46,11 @@ LARGEST = 1e100
 # Cell texts read as a missing value (as pandas reads them), before any `na_values` of the caller.
 NA_TEXTS = frozenset({"", "NA", "N/A", "n/a", "NaN", "nan", "NULL", "null", "None", "#N/A", "<NA>"})
 
+# What a missing value's error suggests (a mixture can integrate it out; `--model hmm` says otherwise).
+MARGINALIZE_ADVICE = (
+    "use --missing marginalize to integrate missing values out (or leave the column out with --columns)"
+)
+
 
 @dataclasses.dataclass(frozen=True)
 class Table:
@@ -65,15 +70,16 @@ def read_table(
     *,
     na_values=(),
     missing: str = "error",
+    missing_advice: str = MARGINALIZE_ADVICE,
 ) -> Table:
     """Read a CSV file with a header row into numbers, refusing what would silently change the data.
 
     A cell that is not a number, in a column used as a feature or target, is an error naming the
     file line (as an editor shows it: the header is line 1) and the column, unless its text is one
     of `na_values` (or empty, NA, NaN, ...): then it is a missing value, itself an error unless
-    `missing="marginalize"`. Without `columns`, the features are every column (but the target) that
-    holds numbers; a column of text is left out, and one stray text cell in a column of numbers is an
-    error, not a reason to drop the column.
+    `missing="marginalize"` (the error ends with `missing_advice`). Without `columns`, the features are every
+    column (but the target) that holds numbers; a column of text is left out, and one stray text cell in a
+    column of numbers is an error, not a reason to drop the column.
     """
     path = pathlib.Path(path)
     header, rows, lines = _read_csv(path)
@@ -136,7 +142,7 @@ def read_table(
         row, col = np.argwhere(np.isnan(X))[0]
         raise ValueError(
             f"{path} line {lines[row]}, column {names[col]!r}: missing value ({sum(counts.values())} in all); "
-            "use --missing marginalize to integrate missing values out (or leave the column out with --columns)"
+            + missing_advice
         )
     y = None if target is None else parsed[target][0]
     return Table(X, names, y, {name: count for name, count in counts.items() if count}, skipped)
@@ -236,12 +242,23 @@ def fit_table(
     n_init: int = 3,
     seed: int = 0,
     progress=sys.stderr,
+    model: str = "gmm",
 ) -> dict:
     """Fit the batch core to a CSV file and write model.json, figures and report.md into `out_dir`.
 
     Everything is checked (matplotlib, components, the table) before `out_dir` is created. `progress` gets a
-    line per K tried (rewritten in place with a carriage return when it is a terminal).
+    line per K tried (rewritten in place with a carriage return when it is a terminal). `model="hmm"` fits a
+    hidden Markov model to the rows in file order instead (`streamem.hmm_report.fit_hmm_table`).
     """
+    if model == "hmm":
+        from streamem.hmm_report import fit_hmm_table
+
+        return fit_hmm_table(
+            path, out_dir, components=components, covariance_type=covariance_type, target=target,
+            columns=columns, missing=missing, na_values=na_values, n_init=n_init, seed=seed, progress=progress,
+        )  # fmt: skip
+    if model != "gmm":
+        raise ValueError(f"model must be 'gmm' or 'hmm', got {model!r}")
     _require_plots()
     candidates = parse_components(components)
     if pathlib.Path(out_dir).exists() and not pathlib.Path(out_dir).is_dir():
@@ -252,7 +269,6 @@ def fit_table(
     X, names, y = table.X, table.names, table.y
     if len(X) < max(candidates):
         raise ValueError(f"{path} has {len(X)} records: too few for {max(candidates)} components")
-    tty = progress.isatty() if hasattr(progress, "isatty") else False
     fits, bics, aics = [], [], []
     for i, K in enumerate(candidates, start=1):
         with warnings.catch_warnings():
@@ -268,13 +284,7 @@ def fit_table(
         fits.append(model)
         bics.append(bic)
         aics.append(aic)
-        bar = "#" * i + "." * (len(candidates) - i)
-        print(  # in a log (not a terminal), one line per K: a carriage return would pile them on one line
-            f"{chr(13) if tty else ''}[{bar}] K={K}: BIC {bic:,.1f} ({model.n_iter_} iterations)",
-            end="\n" if i == len(candidates) or not tty else "",
-            file=progress,
-            flush=True,
-        )
+        _print_progress(progress, i, candidates, K, bic, model.n_iter_)
     best = int(np.argmin(bics))
     model = fits[best]
     document = fit_document(model, names, X, y, target=target)
@@ -284,6 +294,18 @@ def fit_table(
     figures = _figures(model, X, y, names, candidates, bics, aics, out / "figures", target=target)
     _write_report(out, path, document, figures, candidates, bics, aics, table)
     return document
+
+
+def _print_progress(progress, i: int, candidates: list[int], K: int, bic: float, n_iter: int) -> None:
+    """The progress line of the i-th K tried (1-based), rewritten in place when `progress` is a terminal."""
+    tty = progress.isatty() if hasattr(progress, "isatty") else False
+    bar = "#" * i + "." * (len(candidates) - i)
+    print(  # in a log (not a terminal), one line per K: a carriage return would pile them on one line
+        f"{chr(13) if tty else ''}[{bar}] K={K}: BIC {bic:,.1f} ({n_iter} iterations)",
+        end="\n" if i == len(candidates) or not tty else "",
+        file=progress,
+        flush=True,
+    )
 
 
 def fit_document(model, names, X, y=None, *, target: str | None = None) -> dict:
@@ -444,9 +466,21 @@ def check_table(
     out_dir=None,
     missing: str = "error",
     na_values=(),
+    model: str = "gmm",
 ):
     """Run the online model over the file's rows as a stream (in file order, `passes` times) and the
-    batch core over the whole; return the consistency report (and write the online figure)."""
+    batch core over the whole; return the consistency report (and write the online figure).
+    `model="hmm"`: the hidden Markov models (`streamem.hmm_report.check_hmm_table`)."""
+    if model == "hmm":
+        from streamem.hmm_report import check_hmm_table
+
+        return check_hmm_table(
+            path, components=components, covariance_type=covariance_type, columns=columns,
+            batch_size=batch_size, warmup=warmup, passes=passes, seed=seed, out_dir=out_dir,
+            missing=missing, na_values=na_values,
+        )  # fmt: skip
+    if model != "gmm":
+        raise ValueError(f"model must be 'gmm' or 'hmm', got {model!r}")
     from streamem.compare import compare
     from streamem.online_gmm import OnlineGMM
 

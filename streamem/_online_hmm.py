@@ -134,11 +134,16 @@ class OnlineHiddenMarkov:
 
     def _take(self, rows: np.ndarray, stream, answer: bool):
         n, K = rows.shape[0], self.n_states
-        if n and np.abs(rows).max() >= TOO_LARGE:
-            i, j = np.argwhere(np.abs(rows) >= TOO_LARGE)[0]
-            raise ValueError(f"row {i}, column {j} is {rows[i, j]:.3g}: too large for the model's statistics "
+        if n and not (rows.max() < TOO_LARGE and rows.min() > -TOO_LARGE):  # two reductions; NaN fails both
+            i, j = np.argwhere(~(np.abs(rows) < TOO_LARGE))[0]
+            value = rows[i, j]
+            if not np.isfinite(value):
+                raise ValueError(f"row {i}, column {j} is {value}: values must be finite numbers")
+            raise ValueError(f"row {i}, column {j} is {value:.3g}: too large for the model's statistics "
                              f"(|x| >= {TOO_LARGE:.0e})")
-        filtered, log_likelihood = np.full((n, K), 1.0 / K), np.full(n, np.nan)
+        filtered = log_likelihood = None
+        if answer:
+            filtered, log_likelihood = np.full((n, K), 1.0 / K), np.full(n, np.nan)
         at = 0
         if self._engine is None:
             at = min(n, self.warmup - self._n_warm)

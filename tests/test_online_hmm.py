@@ -239,6 +239,22 @@ def test_streams_share_parameters_but_not_filters():
     assert model.streams_ == ["a"] and model.stream_filter("b") is None
 
 
+@pytest.mark.parametrize(("value", "message"), [(np.nan, "row 3, column 1 is nan"), (np.inf, "is inf"),
+                                                (-1e200, "too large for the model's statistics")])
+def test_filter_and_learn_refuses_rows_it_cannot_learn(value, message):
+    """filter_and_learn (the consumer's entry) refuses a NaN, an infinity or a value beyond 1e150, naming its
+    place, before anything changes."""
+    X, _ = sticky_stream(700, THREE_STATES, 0.95, seed=10)
+    model = se.OnlineGaussianHMM(3, warmup=300, batch_size=64, features=("f0", "f1"), seed=0)
+    model.filter_and_learn(X[:500], stream="p")
+    before = json.dumps(model.to_dict())
+    bad = X[500:510].copy()
+    bad[3, 1] = value
+    with pytest.raises(ValueError, match=message):
+        model.filter_and_learn(bad, stream="p")
+    assert json.dumps(model.to_dict()) == before
+
+
 def test_predictions_before_the_warm_up_are_uniform():
     """Before the warm-up every state is equally likely and nothing is learned by predicting."""
     model = se.OnlineGaussianHMM(3, warmup=50)

@@ -118,7 +118,7 @@ def _register_fit(commands) -> None:
         type=_components,
         default="auto",
         metavar="K",
-        help="K, a range A-B like 1-6 (lowest BIC), or 'auto' (1-8)",
+        help="K (states with --model hmm), a range A-B like 1-6 (lowest BIC), or 'auto' (1-8)",
     )
     fit.add_argument("--target", help="a column: fit a mixture of linear regressions of it on the others")
     _add_table_arguments(fit)
@@ -173,7 +173,13 @@ def _register_check(commands) -> None:
         formatter_class=HelpFormatter,
     )
     check.add_argument(
-        "--n-components", "--components", dest="components", type=_positive_int, default=2, metavar="K", help="K"
+        "--n-components",
+        "--components",
+        dest="components",
+        type=_positive_int,
+        default=2,
+        metavar="K",
+        help="K (states with --model hmm)",
     )
     _add_table_arguments(check)
     check.add_argument("--batch-size", type=_positive_int, default=64, help="records per stepwise-EM update")

@@ -15,7 +15,9 @@ import pytest
 from scipy.special import logsumexp
 from scipy.stats import multivariate_normal, norm
 
+import streamem as se
 from streamem.cli import build_parser
+from streamem.state import StateError
 from tests.conftest import DATA
 from tests.test_plots import _check_png
 
@@ -112,6 +114,8 @@ def test_fit_hmm_on_stock_returns_finds_a_calm_and_a_volatile_regime_that_persis
     theirs = np.diag(best.transmat_)[np.argsort(np.trace(best.covars_, axis1=1, axis2=2))]
     np.testing.assert_allclose(stay[[calm, volatile]], theirs, atol=0.002)
     assert "2 states" in result.stdout and "expected durations" in result.stdout
+    with pytest.raises(StateError, match="gaussian_hmm"):  # no warm start for a mixture
+        se.OnlineGMM.from_fit(out / "model.json")
 
 
 def test_fit_hmm_report_shows_regimes_transitions_and_durations(stock_fit):

@@ -132,8 +132,16 @@ class OnlineHiddenMarkov:
         `filter_and_learn`, faster (the filter is brought up to date when it is next asked for)."""
         self._take(rows, stream, answer=False)
 
-    def _take(self, rows: np.ndarray, stream, answer: bool):
+    def _take(self, rows: np.ndarray, stream, answer: bool, forecast: bool = False):
+        """Learn rows of `stream`; with `answer`, (filtered (n, K), log-likelihoods (n,)) of each row
+        before it was learned, and with `forecast` the subclass's forecast of each row too."""
         n, K = rows.shape[0], self.n_states
+        names = self._feature_list()
+        if names is None:
+            raise ValueError(f"the {type(self).__name__} does not know its features yet: give features=...")
+        if rows.ndim != 2 or rows.shape[1] != self._row_width(len(names)):
+            raise ValueError(f"rows must have shape (n, {self._row_width(len(names))}) for features {names}, "
+                             f"got {rows.shape}")
         if n and not (rows.max() < TOO_LARGE and rows.min() > -TOO_LARGE):  # two reductions; NaN fails both
             i, j = np.argwhere(~(np.abs(rows) < TOO_LARGE))[0]
             value = rows[i, j]
@@ -141,17 +149,21 @@ class OnlineHiddenMarkov:
                 raise ValueError(f"row {i}, column {j} is {value}: values must be finite numbers")
             raise ValueError(f"row {i}, column {j} is {value:.3g}: too large for the model's statistics "
                              f"(|x| >= {TOO_LARGE:.0e})")
-        filtered = log_likelihood = None
+        filtered = log_likelihood = forecasts = None
         if answer:
             filtered, log_likelihood = np.full((n, K), 1.0 / K), np.full(n, np.nan)
+        if forecast:
+            forecasts = np.empty(n)
         at = 0
         if self._engine is None:
             at = min(n, self.warmup - self._n_warm)
+            if forecast:
+                forecasts[:at] = self._cold_forecasts(rows[:at])
             self._warm.setdefault(stream, []).extend(rows[:at].tolist())
             self._n_warm += at
             self.n_seen += at
             if self._n_warm < self.warmup:
-                return filtered, log_likelihood
+                return (filtered, log_likelihood, forecasts) if forecast else (filtered, log_likelihood)
             self._warm_up()
         size = self.batch_size
         while at < n:
@@ -161,8 +173,15 @@ class OnlineHiddenMarkov:
             take = min(n - at, size - current.count)
             segment = rows[at : at + take]
             if answer:
-                answers, densities = self._filtered(segment, self._latest(current))
+                before = self._latest(current)
+                answers, densities = self._filtered(segment, before)
                 filtered[at : at + take], log_likelihood[at : at + take] = answers, densities
+                if forecast:
+                    chain = self._engine.params.chain
+                    predicted = np.empty_like(answers)  # P(state of each row | the rows before it)
+                    predicted[0] = chain.startprob if before is None else before @ chain.transmat
+                    predicted[1:] = answers[:-1] @ chain.transmat
+                    forecasts[at : at + take] = self._forecasts(segment, predicted)
             current.rows[current.count : current.count + take] = segment
             current.count += take
             if answer:
@@ -171,7 +190,15 @@ class OnlineHiddenMarkov:
             self.n_seen += take
             if current.count == size:
                 self._update(current)
-        return filtered, log_likelihood
+        return (filtered, log_likelihood, forecasts) if forecast else (filtered, log_likelihood)
+
+    def _forecasts(self, rows: np.ndarray, predicted: np.ndarray) -> np.ndarray:  # pragma: no cover - abstract
+        """A regression's forecast of each row's target from its features and `predicted` (n, K)."""
+        raise NotImplementedError
+
+    def _cold_forecasts(self, rows: np.ndarray) -> np.ndarray:  # pragma: no cover - abstract
+        """The forecasts of rows taken into the warm-up (no model yet)."""
+        raise NotImplementedError
 
     def _warm_up(self) -> None:
         streams = list(self._warm.items())

@@ -281,6 +281,24 @@ class OnlineMarkovSwitchingRegression(OnlineHiddenMarkov, base.MiniBatchRegresso
         rows[:, -1] = target
         self.learn_rows(rows)
 
+    def forecast_and_learn(self, rows: np.ndarray, stream=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Answer and learn consecutive validated rows [x..., y] of `stream` (the Kafka consumer's entry):
+        (filtered regime probabilities (n, K), log p(y | x, the stream before) (n,), forecasts (n,)), each
+        row answered as `predict_proba_one`, `score_one` and `predict_one` would have answered it just
+        before learning it (during the warm-up: uniform, NaN, the mean of the targets before it)."""
+        return self._take(rows, stream, answer=True, forecast=True)
+
+    def _forecasts(self, rows: np.ndarray, predicted: np.ndarray) -> np.ndarray:
+        emissions = self._engine.params.emissions
+        lines = rows[:, :-1] @ emissions.coef.T + emissions.intercept  # (n, K): each regime's line
+        return np.einsum("nk,nk->n", predicted, lines)
+
+    def _cold_forecasts(self, rows: np.ndarray) -> np.ndarray:
+        targets = self._warm_targets()
+        running = targets.sum() + np.concatenate([[0.0], np.cumsum(rows[:-1, -1])])
+        counts = targets.size + np.arange(rows.shape[0])
+        return np.divide(running, counts, out=np.zeros(rows.shape[0]), where=counts > 0)
+
     def _warm_targets(self) -> np.ndarray:
         return np.array([row[-1] for rows in self._warm.values() for row in rows], dtype=float)
 

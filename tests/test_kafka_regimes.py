@@ -143,10 +143,38 @@ def test_a_value_too_large_is_dead_lettered_and_the_filter_goes_on(broker):
 
 
 def test_hmm_refuses_modes_it_does_not_run():
-    """--model hmm with --model-key, --replicate or --target is a settings error naming them."""
-    for extra in ({"model_key": "site"}, {"replicate": True}, {"target": "y"}):
+    """--model hmm with --model-key or --replicate is a settings error naming them."""
+    for extra in ({"model_key": "site"}, {"replicate": True}):
         with pytest.raises(ValueError, match="model 'hmm' runs one hidden Markov model per instance"):
             ConsumerSettings(features=["a", "b"], model="hmm", **extra)
+
+
+def test_with_a_target_the_assignments_carry_the_markov_switching_forecast(broker):
+    """--model hmm --target y: every assignment's prediction, probabilities and log-likelihood equal
+    OnlineMarkovSwitchingRegression.forecast_and_learn over the same records (one partition)."""
+    total = 1500
+    rng = np.random.default_rng(8)
+    X, states = regime_stream(total, seed=8)
+    y = np.where(states == 0, 2.0 * X[:, 0] + 1.0, -X[:, 0] + 4.0) + 0.3 * rng.normal(size=total)
+    topic = unique("regimes-target")
+    settings = hmm_settings(broker, topic, target="y", max_records=total, max_poll_records=173)
+    ensure_topics(settings, input_partitions=1)
+    producer = KafkaProducer(bootstrap_servers=broker.bootstrap_servers, linger_ms=5)
+    for (a, b), target in zip(X.tolist(), y.tolist(), strict=True):
+        producer.send(topic, partition=0, value=json.dumps({"a": a, "b": b, "y": target}).encode())
+    producer.flush()
+    producer.close()
+    counters = run_consumer(settings)
+    assert counters.assigned == total
+    answers = by_offset(broker, settings.topics["assignments"])
+    model = se.OnlineMarkovSwitchingRegression(2, warmup=300, batch_size=64, features=("a", "b"), seed=0,
+                                               step=se.schedules.StepSize(alpha=0.8, eta_min=0.02))
+    probabilities, _, forecasts = model.forecast_and_learn(np.column_stack([X, y]), stream=f"{topic}/0")
+    np.testing.assert_allclose([answers[t]["prediction"] for t in range(total)], forecasts, rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose([answers[t]["probabilities"] for t in range(total)], probabilities, rtol=1e-9,
+                               atol=1e-12)
+    late = slice(1000, total)  # once the model knows the lines, the forecast beats the mean
+    assert np.mean((forecasts[late] - y[late]) ** 2) < 0.5 * np.var(y[late])
 
 
 def test_a_checkpoint_of_another_model_is_refused(broker):

@@ -322,3 +322,25 @@ def test_a_corrupted_state_is_refused_by_name(change, message):
     change(document)
     with pytest.raises(StateError, match=message):
         se.OnlineMarkovSwitchingRegression.from_dict(document)
+
+
+def test_forecast_and_learn_answers_as_predict_one_then_learn_one():
+    """forecast_and_learn (the Kafka consumer's entry) gives each row the forecast, regime probabilities and
+    log-density that predict_one / predict_proba_one / score_one gave it just before learn_one, through the
+    warm-up and across blocks."""
+    X, y, _ = regime_stream(700, COEF, INTERCEPT, 0.5, 0.97, seed=21)
+    one = se.OnlineMarkovSwitchingRegression(2, warmup=200, batch_size=32, features=("f0",), seed=0)
+    many = se.OnlineMarkovSwitchingRegression(2, warmup=200, batch_size=32, features=("f0",), seed=0)
+    expected = []
+    for x, target in zip(records(X), y, strict=True):
+        proba = one.predict_proba_one(x, target)
+        expected.append((one.predict_one(x), [proba[k] for k in range(2)], one.score_one(x, target)))
+        one.learn_one(x, target)
+    rows = np.column_stack([X, y])
+    answers = [many.forecast_and_learn(rows[a:b], stream=None) for a, b in [(0, 150), (150, 230), (230, 700)]]
+    probabilities, log_likelihood, forecasts = (np.concatenate(part) for part in zip(*answers, strict=True))
+    np.testing.assert_allclose(forecasts, [e[0] for e in expected], rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(probabilities[200:], [e[1] for e in expected[200:]], rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(log_likelihood[200:], [e[2] for e in expected[200:]], rtol=1e-9)
+    assert np.isnan(log_likelihood[:200]).all()
+    np.testing.assert_allclose(many.coef_, one.coef_, rtol=1e-12)

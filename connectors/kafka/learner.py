@@ -57,8 +57,10 @@ def new_model(settings: ConsumerSettings):
     """A fresh model of this run's settings, knowing its features (so it takes arrays)."""
     step = StepSize(alpha=settings.step_alpha, eta_min=settings.step_floor)
     common = dict(batch_size=settings.batch_size, step=step, warmup=settings.warmup, seed=settings.seed)
+    if settings.model == "hmm" and settings.target is not None:
+        return se.OnlineMarkovSwitchingRegression(settings.n_components, features=tuple(settings.features), **common)
     if settings.model == "hmm":
-        return se.OnlineGaussianHMM(
+        return se.OnlineGaussianHMM if settings.target is None else se.OnlineMarkovSwitchingRegression(
             settings.n_components, covariance_type=settings.covariance_type, features=tuple(settings.features), **common
         )
     common.update(outliers="skip", outlier_threshold=outlier_threshold(settings))
@@ -98,7 +100,7 @@ def assign_and_screen(model, settings: ConsumerSettings, features: np.ndarray, t
 
 def model_type(settings: ConsumerSettings):
     if settings.model == "hmm":
-        return se.OnlineGaussianHMM
+        return se.OnlineGaussianHMM if settings.target is None else se.OnlineMarkovSwitchingRegression
     return se.OnlineRegressionMixture if settings.target is not None else se.OnlineGMM
 
 

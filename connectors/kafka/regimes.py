@@ -1,4 +1,5 @@
-"""The consumer with `--model hmm`: a hidden Markov model per instance, one filter per partition.
+"""The consumer with `--model hmm`: a hidden Markov model per instance, one filter per partition
+(with `--target`, a Markov-switching regression whose assignments carry the forecast of y).
 
 The records of a partition are one sequence: each is answered with the filtered probability of
 every hidden state given its partition's records up to it (`OnlineGaussianHMM.filter_and_learn`,
@@ -56,7 +57,9 @@ class RegimeLearner(InstanceLearner):
         if not decoded.good:
             return outputs
         records = batch if not decoded.errors else [batch[i] for i in decoded.good]
-        X, _ = self.model_columns(self.state, decoded.values)
+        X, target = self.model_columns(self.state, decoded.values)
+        if target is not None:  # a Markov-switching regression learns rows [x..., y]
+            X = np.column_stack([X, target])
         too_large = np.abs(X).max(axis=1) >= TOO_LARGE
         if too_large.any():  # beyond the model's arithmetic (squares overflow): never learned
             refused = self._dead_letters(records, {int(i): self._too_large(X[i]) for i in np.flatnonzero(too_large)})
@@ -76,7 +79,7 @@ class RegimeLearner(InstanceLearner):
 
     def _too_large(self, row: np.ndarray) -> str:
         j = int(np.argmax(np.abs(row)))
-        name = self.state.model.features_[j]
+        name = [*self.state.model.features_, self.settings.target][j]
         return f"outlier: {name!r} is {row[j]:.3g}, too large for the model's statistics (|x| >= {TOO_LARGE:.0e})"
 
     def _answer_sequences(self, records, X: np.ndarray):
@@ -86,10 +89,18 @@ class RegimeLearner(InstanceLearner):
         seen_before, was_warm = model.n_seen, model.is_warm
         streams = [stream_name(record.topic, record.partition) for record in records]
         probabilities, log_likelihood = np.empty((n, model.n_states)), np.empty(n)
+        forecasts = None if self.settings.target is None else np.empty(n)
         for stream in dict.fromkeys(streams):  # each partition's rows, in their order
             rows = np.fromiter((i for i, s in enumerate(streams) if s == stream), dtype=np.int64)
-            probabilities[rows], log_likelihood[rows] = model.filter_and_learn(X[rows], stream=stream)
-        answered = schemas.assignments(records, self.topics["assignments"], probabilities, log_likelihood, seen_before)
+            if forecasts is None:
+                probabilities[rows], log_likelihood[rows] = model.filter_and_learn(X[rows], stream=stream)
+            else:
+                probabilities[rows], log_likelihood[rows], forecasts[rows] = model.forecast_and_learn(
+                    X[rows], stream=stream
+                )
+        answered = schemas.assignments(
+            records, self.topics["assignments"], probabilities, log_likelihood, seen_before, forecasts
+        )
         self.counters.assigned += n
         everything = np.ones(n, dtype=bool)
         drifts = self._drift(state, records, probabilities, everything, was_warm, seen_before, None)

@@ -49,7 +49,11 @@ class ConsumerSettings(BaseSettings):
     features: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="feature fields, comma-separated: a,b,c"
     )
-    target: str | None = Field(None, description="target field: learn a mixture of linear regressions on it")
+    target: str | None = Field(
+        None,
+        description="target field: learn a mixture of linear regressions on it (with --model hmm, a Markov-switching "
+        "regression)",
+    )
     model_key: str | None = Field(
         None, description="field whose value selects one model per key (key the messages by it too)"
     )
@@ -177,10 +181,9 @@ class ConsumerSettings(BaseSettings):
             )
         if self.replicate and (self.model_key is not None or self.target is not None):
             raise ValueError("replicate works with one Gaussian mixture: not with model_key or target")
-        if self.model == "hmm" and (self.model_key is not None or self.replicate or self.target is not None):
+        if self.model == "hmm" and (self.model_key is not None or self.replicate):
             raise ValueError(
-                "model 'hmm' runs one hidden Markov model per instance on features: not with model_key, "
-                "replicate or target"
+                "model 'hmm' runs one hidden Markov model per instance: not with model_key or replicate"
             )
         if self.model_key is not None and self.model_key in [*self.features, self.target]:
             raise ValueError(f"model_key {self.model_key!r} is also a feature or the target")

@@ -116,6 +116,28 @@ def test_fit_hmm_on_stock_returns_finds_a_calm_and_a_volatile_regime_that_persis
     assert "2 states" in result.stdout and "expected durations" in result.stdout
     with pytest.raises(StateError, match="gaussian_hmm"):  # no warm start for a mixture
         se.OnlineGMM.from_fit(out / "model.json")
+    # the numbers README.md quotes
+    np.testing.assert_allclose(traces[[calm, volatile]], [2.08, 7.47], atol=0.01)
+    np.testing.assert_allclose(stay[[calm, volatile]], [0.929, 0.843], atol=0.001)
+
+
+def test_bic_picks_six_states_on_stock_returns(stock_returns_csv, tmp_path):
+    """Over K = 1-8 (`--n-components auto`), BIC picks 6 states on the stock returns, as README.md says."""
+    result = run("fit", str(stock_returns_csv), "--model", "hmm", "--out", str(tmp_path / "out"))
+    assert result.returncode == 0, result.stderr
+    assert json.loads((tmp_path / "out" / "model.json").read_text())["n_states"] == 6
+
+
+def test_check_hmm_on_stock_returns_counts_what_the_readme_says(stock_returns_csv):
+    """On the stock returns the online filter's most likely state switches more often than OnlineGMM's labels,
+    and the regime announced at p >= 0.9 about as often as the batch Viterbi path (README.md's numbers)."""
+    result = run("check", str(stock_returns_csv), "--model", "hmm")
+    assert result.returncode == 0, result.stderr
+    text = result.stdout
+    rates = {name: _number(text, name) for name in ["online HMM filter", "OnlineGMM labels", "batch HMM Viterbi"]}
+    announced = _number(text, "online HMM, p >= 0.9")
+    assert rates == pytest.approx({"online HMM filter": 204, "OnlineGMM labels": 126, "batch HMM Viterbi": 60}, abs=1)
+    assert announced == pytest.approx(64, abs=1)
 
 
 def test_fit_hmm_report_shows_regimes_transitions_and_durations(stock_fit):

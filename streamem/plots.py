@@ -234,17 +234,25 @@ def regimes(series, states, *, names=None, first: int = 0, title: str | None = N
     states = np.asarray(states)
     shown = min(series.shape[1], limit)
     figure, axes = _figure(9, 1.2 + 1.4 * shown, rows=shown, sharex=True, squeeze=False)
+    from matplotlib.colors import ListedColormap  # after _figure: it says what to install without matplotlib
+    from matplotlib.patches import Patch
+
     steps = first + np.arange(len(series))
+    K = int(states.max()) + 1 if len(states) else 1
+    palette = ListedColormap([_colour(k) for k in range(K)])
     for j, ax in enumerate(axes[:, 0]):
-        for k in np.unique(states):
-            # one fill per regime (not one span per run: thousands of runs draw slowly)
-            ax.fill_between(
-                steps, 0, 1, where=states == k, step="mid", transform=ax.get_xaxis_transform(),
-                color=_colour(int(k)), alpha=0.25, lw=0, label=f"regime {k}" if j == 0 else None,
-            )  # fmt: skip
         ax.plot(steps, series[:, j], color="black", lw=0.6)
+        low, high = ax.get_ylim()
+        # the regimes as one background strip, a cell per row (a span per run leaves slivers and draws slowly)
+        ax.imshow(
+            states[None, :], aspect="auto", cmap=palette, vmin=-0.5, vmax=K - 0.5, alpha=0.3, zorder=0,
+            extent=(first - 0.5, first + len(states) - 0.5, low, high), interpolation="nearest",
+        )  # fmt: skip
+        ax.set_ylim(low, high)
         ax.set_ylabel(names[j] if names else f"feature {j}")
-    axes[0, 0].legend(fontsize=8, loc="upper right", ncols=min(len(np.unique(states)), 4))
+    shown_states = np.unique(states)
+    handles = [Patch(color=_colour(int(k)), alpha=0.3, label=f"regime {k}") for k in shown_states]
+    axes[0, 0].legend(handles=handles, fontsize=8, loc="upper right", ncols=min(len(shown_states), 4))
     axes[-1, 0].set_xlabel("record (file order)")
     axes[0, 0].set_title(title or "Series with regimes shaded")
     return figure

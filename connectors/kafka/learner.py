@@ -60,7 +60,7 @@ def new_model(settings: ConsumerSettings):
     if settings.model == "hmm" and settings.target is not None:
         return se.OnlineMarkovSwitchingRegression(settings.n_components, features=tuple(settings.features), **common)
     if settings.model == "hmm":
-        return se.OnlineGaussianHMM if settings.target is None else se.OnlineMarkovSwitchingRegression(
+        return se.OnlineGaussianHMM(
             settings.n_components, covariance_type=settings.covariance_type, features=tuple(settings.features), **common
         )
     common.update(outliers="skip", outlier_threshold=outlier_threshold(settings))

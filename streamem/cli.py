@@ -127,10 +127,12 @@ def _register_fit(commands) -> None:
 
 
 def _fit(args) -> int:
+    from streamem.hmm_report import fit_hmm_table
     from streamem.report import MissingExtra, fit_table
 
+    fit = fit_hmm_table if args.model == "hmm" else fit_table
     try:
-        document = fit_table(
+        document = fit(
             args.data,
             args.out,
             components=args.components,
@@ -141,7 +143,6 @@ def _fit(args) -> int:
             na_values=args.na_values,
             n_init=args.n_init,
             seed=args.seed,
-            model=args.model,
         )
     except (ValueError, OSError, MissingExtra) as error:  # OSError: a file or --out that cannot be read or written
         print(f"streamem fit: {error}", file=sys.stderr)
@@ -189,10 +190,12 @@ def _register_check(commands) -> None:
 
 
 def _check(args) -> int:
+    from streamem.hmm_report import check_hmm_table
     from streamem.report import MissingExtra, check_table
 
+    check = check_hmm_table if args.model == "hmm" else check_table
     try:
-        report = check_table(
+        report = check(
             args.data,
             components=args.components,
             covariance_type=args.covariance,
@@ -203,7 +206,6 @@ def _check(args) -> int:
             out_dir=args.out,
             missing=args.missing,
             na_values=args.na_values,
-            model=args.model,
         )
     except (ValueError, OSError, MissingExtra) as error:
         print(f"streamem check: {error}", file=sys.stderr)

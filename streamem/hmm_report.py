@@ -25,14 +25,14 @@ from streamem.markov_switching import MarkovSwitchingRegression
 from streamem.report import (
     FIT_FORMAT,
     Table,
-    _full_covariances,
-    _g,
-    _missing_line,
-    _print_progress,
-    _require_plots,
-    _table,
+    full_covariances,
+    markdown_table,
+    missing_line,
+    number_text,
     parse_components,
+    print_progress,
     read_table,
+    require_plots,
 )
 
 __all__ = ["HMMConsistencyReport", "check_hmm_table", "fit_hmm_table", "hmm_document"]
@@ -79,7 +79,7 @@ def fit_hmm_table(
     """Fit a hidden Markov model to the file's rows (one sequence, in file order) for each K in `components`,
     keep the lowest BIC, and write model.json, figures and report.md into `out_dir` (created only after every
     check passed). With `target`, a Markov-switching regression of it on the other columns."""
-    _require_plots()
+    require_plots()
     candidates = parse_components(components)
     if pathlib.Path(out_dir).exists() and not pathlib.Path(out_dir).is_dir():
         raise ValueError(f"--out {out_dir} is a file, not a directory")
@@ -102,7 +102,7 @@ def fit_hmm_table(
         fits.append(model)
         bics.append(model.bic(*data))
         aics.append(model.aic(*data))
-        _print_progress(progress, i, candidates, K, bics[-1], model.n_iter_)
+        print_progress(progress, i, candidates, K, bics[-1], model.n_iter_)
     model = fits[int(np.argmin(bics))]
     document = hmm_document(model, names, X, y, target=target)
     out = pathlib.Path(out_dir)
@@ -168,7 +168,7 @@ def hmm_document(model, names, X, y=None, *, target: str | None = None) -> dict:
 
 
 def _duration(value) -> str:
-    return "inf" if value is None else _g(value)
+    return "inf" if value is None else number_text(value)
 
 
 def _emission_tables(document: dict) -> list[str]:
@@ -177,24 +177,32 @@ def _emission_tables(document: dict) -> list[str]:
     if document["family"] == "markov_switching_regression":
         header = ["state", *(f"coef {n}" for n in names), "intercept", "noise sd"]
         rows = [
-            [str(k), *map(_g, params["coef"][k]), _g(params["intercept"][k]), _g(np.sqrt(params["noise_variance"][k]))]
+            [
+                str(k),
+                *map(number_text, params["coef"][k]),
+                number_text(params["intercept"][k]),
+                number_text(np.sqrt(params["noise_variance"][k])),
+            ]
             for k in range(K)
         ]
-        return _table(header, rows)
+        return markdown_table(header, rows)
     kind = document["covariance_type"]
-    covariances = _full_covariances(kind, np.asarray(params["covariances"]), K, len(names))
+    covariances = full_covariances(kind, np.asarray(params["covariances"]), K, len(names))
     sds = np.sqrt(np.einsum("kii->ki", covariances))
     traces = np.einsum("kii->k", covariances)
-    lines = _table(["state", *(f"mean {n}" for n in names)], [[str(k), *map(_g, params["means"][k])] for k in range(K)])
+    lines = markdown_table(
+        ["state", *(f"mean {n}" for n in names)], [[str(k), *map(number_text, params["means"][k])] for k in range(K)]
+    )
     lines += ["", f"Standard deviations ({kind} covariance) and the covariance trace (the state's total variance):", ""]
-    lines += _table(
-        ["state", *(f"sd {n}" for n in names), "trace"], [[str(k), *map(_g, sds[k]), _g(traces[k])] for k in range(K)]
+    lines += markdown_table(
+        ["state", *(f"sd {n}" for n in names), "trace"],
+        [[str(k), *map(number_text, sds[k]), number_text(traces[k])] for k in range(K)],
     )
     if kind in ("full", "tied") and len(names) > 1:
         for k in range(1) if kind == "tied" else range(K):
             correlation = covariances[k] / np.outer(sds[k], sds[k])
             lines += ["", f"Correlations, {'all states' if kind == 'tied' else f'state {k}'}:", ""]
-            lines += _table(["", *names], [[n, *map(_g, correlation[i])] for i, n in enumerate(names)])
+            lines += markdown_table(["", *names], [[n, *map(number_text, correlation[i])] for i, n in enumerate(names)])
     return lines
 
 
@@ -217,7 +225,7 @@ def _write_report(out: pathlib.Path, source, document, figures, candidates, bics
         f"BIC {document['bic']:.1f}, AIC {document['aic']:.1f}, "
         f"{'converged' if document['converged'] else 'NOT converged'} after {document['n_iter']} Baum-Welch "
         "iterations.",
-        _missing_line(table),
+        missing_line(table),
     ]
     if table.skipped:
         lines.append(f"Text columns left out: {', '.join(table.skipped)}.")
@@ -228,7 +236,7 @@ def _write_report(out: pathlib.Path, source, document, figures, candidates, bics
             f"Search further, e.g. `--n-components {candidates[0]}-{2 * K}`.",
         ]
     criteria = [[str(k), f"{b:.1f}", f"{a:.1f}"] for k, b, a in zip(candidates, bics, aics, strict=True)]
-    lines += ["", *_table(["K", "BIC", "AIC"], criteria)]
+    lines += ["", *markdown_table(["K", "BIC", "AIC"], criteria)]
     params = document["params"]
     transmat = params["transmat"]
     lines += [
@@ -238,15 +246,15 @@ def _write_report(out: pathlib.Path, source, document, figures, candidates, bics
         "p_kk is the probability that state k stays from one record to the next; its expected duration is "
         "1 / (1 - p_kk) records. The share of records is that of the most likely path (Viterbi).",
         "",
-        *_table(
+        *markdown_table(
             ["state", "start prob", "p_kk", "expected duration (records)", "share of records"],
             [
                 [
                     str(k),
-                    _g(params["startprob"][k]),
-                    _g(transmat[k][k]),
+                    number_text(params["startprob"][k]),
+                    number_text(transmat[k][k]),
                     _duration(document["expected_durations"][k]),
-                    _g(document["occupancy"][k]),
+                    number_text(document["occupancy"][k]),
                 ]
                 for k in range(K)
             ],
@@ -257,7 +265,9 @@ def _write_report(out: pathlib.Path, source, document, figures, candidates, bics
         "",
         "Transition matrix (row: from, column: to):",
         "",
-        *_table(["from \\ to", *map(str, range(K))], [[str(k), *map(_g, transmat[k])] for k in range(K)]),
+        *markdown_table(
+            ["from \\ to", *map(str, range(K))], [[str(k), *map(number_text, transmat[k])] for k in range(K)]
+        ),
         "",
         "## Parameters",
         "",
@@ -352,7 +362,7 @@ def check_hmm_table(
     from streamem.online_hmm import OnlineGaussianHMM
 
     if out_dir is not None:
-        _require_plots()
+        require_plots()
     table = _read(path, columns, None, na_values, missing)
     X, names, K = table.X, table.names, components
     if len(X) < K:
@@ -389,7 +399,7 @@ def check_hmm_table(
     matched = matched[np.argsort(rows)]
     order = np.argsort(matched)  # the online state behind each batch state
     covariances = [
-        _full_covariances(covariance_type, np.asarray(m.covariances_), K, X.shape[1]) for m in (online, batch)
+        full_covariances(covariance_type, np.asarray(m.covariances_), K, X.shape[1]) for m in (online, batch)
     ]
     batch_path = np.tile(batch.predict(X), passes)
     batch_filter = np.tile(batch.filter_proba(X).argmax(axis=1), passes)

@@ -221,7 +221,7 @@ class MissingExtra(ImportError):
     """An optional dependency a command needs is not installed; the message names the extra."""
 
 
-def _require_plots() -> None:
+def require_plots() -> None:
     """Fail before any work or file when the figures cannot be drawn (matplotlib is the `plots` extra)."""
     try:
         import matplotlib.figure  # noqa: F401 - only whether it imports
@@ -242,24 +242,14 @@ def fit_table(
     n_init: int = 3,
     seed: int = 0,
     progress=sys.stderr,
-    model: str = "gmm",
 ) -> dict:
     """Fit the batch core to a CSV file and write model.json, figures and report.md into `out_dir`.
 
     Everything is checked (matplotlib, components, the table) before `out_dir` is created. `progress` gets a
-    line per K tried (rewritten in place with a carriage return when it is a terminal). `model="hmm"` fits a
-    hidden Markov model to the rows in file order instead (`streamem.hmm_report.fit_hmm_table`).
+    line per K tried (rewritten in place with a carriage return when it is a terminal). A hidden Markov
+    model is `streamem.hmm_report.fit_hmm_table`, with the same arguments.
     """
-    if model == "hmm":
-        from streamem.hmm_report import fit_hmm_table
-
-        return fit_hmm_table(
-            path, out_dir, components=components, covariance_type=covariance_type, target=target,
-            columns=columns, missing=missing, na_values=na_values, n_init=n_init, seed=seed, progress=progress,
-        )  # fmt: skip
-    if model != "gmm":
-        raise ValueError(f"model must be 'gmm' or 'hmm', got {model!r}")
-    _require_plots()
+    require_plots()
     candidates = parse_components(components)
     if pathlib.Path(out_dir).exists() and not pathlib.Path(out_dir).is_dir():
         raise ValueError(f"--out {out_dir} is a file, not a directory")
@@ -284,7 +274,7 @@ def fit_table(
         fits.append(model)
         bics.append(bic)
         aics.append(aic)
-        _print_progress(progress, i, candidates, K, bic, model.n_iter_)
+        print_progress(progress, i, candidates, K, bic, model.n_iter_)
     best = int(np.argmin(bics))
     model = fits[best]
     document = fit_document(model, names, X, y, target=target)
@@ -296,7 +286,7 @@ def fit_table(
     return document
 
 
-def _print_progress(progress, i: int, candidates: list[int], K: int, bic: float, n_iter: int) -> None:
+def print_progress(progress, i: int, candidates: list[int], K: int, bic: float, n_iter: int) -> None:
     """The progress line of the i-th K tried (1-based), rewritten in place when `progress` is a terminal."""
     tty = progress.isatty() if hasattr(progress, "isatty") else False
     bar = "#" * i + "." * (len(candidates) - i)
@@ -354,12 +344,12 @@ def _figures(
     return paths
 
 
-def _g(value) -> str:
+def number_text(value) -> str:
     """A number for a table: 4 significant digits."""
     return f"{float(value):.4g}"
 
 
-def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+def markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:
     return [
         "| " + " | ".join(header) + " |",
         "|" + "---|" * len(header),
@@ -375,31 +365,33 @@ def _parameter_tables(document: dict) -> list[str]:
     if document["family"] == "regression":
         header = ["component", "weight", *(f"coef {n}" for n in names), "intercept", "noise sd"]
         rows = [
-            [str(k), _g(weights[k]), *map(_g, params["coef"][k]), _g(params["intercept"][k]),
-             _g(np.sqrt(params["noise_variance"][k]))]
+            [str(k), number_text(weights[k]), *map(number_text, params["coef"][k]), number_text(params["intercept"][k]),
+             number_text(np.sqrt(params["noise_variance"][k]))]
             for k in range(K)
         ]  # fmt: skip
-        return _table(header, rows)
+        return markdown_table(header, rows)
     means = np.asarray(params["means"])
-    covariances = _full_covariances(document["covariance_type"], np.asarray(params["covariances"]), K, len(names))
+    covariances = full_covariances(document["covariance_type"], np.asarray(params["covariances"]), K, len(names))
     sds = np.sqrt(np.einsum("kii->ki", covariances))
-    lines = _table(
+    lines = markdown_table(
         ["component", "weight", *(f"mean {n}" for n in names)],
-        [[str(k), _g(weights[k]), *map(_g, means[k])] for k in range(K)],
+        [[str(k), number_text(weights[k]), *map(number_text, means[k])] for k in range(K)],
     )
     lines += ["", f"Standard deviations ({document['covariance_type']} covariance):", ""]
-    lines += _table(["component", *(f"sd {n}" for n in names)], [[str(k), *map(_g, sds[k])] for k in range(K)])
+    lines += markdown_table(
+        ["component", *(f"sd {n}" for n in names)], [[str(k), *map(number_text, sds[k])] for k in range(K)]
+    )
     if document["covariance_type"] in ("full", "tied") and len(names) > 1:
         shown = range(1) if document["covariance_type"] == "tied" else range(K)
         for k in shown:
             correlation = covariances[k] / np.outer(sds[k], sds[k])
             title = "all components" if document["covariance_type"] == "tied" else f"component {k}"
             lines += ["", f"Correlations, {title}:", ""]
-            lines += _table(["", *names], [[n, *map(_g, correlation[i])] for i, n in enumerate(names)])
+            lines += markdown_table(["", *names], [[n, *map(number_text, correlation[i])] for i, n in enumerate(names)])
     return lines
 
 
-def _full_covariances(kind: str, covariances: np.ndarray, K: int, d: int) -> np.ndarray:
+def full_covariances(kind: str, covariances: np.ndarray, K: int, d: int) -> np.ndarray:
     if kind == "full":
         return covariances
     if kind == "tied":
@@ -409,7 +401,7 @@ def _full_covariances(kind: str, covariances: np.ndarray, K: int, d: int) -> np.
     return np.stack([np.eye(d) * value for value in covariances])  # spherical
 
 
-def _missing_line(table: Table) -> str:
+def missing_line(table: Table) -> str:
     total = sum(table.missing.values())
     if not total:
         return "There are no missing values."
@@ -436,7 +428,7 @@ def _write_report(out: pathlib.Path, source, document, figures, candidates, bics
         what,
         f"Log-likelihood per record {document['log_likelihood']:.4f}, BIC {document['bic']:.1f}, "
         f"AIC {document['aic']:.1f}, {'converged' if document['converged'] else 'NOT converged'}.",
-        _missing_line(table),
+        missing_line(table),
     ]
     if table.skipped:
         lines.append(f"Text columns left out: {', '.join(table.skipped)}.")
@@ -447,7 +439,7 @@ def _write_report(out: pathlib.Path, source, document, figures, candidates, bics
             f"Search further, e.g. `--n-components {candidates[0]}-{2 * best}`.",
         ]
     criteria = [[str(k), f"{b:.1f}", f"{a:.1f}"] for k, b, a in zip(candidates, bics, aics, strict=True)]
-    lines += ["", *_table(["K", "BIC", "AIC"], criteria)]
+    lines += ["", *markdown_table(["K", "BIC", "AIC"], criteria)]
     lines += ["", "## Parameters", "", *_parameter_tables(document), ""]
     lines += [*(f"![{p.stem}](figures/{p.name})" for p in figures), ""]
     (out / "report.md").write_text("\n".join(lines))
@@ -466,26 +458,15 @@ def check_table(
     out_dir=None,
     missing: str = "error",
     na_values=(),
-    model: str = "gmm",
 ):
     """Run the online model over the file's rows as a stream (in file order, `passes` times) and the
-    batch core over the whole; return the consistency report (and write the online figure).
-    `model="hmm"`: the hidden Markov models (`streamem.hmm_report.check_hmm_table`)."""
-    if model == "hmm":
-        from streamem.hmm_report import check_hmm_table
-
-        return check_hmm_table(
-            path, components=components, covariance_type=covariance_type, columns=columns,
-            batch_size=batch_size, warmup=warmup, passes=passes, seed=seed, out_dir=out_dir,
-            missing=missing, na_values=na_values,
-        )  # fmt: skip
-    if model != "gmm":
-        raise ValueError(f"model must be 'gmm' or 'hmm', got {model!r}")
+    batch core over the whole; return the consistency report (and write the online figure). The hidden
+    Markov models' is `streamem.hmm_report.check_hmm_table`, with the same arguments."""
     from streamem.compare import compare
     from streamem.online_gmm import OnlineGMM
 
     if out_dir is not None:
-        _require_plots()
+        require_plots()
     X, names, _ = load_table(path, columns, na_values=na_values, missing=missing)
     warmup = warmup or max(components, min(500, len(X) // 2))
     online = OnlineGMM(

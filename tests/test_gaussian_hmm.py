@@ -361,3 +361,23 @@ def test_unfitted_model_says_so():
     """Inference before fit raises NotFittedError."""
     with pytest.raises(se.NotFittedError):
         se.GaussianHMM(2).predict([[0.0]])
+
+
+def test_a_left_right_chain_with_a_state_unreachable_for_long_fits_as_hmmlearn():
+    """A left-right chain (start in state 0, never back) on 200 records near 0 then 200 near 60: the state
+    the filter rules out for 200 records gets no NaN; the fit equals hmmlearn's."""
+    rng = np.random.default_rng(11)
+    X = np.r_[rng.normal(0.0, 1.0, 200), rng.normal(60.0, 1.0, 200)][:, None]
+    start = {
+        "startprob": np.array([1.0, 0.0]),
+        "transmat": np.array([[0.99, 0.01], [0.0, 1.0]]),
+        "means": np.array([[1.0], [50.0]]),
+        "covariances": np.array([1.0, 1.0]),
+    }
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", se.ConvergenceWarning)
+        ours = streamem_from("spherical", start, max_iter=10).fit(X)
+    reference = hmmlearn_from("spherical", start, n_iter=10).fit(X)
+    np.testing.assert_allclose(ours.means_, reference.means_, atol=1e-6)
+    assert ours.score(X) == pytest.approx(reference.score(X), rel=1e-9)
+    assert np.all(np.isfinite(ours.predict_proba(X)))

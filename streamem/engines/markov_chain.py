@@ -114,7 +114,9 @@ def _backward(alpha, scaled_b, normaliser, transmat, starts, ends, posterior, tr
                     pair = transmat[i, j] * weighted[j]
                     transitions[i, j] += alpha[t, i] * pair
                     total += pair
-                beta[i] = total
+                # a state the filter rules out has no posterior whatever its beta; kept at 0, its beta
+                # cannot grow by 1 / normaliser a record into inf (and 0 * inf = NaN) through a long impossible run
+                beta[i] = total if alpha[t, i] > 0.0 else 0.0
         for j in range(n_states):
             posterior[starts[s], j] = alpha[starts[s], j] * beta[j]
             first[j] += posterior[starts[s], j]

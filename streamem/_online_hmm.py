@@ -42,6 +42,22 @@ class Stream:
     def block(self) -> np.ndarray:
         return self.rows[: self.count]
 
+    def extend(self, rows: np.ndarray) -> None:
+        """Append rows to the open block, growing its buffer (up to a block) as needed."""
+        end = self.count + rows.shape[0]
+        if end > self.rows.shape[0]:
+            grown = np.empty((max(end, 2 * self.rows.shape[0]), self.rows.shape[1]))
+            grown[: self.count] = self.rows[: self.count]
+            self.rows = grown
+        self.rows[self.count : end] = rows
+        self.count = end
+
+
+def _buffer(width: int) -> np.ndarray:
+    """An open block's first buffer: small, so that thousands of streams (or an absurd batch_size read
+    from a state document) cost memory only for the records they hold."""
+    return np.empty((16, width))
+
 
 class OnlineHiddenMarkov:
     """Base of `OnlineGaussianHMM` and `OnlineMarkovSwitchingRegression` (not public)."""
@@ -135,20 +151,72 @@ class OnlineHiddenMarkov:
     def _take(self, rows: np.ndarray, stream, answer: bool, forecast: bool = False):
         """Learn rows of `stream`; with `answer`, (filtered (n, K), log-likelihoods (n,)) of each row
         before it was learned, and with `forecast` the subclass's forecast of each row too."""
-        n, K = rows.shape[0], self.n_states
+        n = rows.shape[0]
         names = self._feature_list()
         if names is None:
             raise ValueError(f"the {type(self).__name__} does not know its features yet: give features=...")
+        if not names:
+            raise ValueError("a record must hold at least one feature")
         if rows.ndim != 2 or rows.shape[1] != self._row_width(len(names)):
             raise ValueError(f"rows must have shape (n, {self._row_width(len(names))}) for features {names}, "
                              f"got {rows.shape}")
         if n and not (rows.max() < TOO_LARGE and rows.min() > -TOO_LARGE):  # two reductions; NaN fails both
             i, j = np.argwhere(~(np.abs(rows) < TOO_LARGE))[0]
-            value = rows[i, j]
+            value, name = rows[i, j], self._column_name(names, j)
             if not np.isfinite(value):
-                raise ValueError(f"row {i}, column {j} is {value}: values must be finite numbers")
-            raise ValueError(f"row {i}, column {j} is {value:.3g}: too large for the model's statistics "
+                raise ValueError(f"row {i}: {name} is {value}; values must be finite numbers")
+            raise ValueError(f"row {i}: {name} is {value:.3g}, too large for the model's statistics "
                              f"(|x| >= {TOO_LARGE:.0e})")
+        if stream is not None and not isinstance(stream, (str, int)) or isinstance(stream, bool):
+            raise TypeError(f"a stream is named by a str, an int or None, got {stream!r}")
+        saved = self._saved(stream)
+        try:
+            return self._take_checked(rows, stream, answer, forecast)
+        except (ValueError, ArithmeticError, np.linalg.LinAlgError) as error:
+            self._put_back(saved)  # all or nothing: a failed call learns none of its rows
+            if isinstance(error, ValueError):
+                raise
+            raise ValueError(f"the model could not learn these rows ({error}); none was learned") from error
+
+    def _column_name(self, names: list, j: int) -> str:
+        return f"feature {names[j]!r}" if j < len(names) else "the target"
+
+    def _saved(self, stream) -> tuple:
+        """What a call on `stream` may change, to put back if it fails (the engine's statistics and
+        parameters are replaced, never changed in place, so references suffice)."""
+        engine, current = self._engine, self._streams.get(stream)
+        return (
+            engine,
+            None if engine is None else (engine.stats, engine.params, engine.n_updates),
+            self.n_seen,
+            self._n_warm,
+            self._warm,
+            {name: len(rows) for name, rows in self._warm.items()},
+            self._streams,
+            stream,
+            None if current is None else (current, current.before, current.count, current.latest,
+                                          current.rows[: current.count].copy()),
+        )
+
+    def _put_back(self, saved: tuple) -> None:
+        engine, engine_state, self.n_seen, self._n_warm, warm, lengths, streams, name, current = saved
+        self._engine, self._warm, self._streams = engine, warm, streams
+        if engine is not None:
+            engine.stats, engine.params, engine.n_updates = engine_state
+        for key in list(warm):  # the warm-up's rows as they were (a warm-up that failed took them all)
+            if key in lengths:
+                del warm[key][lengths[key] :]
+            else:
+                del warm[key]
+        if current is None:
+            streams.pop(name, None)  # a stream this call started
+        else:
+            stream, stream.before, stream.count, stream.latest, rows = current
+            stream.rows, stream.count = rows, len(rows)
+            streams[name] = stream
+
+    def _take_checked(self, rows: np.ndarray, stream, answer: bool, forecast: bool):
+        n, K = rows.shape[0], self.n_states
         filtered = log_likelihood = forecasts = None
         if answer:
             filtered, log_likelihood = np.full((n, K), 1.0 / K), np.full(n, np.nan)
@@ -169,7 +237,7 @@ class OnlineHiddenMarkov:
         while at < n:
             current = self._streams.get(stream)
             if current is None:
-                current = self._streams[stream] = Stream(None, np.empty((size, rows.shape[1])))
+                current = self._streams[stream] = Stream(None, _buffer(rows.shape[1]))
             take = min(n - at, size - current.count)
             segment = rows[at : at + take]
             if answer:
@@ -182,8 +250,7 @@ class OnlineHiddenMarkov:
                     predicted[0] = chain.startprob if before is None else before @ chain.transmat
                     predicted[1:] = answers[:-1] @ chain.transmat
                     forecasts[at : at + take] = self._forecasts(segment, predicted)
-            current.rows[current.count : current.count + take] = segment
-            current.count += take
+            current.extend(segment)
             if answer:
                 current.latest = (current.count, answers[-1])
             at += take
@@ -215,7 +282,7 @@ class OnlineHiddenMarkov:
         )
         ends = np.cumsum(lengths)
         self._streams = {
-            name: Stream(filtered[end - 1].copy(), np.empty((self.batch_size, rows.shape[1])))
+            name: Stream(filtered[end - 1].copy(), _buffer(rows.shape[1]))
             for (name, _), end in zip(streams, ends, strict=True)
         }
         self._warm, self._n_warm = {}, 0
@@ -320,14 +387,23 @@ class OnlineHiddenMarkov:
             raise
         except (KeyError, TypeError, ValueError, AttributeError) as error:
             raise StateError(f"model state is invalid: {error}") from None
+        except OverflowError as error:  # a number beyond a float, e.g. 1e400 in the JSON text
+            raise StateError(f"model state holds a number out of range: {error}") from None
         return model
 
     def _restore(self, document: dict) -> None:
         names = document["features"]
         self._set_features(names)
         width = None if names is None else self._row_width(len(names))
-        self.n_seen = int(document["n_seen"])
-        warm = {entry["stream"]: _rows(entry["rows"], width, "warm_up") for entry in document["warm_up"]}
+        n_seen = document["n_seen"]
+        if isinstance(n_seen, bool) or not isinstance(n_seen, int) or n_seen < 0:
+            raise StateError(f"model state n_seen must be an integer >= 0, got {n_seen!r}")
+        self.n_seen = n_seen
+        warm = {
+            _stream_name(entry["stream"], warm_names): _rows(entry["rows"], width, "warm_up")
+            for warm_names in [set()]
+            for entry in document["warm_up"]
+        }
         engine = document["engine"]
         if engine is None:
             if document["streams"] or sum(map(len, warm.values())) >= self.warmup:
@@ -342,6 +418,14 @@ class OnlineHiddenMarkov:
         if stats.first.shape != (K,) or stats.emissions.shapes != expected.shapes:
             raise StateError(f"model state statistics have shapes {stats.shapes}, expected {K} states of "
                              f"{expected.shapes}")
+        # running statistics are per record: a record's worth of mass, at most one start and one move a record
+        with np.errstate(over="ignore"):  # huge counts sum to inf, which the check refuses
+            per_record = (math.isclose(stats.count, 1.0, rel_tol=1e-6) and stats.first.sum() <= 1.0 + 1e-6
+                          and stats.transitions.sum() <= 1.0 + 1e-6)
+        if not per_record:
+            raise StateError(f"model state statistics must be per record (count 1, at most one start and one "
+                             f"transition a record), got count {stats.count:.6g}, starts {stats.first.sum():.6g}, "
+                             f"transitions {stats.transitions.sum():.6g}")
         chain = checked_chain(engine["startprob"], engine["transmat"], K)
         emissions = self._emission_params(engine, width)
         n_updates = float(engine["n_updates"])
@@ -351,7 +435,9 @@ class OnlineHiddenMarkov:
             self._family, stats, HMMParams(chain, emissions), n_updates, self.step or StepSize(), self.keep_states
         )
         self._streams = {}
+        names_seen: set = set()
         for entry in document["streams"]:
+            _stream_name(entry["stream"], names_seen)
             block = _rows(entry["block"], width, "block")
             if len(block) >= self.batch_size:
                 raise StateError(f"model state stream {entry['stream']!r} holds a full block")
@@ -361,10 +447,9 @@ class OnlineHiddenMarkov:
             ):
                 raise StateError(f"model state filter of stream {entry['stream']!r} must be {K} probabilities "
                                  "summing to 1")
-            stream = Stream(before, np.empty((self.batch_size, width)))
+            stream = Stream(before, _buffer(width))
             if block:  # a block just learned leaves none open
-                stream.rows[: len(block)] = block
-            stream.count = len(block)
+                stream.extend(np.asarray(block, dtype=float))
             self._streams[entry["stream"]] = stream
 
 
@@ -375,4 +460,17 @@ def _rows(value, width: int | None, name: str) -> list[list[float]]:
         raise StateError(f"model state has {name} records but no feature names")
     if not value:
         return []
-    return check_array(value, name=f"model state {name}", n_features=width).tolist()
+    rows = check_array(value, name=f"model state {name}", n_features=width)
+    if not np.abs(rows).max() < TOO_LARGE:
+        raise StateError(f"model state {name} holds a value too large for the model's statistics")
+    return rows.tolist()
+
+
+def _stream_name(name, seen: set):
+    """A stream's name from a state document: a str, an int or None, each once."""
+    if name is not None and not isinstance(name, (str, int)) or isinstance(name, bool):
+        raise StateError(f"model state stream names are str, int or null, got {name!r}")
+    if name in seen:
+        raise StateError(f"model state lists stream {name!r} twice")
+    seen.add(name)
+    return name

@@ -17,6 +17,7 @@ from streamem.exceptions import ConvergenceWarning
 from streamem.families.gaussian import COVARIANCE_TYPES, GaussianFamily
 from streamem.families.markov import ChainParams
 from streamem.gaussian_hmm import GaussianHMM, keep_gaussian_states
+from streamem.outliers import TOO_LARGE
 from streamem.schedules import StepSize
 
 __all__ = ["OnlineGaussianHMM"]
@@ -135,6 +136,8 @@ class OnlineGaussianHMM(OnlineHiddenMarkov, base.Clusterer):
     def _emission_params(self, document: dict, width: int):
         K = self.n_states
         emissions = self._family.make_params(np.full(K, 1.0 / K), document["means"], document["covariances"])
+        if not np.all(np.abs(emissions.means) < TOO_LARGE):
+            raise ValueError("means must be finite numbers")
         if emissions.means.shape != (K, width):
             raise ValueError(f"means have shape {emissions.means.shape}, expected {(K, width)}")
         return emissions
@@ -196,15 +199,24 @@ class OnlineGaussianHMM(OnlineHiddenMarkov, base.Clusterer):
         """Learn from one record: the filter moves on to it (the parameters update every `batch_size`)."""
         names = self._names_for(x)
         row = record_values(x, names)
-        self._names = names
-        self.learn_rows(np.array([row], dtype=float))
+        self._learn_as(names, np.array([row], dtype=float))
 
     def learn_many(self, X) -> None:
         """Learn from a DataFrame (or an array, once the features are known) of consecutive records,
         vectorised; the same model as a `learn_one` loop over its rows."""
         rows, names = self._frame_rows(X)
-        self._names = names
-        self.learn_rows(rows)
+        self._learn_as(names, rows)
+
+    def _learn_as(self, names: tuple, rows: np.ndarray) -> None:
+        """Learn rows of features `names` (the first record's keys name the features, once it is learned)."""
+        if not names:
+            raise ValueError("a record must hold at least one feature")
+        known, self._names = self._names, names
+        try:
+            self.learn_rows(rows)
+        except (ValueError, TypeError):
+            self._names = known
+            raise
 
     def _answer(self, x) -> tuple[np.ndarray, float]:
         row = record_values(x, self._names_for(x))

@@ -17,6 +17,7 @@ from streamem.exceptions import ConvergenceWarning
 from streamem.families.markov import ChainParams, HMMStats
 from streamem.families.regression import RegressionFamily, RegressionParams
 from streamem.markov_switching import MarkovSwitchingRegression, keep_regression_states
+from streamem.outliers import TOO_LARGE
 from streamem.schedules import StepSize
 
 __all__ = ["OnlineMarkovSwitchingRegression"]
@@ -218,7 +219,7 @@ class OnlineMarkovSwitchingRegression(OnlineHiddenMarkov, base.MiniBatchRegresso
             return record_values(x, self._names)
         if not isinstance(x, dict):
             raise TypeError(f"a record must be a dict of feature name -> number, got {type(x).__name__}")
-        record_values(x, tuple(x))  # every value a finite number, or an error naming it
+        _check_size(x.keys(), record_values(x, tuple(x)))  # every value a finite number, or an error naming it
         if learn:
             new = sorted((name for name in x if name not in self._index), key=str)
             if new:
@@ -260,6 +261,7 @@ class OnlineMarkovSwitchingRegression(OnlineHiddenMarkov, base.MiniBatchRegresso
     def learn_one(self, x: dict, y) -> None:
         """Learn from one record: the filter moves on to it (the parameters update every `batch_size`)."""
         target = check_target_value(y)
+        _check_size(["the target"], [target])  # before a new feature joins: a refused record changes nothing
         values = self._values(x, learn=True)
         values.append(target)
         self.learn_rows(np.array([values], dtype=float))
@@ -271,6 +273,8 @@ class OnlineMarkovSwitchingRegression(OnlineHiddenMarkov, base.MiniBatchRegresso
         target = _target_values(y)
         if len(target) != len(values):
             raise ValueError(f"y has {len(target)} values but X has {len(values)} rows")
+        _check_size(columns, np.abs(values).max(axis=0) if len(values) else [])
+        _check_size(["the target"], [np.abs(target).max()] if len(target) else [])
         if self.features is None:
             new = sorted((name for name in columns if name not in self._index), key=str)
             if new:
@@ -385,3 +389,12 @@ def _target_values(y) -> np.ndarray:
             row = position if index is None else index[position]
             raise type(error)(f"{error} in row {row!r}") from None
     return values.astype(float)
+
+
+def _check_size(names, values) -> None:
+    """ValueError naming the first value too large for the model's statistics (|x| >= 1e150)."""
+    for name, value in zip(names, values, strict=True):
+        if not abs(value) < TOO_LARGE:
+            what = name if name == "the target" else f"feature {name!r}"
+            raise ValueError(f"{what} is {value:.3g}, too large for the model's statistics (|x| >= {TOO_LARGE:.0e})")
+

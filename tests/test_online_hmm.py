@@ -201,6 +201,14 @@ def test_a_bad_frame_is_refused_whole():
         (lambda d: d["streams"][0].update(block=[[1.0, 2.0, 3.0]]), "features"),
         (lambda d: d["streams"][0].update(block=[[1.0, 2.0]] * 64), "full block"),
         (lambda d: d["engine"].update(n_updates=float("inf")), "n_updates"),
+        (lambda d: d.update(n_seen=-5), "n_seen"),
+        (lambda d: d.update(n_seen=True), "n_seen"),
+        (lambda d: d.update(n_seen=1.7), "n_seen"),
+        (lambda d: d["engine"].update(means=[[float("nan"), 0.0]] * 3), "means"),
+        (lambda d: d["streams"][0].update(block=[[1e200, 0.0]]), "too large"),
+        (lambda d: d["engine"]["stats"].update(transitions=[[1e308] * 3] * 3), "per record"),
+        (lambda d: d["streams"].append(dict(d["streams"][0])), "twice"),
+        (lambda d: d["streams"][0].update(stream=["p", 0]), "stream names"),
     ],
 )
 def test_a_corrupted_state_is_refused_by_name(change, message):
@@ -239,8 +247,8 @@ def test_streams_share_parameters_but_not_filters():
     assert model.streams_ == ["a"] and model.stream_filter("b") is None
 
 
-@pytest.mark.parametrize(("value", "message"), [(np.nan, "row 3, column 1 is nan"), (np.inf, "is inf"),
-                                                (-1e200, "too large for the model's statistics")])
+@pytest.mark.parametrize(("value", "message"), [(np.nan, "row 3: feature 'f1' is nan"), (np.inf, "'f1' is inf"),
+                                                (-1e200, "'f1' is -1e\\+200, too large for the model's statistics")])
 def test_filter_and_learn_refuses_rows_it_cannot_learn(value, message):
     """filter_and_learn (the consumer's entry) refuses a NaN, an infinity or a value beyond 1e150, naming its
     place, before anything changes."""
@@ -253,6 +261,53 @@ def test_filter_and_learn_refuses_rows_it_cannot_learn(value, message):
     with pytest.raises(ValueError, match=message):
         model.filter_and_learn(bad, stream="p")
     assert json.dumps(model.to_dict()) == before
+
+
+def test_a_warm_up_that_fails_learns_none_of_its_rows():
+    """A warm-up fit that cannot be made (constant records, reg_covar=0) raises ValueError and buffers none of
+    the call's rows; the model then warms up on records it can fit."""
+    model = se.OnlineGaussianHMM(2, warmup=30, reg_covar=0.0, features=("a",), seed=0)
+    model.learn_many(np.ones((20, 1)))
+    with pytest.raises(ValueError):
+        model.learn_many(np.ones((10, 1)))
+    assert model.n_seen == 20 and not model.is_warm
+    model.learn_many(np.random.default_rng(0).normal(size=(10, 1)))
+    assert model.is_warm and model.n_seen == 30
+
+
+def test_streams_are_named_by_str_or_int():
+    """A stream named by a tuple is a TypeError at once (its JSON state could not be read back); str and int
+    names survive a JSON round trip."""
+    X, _ = sticky_stream(400, THREE_STATES, 0.95, seed=11)
+    model = se.OnlineGaussianHMM(3, warmup=300, batch_size=64, features=("f0", "f1"), seed=0)
+    with pytest.raises(TypeError, match="str, an int or None"):
+        model.filter_and_learn(X[:10], stream=("prices", 0))
+    assert model.n_seen == 0
+    model.filter_and_learn(X[:200], stream="prices/0")
+    model.filter_and_learn(X[200:400], stream=7)
+    restored = se.OnlineGaussianHMM.from_dict(json.dumps(model.to_dict()))
+    assert sorted(map(str, restored.streams_)) == ["7", "prices/0"]
+    np.testing.assert_array_equal(restored.stream_filter(7), model.stream_filter(7))
+
+
+def test_an_empty_record_is_refused_and_the_features_stay_unknown():
+    """learn_one({}) raises ValueError and leaves the model able to learn its first real record."""
+    model = se.OnlineGaussianHMM(2, warmup=20)
+    with pytest.raises(ValueError, match="at least one feature"):
+        model.learn_one({})
+    assert model.features_ is None
+    model.learn_one({"x": 1.0})
+    assert model.features_ == ("x",)
+
+
+def test_a_number_beyond_a_float_in_the_state_text_is_a_state_error():
+    """JSON text with n_seen 1e400 raises StateError (not OverflowError)."""
+    X, _ = sticky_stream(400, THREE_STATES, 0.95, seed=12)
+    model = se.OnlineGaussianHMM(3, warmup=300, batch_size=64, seed=0)
+    model.learn_many(frame(X))
+    text = json.dumps(model.to_dict()).replace('"n_seen": 400', '"n_seen": 1e400')
+    with pytest.raises(StateError):
+        se.OnlineGaussianHMM.from_dict(text)
 
 
 def test_predictions_before_the_warm_up_are_uniform():

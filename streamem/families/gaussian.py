@@ -702,7 +702,10 @@ def _first_not_positive_definite(stack: np.ndarray) -> int:
 
 def _clamp_eigenvalues(stack: np.ndarray, floor: float) -> np.ndarray:
     values, vectors = np.linalg.eigh(stack)
-    repaired = (vectors * np.maximum(values, floor)[:, None, :]) @ vectors.transpose(0, 2, 1)
+    # relative to each matrix's largest eigenvalue too: a floor of 1e-6 under an eigenvalue of 1e20 is
+    # below rounding, and the repaired matrix would still not factor (one record of 1e10 did that)
+    floors = np.maximum(floor, 1e-12 * np.abs(values).max(axis=1, keepdims=True))
+    repaired = (vectors * np.maximum(values, floors)[:, None, :]) @ vectors.transpose(0, 2, 1)
     return 0.5 * (repaired + repaired.transpose(0, 2, 1))
 
 

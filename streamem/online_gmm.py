@@ -290,6 +290,10 @@ class OnlineGMM(OnlineMixture, base.Clusterer):
         d = len(self._feature_names) if n_features is None else n_features
         if rows is None or len(rows) == 0:
             means, variance = np.zeros((K, d)), np.ones(d)
+        elif not np.isnan(rows).any():  # the usual case: NumPy's plain reductions, the same sums as nanmean/nanvar's
+            means = rows[np.arange(K) % len(rows)]
+            variance = rows.var(axis=0) if len(rows) > 1 else np.ones(d)
+            variance = np.where(variance > 0, variance, 1.0)
         else:
             centre = np.nanmean(rows, axis=0)
             centre = np.where(np.isnan(centre), 0.0, centre)
@@ -297,13 +301,34 @@ class OnlineGMM(OnlineMixture, base.Clusterer):
             means = np.where(np.isnan(means), centre, means)
             variance = np.nanvar(rows, axis=0) if len(rows) > 1 else np.ones(d)
             variance = np.where(variance > 0, variance, 1.0)
-        covariances = {
-            "full": np.stack([np.diag(variance)] * K),
-            "tied": np.diag(variance),
-            "diag": np.tile(variance, (K, 1)),
-            "spherical": np.full(K, variance.mean()),
-        }[self.covariance_type]
-        return self._gaussian.make_params(np.full(K, 1.0 / K), means, covariances)
+        return self._diagonal_params(np.full(K, 1.0 / K), means, variance)
+
+    def _diagonal_params(self, weights: np.ndarray, means: np.ndarray, variance: np.ndarray) -> GaussianParams:
+        """Parameters whose every component has the covariance diag(variance) (the provisional model's),
+        in the layout of this covariance type, without the general path's factorisation: for a diagonal
+        covariance the precision Cholesky factor is diag(1 / sqrt(variance)) in closed form. A cold model
+        answers with these on every call (thousands of cold keyed models: most of their answer's time)."""
+        K, d = means.shape
+        if not (np.isfinite(variance).all() and np.isfinite(means).all()) or self.covariance_type == "spherical":
+            return self._gaussian.make_params(weights, means, self._diagonal_covariances(K, variance))
+        root = 1.0 / np.sqrt(variance)
+        log_det = np.log(root).sum()  # the general path's sum of log diag P, component by component
+        if self.covariance_type == "diag":
+            return GaussianParams(weights, means, np.tile(variance, (K, 1)), "diag", np.tile(root, (K, 1)),
+                                  np.full(K, log_det))
+        covariance, chol = np.diag(variance), np.diag(root)
+        if self.covariance_type == "tied":
+            return GaussianParams(weights, means, covariance, "tied", chol, np.array([log_det]))
+        return GaussianParams(weights, means, np.stack([covariance] * K), "full", np.stack([chol] * K),
+                              np.full(K, log_det))
+
+    def _diagonal_covariances(self, K: int, variance: np.ndarray) -> np.ndarray:
+        return {
+            "full": lambda: np.stack([np.diag(variance)] * K),
+            "tied": lambda: np.diag(variance),
+            "diag": lambda: np.tile(variance, (K, 1)),
+            "spherical": lambda: np.full(K, variance.mean()),
+        }[self.covariance_type]()
 
     # -- records ----------------------------------------------------------------------------
     def _names_for(self, x) -> tuple:

@@ -144,12 +144,15 @@ def robust_reference(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     1.2533 x the mean absolute deviation (the sd for normal data); where that is 0 too (a
     constant so far), max(|median|, 1): no spread seen, so a change is judged by its size.
     """
+    # without a missing value, NumPy's plain median and mean (the same numbers, ~20x faster: a cold
+    # keyed model computes a reference every time its buffer doubles)
+    median, mean = (np.median, np.mean) if not np.isnan(rows).any() else (np.nanmedian, np.nanmean)
     with np.errstate(all="ignore"), warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # a column all NaN (never judged): centre 0 below
-        centre = np.nanmedian(rows, axis=0)
+        centre = median(rows, axis=0)
         deviation = np.abs(rows - centre)
-        scale = _MAD_TO_SD * np.nanmedian(deviation, axis=0)
-        mean_deviation = 1.2533 * np.nanmean(deviation, axis=0)
+        scale = _MAD_TO_SD * median(deviation, axis=0)
+        mean_deviation = 1.2533 * mean(deviation, axis=0)
     centre = np.where(np.isnan(centre), 0.0, centre)
     scale = np.where(scale > 0, scale, np.where(mean_deviation > 0, mean_deviation, np.maximum(np.abs(centre), 1.0)))
     return centre, scale

@@ -200,3 +200,42 @@ def test_frame_values_whose_sum_overflows_are_still_finite_values():
     assert screen.outlier.tolist() == [True, True, False]
     with pytest.raises(ValueError, match="feature 'b' is NaN in row"):
         model.learn_many(pd.DataFrame({"a": [1.0, 2.0], "b": [0.0, np.nan]}, index=[6, 7]))
+
+
+@pytest.mark.parametrize("covariance_type", ["full", "tied", "diag", "spherical"])
+@pytest.mark.parametrize("missing", [False, True])
+def test_provisional_parameters_are_the_closed_form_of_the_buffer(covariance_type, missing):
+    """A cold model's provisional parameters: means the first K buffered rows (missing values: the
+    column means), every component the rows' per-feature variance, precision Cholesky 1/sqrt(variance)."""
+    from scipy import stats
+
+    K, d = 3, 4
+    rng = np.random.default_rng(7)
+    rule = "marginalize" if missing else "error"
+    model = se.OnlineGMM(K, covariance_type=covariance_type, warmup=100, features=tuple("abcd"), missing=rule)
+    for n in (1, 2, 5, 37):
+        rows = rng.normal(size=(n, d)) * [1.0, 3.0, 0.1, 10.0] + [0.0, 5.0, -2.0, 1e3]
+        if missing:
+            rows[1:][rng.random((n - 1, d)) < 0.2] = np.nan  # the first row complete: no column all missing
+        params = model._provisional_params(rows)
+        observed = [column[~np.isnan(column)] for column in rows.T]
+        centre = np.array([column.mean() if column.size else 0.0 for column in observed])
+        means = np.where(np.isnan(rows[np.arange(K) % n]), centre, rows[np.arange(K) % n])
+        variance = np.array([column.var() if n > 1 and column.size else 1.0 for column in observed])
+        variance = np.where(variance > 0, variance, 1.0)
+        np.testing.assert_allclose(params.means, means, rtol=1e-15)
+        np.testing.assert_allclose(params.weights, np.full(K, 1.0 / K), rtol=1e-15)
+        if covariance_type == "spherical":
+            variance = np.full(d, variance.mean())
+        expected_chol = np.sqrt(1.0 / variance)
+        chol = params.precisions_cholesky
+        if covariance_type in ("full", "tied"):
+            stack = chol.reshape(-1, d, d)
+            assert np.all(stack[:, ~np.eye(d, dtype=bool)] == 0.0)
+            chol = np.diagonal(stack, axis1=1, axis2=2)
+        np.testing.assert_allclose(chol, np.broadcast_to(expected_chol, chol.shape[:-1] + (d,))[..., : chol.shape[-1]]
+                                   if chol.ndim > 1 else np.full(K, expected_chol[0]), rtol=1e-14)
+        x = rng.normal(size=(5, d))
+        log_pdf = np.array([stats.norm.logpdf(x, m, np.sqrt(variance)).sum(axis=1) for m in means]).T
+        logp = model._gaussian.log_prob(model._gaussian.prepare(x, params.weights @ params.means), params)
+        np.testing.assert_allclose(logp, log_pdf, rtol=1e-10)

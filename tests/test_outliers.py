@@ -403,3 +403,19 @@ def test_regression_targets_checked_in_one_pass_still_name_the_problem(y, error,
         with pytest.raises(error, match=message.replace("(", r"\(")):
             call(X, pd.Series(y, dtype=object if isinstance(y[1], str) or y[1] is None else float))
     assert model.screen_many(X, pd.Series([1.0, 2, True])).outlier.tolist() == [False, False, False]
+
+
+@pytest.mark.parametrize("missing", [False, True])
+def test_warm_up_reference_is_the_median_and_scaled_mad_of_each_column(missing):
+    """robust_reference: each column's median and 1.4826 MAD (scipy's normal-scaled MAD), NaN ignored."""
+    from streamem.outliers import robust_reference
+
+    rng = np.random.default_rng(11)
+    for n in (20, 21, 40, 80):
+        rows = rng.standard_t(3, size=(n, 3)) * [1.0, 50.0, 1e-3] + [0.0, -7.0, 1e4]
+        if missing:
+            rows[rng.random(rows.shape) < 0.15] = np.nan
+        centre, scale = robust_reference(rows)
+        np.testing.assert_allclose(centre, [np.median(c[~np.isnan(c)]) for c in rows.T], rtol=1e-15)
+        mad = stats.median_abs_deviation(rows, axis=0, scale="normal", nan_policy="omit")
+        np.testing.assert_allclose(scale, 1.4826 * mad * stats.norm.ppf(0.75), rtol=1e-12)  # 1.4826 MAD

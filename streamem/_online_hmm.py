@@ -259,6 +259,29 @@ class OnlineHiddenMarkov:
                 self._update(current)
         return (filtered, log_likelihood, forecasts) if forecast else (filtered, log_likelihood)
 
+    def outlier_distances(self, rows: np.ndarray) -> np.ndarray:
+        """How far each validated row is from the model, (n,): its squared Mahalanobis distance to the
+        closest state under the current parameters (for a regression, the target's squared residual in
+        noise variances); before the warm-up, the squared distance from the warm-up records' median in
+        robust sds (1.4826 MAD, over the features with a spread), 0 while fewer than 20 are buffered.
+        Nothing changes; the Kafka consumer dead-letters rows beyond its --outlier-threshold."""
+        if self._engine is None:
+            warm = [row for block in self._warm.values() for row in block]
+            if len(warm) < 20:
+                return np.zeros(rows.shape[0])
+            buffered = np.asarray(warm, dtype=float)
+            median = np.median(buffered, axis=0)
+            spread = 1.4826 * np.median(np.abs(buffered - median), axis=0)
+            spread = np.where(spread > 0, spread, np.inf)  # a constant column says nothing about distance
+            return (((rows - median) / spread) ** 2).sum(axis=1)
+        params = self._engine.params
+        batch = self._prepare(rows, self._engine.stats.emissions.shift)
+        return self._squared_distances(self._family.log_prob(batch, params.emissions), params.emissions).min(axis=1)
+
+    def _squared_distances(self, log_b: np.ndarray, emissions) -> np.ndarray:  # pragma: no cover - abstract
+        """Each row's squared distance to each state (n, K), from its log-densities."""
+        raise NotImplementedError
+
     def _forecasts(self, rows: np.ndarray, predicted: np.ndarray) -> np.ndarray:  # pragma: no cover - abstract
         """A regression's forecast of each row's target from its features and `predicted` (n, K)."""
         raise NotImplementedError

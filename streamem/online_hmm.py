@@ -130,6 +130,11 @@ class OnlineGaussianHMM(OnlineHiddenMarkov, base.Clusterer):
         )
         return params, fit.summarize(rows, lengths).statistics, fit.filter_proba(rows, lengths)
 
+    def _squared_distances(self, log_b: np.ndarray, emissions) -> np.ndarray:
+        # log N(x | k) = log_det_precision_k - d/2 log(2 pi) - m_k^2 / 2
+        d = emissions.means.shape[1]
+        return np.maximum(2.0 * (emissions.log_det_precision - 0.5 * d * math.log(2 * math.pi) - log_b), 0.0)
+
     def _emission_document(self, emissions) -> dict:
         return {"means": emissions.means.tolist(), "covariances": emissions.covariances.tolist()}
 

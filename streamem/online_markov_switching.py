@@ -292,6 +292,10 @@ class OnlineMarkovSwitchingRegression(OnlineHiddenMarkov, base.MiniBatchRegresso
         before learning it (during the warm-up: uniform, NaN, the mean of the targets before it)."""
         return self._take(rows, stream, answer=True, forecast=True)
 
+    def _squared_distances(self, log_b: np.ndarray, emissions) -> np.ndarray:
+        # log N(y | line_k, s_k^2) = -(log(2 pi s_k^2) + r_k^2 / s_k^2) / 2
+        return np.maximum(-2.0 * log_b - np.log(2 * math.pi * emissions.noise_variance), 0.0)
+
     def _forecasts(self, rows: np.ndarray, predicted: np.ndarray) -> np.ndarray:
         emissions = self._engine.params.emissions
         lines = rows[:, :-1] @ emissions.coef.T + emissions.intercept  # (n, K): each regime's line

@@ -102,8 +102,9 @@ def test_each_partition_is_its_own_sequence_and_a_restart_resumes_its_filter(bro
         assert sorted(answers) == list(range(2000))
         changes = [r for r in read_all(broker.bootstrap_servers, settings.topics["drift"])
                    if r.get("regime_change") and r["source"]["partition"] == partition]
-        switches = int((np.diff(states[400:]) != 0).sum())
-        assert abs(len(changes) - 1 - switches) <= 4, (partition, switches, len(changes))
+        first = changes[0]["source"]["offset"]  # partition 0 after the warm-up (its first 300), partition 1 at once
+        switches = int((np.diff(states[first:]) != 0).sum())
+        assert abs(len(changes) - 1 - switches) <= 0.25 * switches + 3, (partition, switches, len(changes))
 
 
 def test_a_restart_answers_as_if_the_consumer_never_stopped(broker):
@@ -140,6 +141,29 @@ def test_a_value_too_large_is_dead_lettered_and_the_filter_goes_on(broker):
     dead = read_all(broker.bootstrap_servers, settings.topics["dead_letter"])
     assert dead[0]["source"]["offset"] == 400 and "'a' is 1e+200, too large" in dead[0]["error"]
     assert stored_checkpoint(settings).model["n_seen"] == 600
+
+
+def test_a_far_record_is_dead_lettered_and_a_moved_stream_is_learned_again(broker):
+    """A legal but absurd record ({a: 1e10}) after the warm-up gets a dead letter naming its distance and is
+    not learned (the states' covariances stay small); when every record moves far away for good, the first
+    --batch-size of them are dead-lettered and the rest answered and learned (the stream moved)."""
+    X, _ = regime_stream(1000, seed=9)
+    moved = X[700:] + 1e4
+    topic = unique("regimes-far")
+    settings = hmm_settings(broker, topic, max_records=1001)
+    ensure_topics(settings, input_partitions=1)
+    produce_to(broker.bootstrap_servers, topic, 0, X[:500])
+    produce_to(broker.bootstrap_servers, topic, 0, np.array([[1e10, 1e10]]))
+    produce_to(broker.bootstrap_servers, topic, 0, X[500:700])
+    produce_to(broker.bootstrap_servers, topic, 0, moved)
+    counters = run_consumer(settings)
+    dead = read_all(broker.bootstrap_servers, settings.topics["dead_letter"])
+    assert dead[0]["source"]["offset"] == 500 and "squared distance" in dead[0]["error"], dead[0]
+    assert [d["source"]["offset"] for d in dead[1:]] == list(range(701, 701 + 64))  # one block of the moved stream
+    assert counters.assigned + counters.dead_lettered == 1001
+    model = stored_checkpoint(settings).model
+    assert model["n_seen"] == 1001 - len(dead)
+    assert max(np.max(np.abs(c)) for c in model["engine"]["covariances"]) < 1e9  # 1e10 was never learned
 
 
 def test_hmm_refuses_modes_it_does_not_run():

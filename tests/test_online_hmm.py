@@ -310,6 +310,26 @@ def test_a_number_beyond_a_float_in_the_state_text_is_a_state_error():
         se.OnlineGaussianHMM.from_dict(text)
 
 
+def test_outlier_distances_are_squared_mahalanobis_distances_to_the_closest_state():
+    """outlier_distances: min over states of (x - m_k)' S_k^-1 (x - m_k), computed here with NumPy; before the
+    warm-up, distances from the buffered records' median in robust sds; nothing is learned."""
+    X, _ = sticky_stream(700, THREE_STATES, 0.95, seed=13)
+    model = se.OnlineGaussianHMM(3, warmup=300, batch_size=64, features=("f0", "f1"), seed=0)
+    model.filter_and_learn(X[:100])
+    far = np.array([[0.0, 0.0], [40.0, -3.0]])
+    median = np.median(X[:100], axis=0)
+    spread = 1.4826 * np.median(np.abs(X[:100] - median), axis=0)
+    np.testing.assert_allclose(model.outlier_distances(far), (((far - median) / spread) ** 2).sum(axis=1))
+    model.filter_and_learn(X[100:500])
+    before = json.dumps(model.to_dict())
+    expected = [
+        min((x - model.means_[k]) @ np.linalg.solve(model.covariances_[k], x - model.means_[k]) for k in range(3))
+        for x in far
+    ]
+    np.testing.assert_allclose(model.outlier_distances(far), expected, rtol=1e-7)
+    assert json.dumps(model.to_dict()) == before
+
+
 def test_predictions_before_the_warm_up_are_uniform():
     """Before the warm-up every state is equally likely and nothing is learned by predicting."""
     model = se.OnlineGaussianHMM(3, warmup=50)

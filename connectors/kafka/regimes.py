@@ -13,6 +13,7 @@ partition, with the offsets they are at: a restart resumes every filter where it
 from __future__ import annotations
 
 import logging
+import math
 
 import numpy as np
 
@@ -37,6 +38,7 @@ class RegimeLearner(InstanceLearner):
 
     def __init__(self, settings: ConsumerSettings, store):
         self.regimes: dict[str, int] = {}  # stream -> the state last announced (before the checkpoint loads)
+        self.refused_in_a_row: dict[str, int] = {}  # stream -> outliers refused since its last answered record
         super().__init__(settings, store)
 
     def restore_checkpoint(self, raw: bytes, where: str):
@@ -60,59 +62,106 @@ class RegimeLearner(InstanceLearner):
         X, target = self.model_columns(self.state, decoded.values)
         if target is not None:  # a Markov-switching regression learns rows [x..., y]
             X = np.column_stack([X, target])
-        too_large = np.abs(X).max(axis=1) >= TOO_LARGE
-        if too_large.any():  # beyond the model's arithmetic (squares overflow): never learned
-            refused = self._dead_letters(records, {int(i): self._too_large(X[i]) for i in np.flatnonzero(too_large)})
-            for i, dead in zip(decoded.good, refused, strict=True):
-                outputs[i] = dead if dead is not None else outputs[i]
-            keep = ~too_large
-            good = [i for i, k in zip(decoded.good, keep, strict=True) if k]
-            records, X = [r for r, k in zip(records, keep, strict=True) if k], X[keep]
-        else:
-            good = decoded.good
-        if not records:
-            return outputs
         answered, others = self._answer_sequences(records, X)
-        for i, output in zip(good, answered, strict=True):
+        for i, output in zip(decoded.good, answered, strict=True):
             outputs[i] = output
         return outputs + others
 
-    def _too_large(self, row: np.ndarray) -> str:
-        j = int(np.argmax(np.abs(row)))
-        name = [*self.state.model.features_, self.settings.target][j]
-        return f"outlier: {name!r} is {row[j]:.3g}, too large for the model's statistics (|x| >= {TOO_LARGE:.0e})"
-
     def _answer_sequences(self, records, X: np.ndarray):
-        """Answer and learn each partition's records as its sequence; drift and regime records after."""
+        """Answer and learn each partition's records as its sequence, but those refused (a dead letter
+        each: too large, too far from every state, or a poll the model could not learn); drift and
+        regime_change records after."""
         state, model = self.state, self.state.model
         n = len(records)
         seen_before, was_warm = model.n_seen, model.is_warm
         streams = [stream_name(record.topic, record.partition) for record in records]
-        probabilities, log_likelihood = np.empty((n, model.n_states)), np.empty(n)
-        forecasts = None if self.settings.target is None else np.empty(n)
+        probabilities, log_likelihood = np.zeros((n, model.n_states)), np.zeros(n)
+        forecasts = None if self.settings.target is None else np.zeros(n)
+        reasons: dict[int, str] = {}
         for stream in dict.fromkeys(streams):  # each partition's rows, in their order
             rows = np.fromiter((i for i, s in enumerate(streams) if s == stream), dtype=np.int64)
-            if forecasts is None:
-                probabilities[rows], log_likelihood[rows] = model.filter_and_learn(X[rows], stream=stream)
-            else:
-                probabilities[rows], log_likelihood[rows], forecasts[rows] = model.forecast_and_learn(
-                    X[rows], stream=stream
-                )
-        answered = schemas.assignments(
-            records, self.topics["assignments"], probabilities, log_likelihood, seen_before, forecasts
+            refused = self._screen(stream, X[rows])
+            reasons.update({int(rows[i]): reason for i, reason in refused.items()})
+            if refused:
+                rows = np.delete(rows, list(refused))
+            if not rows.size:
+                continue
+            try:
+                if forecasts is None:
+                    probabilities[rows], log_likelihood[rows] = model.filter_and_learn(X[rows], stream=stream)
+                else:
+                    probabilities[rows], log_likelihood[rows], forecasts[rows] = model.forecast_and_learn(
+                        X[rows], stream=stream
+                    )
+            except ValueError as error:  # all or nothing: the model is as it was; the rows are not lost
+                reasons.update({int(i): f"the model could not learn this poll's records of {stream}: {error}"
+                                for i in rows})
+        outputs = self._dead_letters(records, reasons)
+        answered = np.ones(n, dtype=bool)
+        answered[list(reasons)] = False
+        kept = [record for record, keep in zip(records, answered, strict=True) if keep]
+        assignments = iter(
+            schemas.assignments(
+                kept,
+                self.topics["assignments"],
+                probabilities[answered],
+                log_likelihood[answered],
+                seen_before,
+                None if forecasts is None else forecasts[answered],
+            )
         )
-        self.counters.assigned += n
-        everything = np.ones(n, dtype=bool)
-        drifts = self._drift(state, records, probabilities, everything, was_warm, seen_before, None)
+        outputs = [output if output is not None else next(assignments) for output in outputs]
+        self.counters.assigned += len(kept)
+        drifts = self._drift(state, records, probabilities, answered, was_warm, seen_before, None)
+        changes = self._regime_changes(records, streams, probabilities, answered, seen_before)
         state.dirty = True
-        return answered, drifts + self._regime_changes(records, streams, probabilities, seen_before)
+        return outputs, drifts + changes
 
-    def _regime_changes(self, records, streams: list[str], probabilities: np.ndarray, seen_before: int) -> list:
+    def _screen(self, stream: str, rows: np.ndarray) -> dict[int, str]:
+        """{row: reason} of the rows to refuse: a value too large for the model's arithmetic, or a squared
+        distance from every state beyond --outlier-threshold. A partition whose last --batch-size screened
+        records were all refused has moved: from then on its records are learned (one WARNING)."""
+        names = [*self.state.model.features_, *([self.settings.target] if self.settings.target else [])]
+        magnitude = np.abs(rows).max(axis=1)
+        reasons = {}
+        for i in np.flatnonzero(magnitude >= TOO_LARGE).tolist():
+            j = int(np.argmax(np.abs(rows[i])))
+            reasons[i] = f"outlier: {names[j]!r} is {rows[i, j]:.3g}, too large for the model's statistics " \
+                         f"(|x| >= {TOO_LARGE:.0e})"
+        threshold = self.settings.outlier_threshold
+        if math.isinf(threshold):
+            return reasons
+        fine = np.flatnonzero(magnitude < TOO_LARGE)
+        distances = np.zeros(rows.shape[0])
+        distances[fine] = self.state.model.outlier_distances(rows[fine])
+        far = distances > threshold
+        run = self.refused_in_a_row.get(stream, 0)
+        if not far.any():
+            self.refused_in_a_row[stream] = 0
+            return reasons
+        for i in range(rows.shape[0]):
+            if not far[i]:
+                run = 0
+                continue
+            run += 1
+            if run > self.settings.batch_size:  # not outliers: the partition's stream has moved
+                if run == self.settings.batch_size + 1:
+                    logger.warning("%s: the last %d records were all far from every state; the stream has moved, "
+                                   "learning its records again", stream, self.settings.batch_size)
+                continue
+            reasons[i] = (f"outlier: squared distance {distances[i]:.3g} from the closest state "
+                          f"(threshold {threshold:.3g})")
+        self.refused_in_a_row[stream] = run
+        return reasons
+
+    def _regime_changes(
+        self, records, streams: list[str], probabilities: np.ndarray, answered: np.ndarray, seen_before: int
+    ) -> list:
         """A regime_change record wherever a partition's most likely state changes to one held with
-        probability >= --regime-threshold."""
+        probability >= --regime-threshold (among the records answered)."""
         threshold = self.settings.regime_threshold
         likely = probabilities.argmax(axis=1)
-        held = probabilities[np.arange(len(records)), likely] >= threshold
+        held = (probabilities[np.arange(len(records)), likely] >= threshold) & answered
         changes = []
         for i in np.flatnonzero(held).tolist():
             stream, state = streams[i], int(likely[i])

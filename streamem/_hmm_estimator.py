@@ -19,8 +19,20 @@ from streamem.engines.markov_chain import filter_states, sequence_bounds, viterb
 from streamem.exceptions import ConvergenceWarning
 from streamem.families.base import Summary
 from streamem.families.markov import ChainParams, HMMStats, checked_chain
+from streamem.outliers import TOO_LARGE
 
-__all__ = ["HiddenMarkovModel"]
+__all__ = ["HiddenMarkovModel", "check_magnitude"]
+
+
+def check_magnitude(values: np.ndarray, name: str) -> np.ndarray:
+    """`values` (validated finite), or ValueError naming the first one too large for the model's arithmetic
+    (|x| >= 1e150: its square overflows, and one such record would turn a whole sequence's posteriors NaN)."""
+    if values.size and not np.abs(values).max() < TOO_LARGE:
+        position = np.argwhere(np.abs(values) >= TOO_LARGE)[0]
+        where = f"row {position[0]}" + (f", column {position[1]}" if values.ndim == 2 and values.shape[1] > 1 else "")
+        raise ValueError(f"{name} {where} is {values[tuple(position)]:.3g}, too large for the model's statistics "
+                         f"(|x| >= {TOO_LARGE:.0e})")
+    return values
 
 
 class HiddenMarkovModel(BatchMixture):

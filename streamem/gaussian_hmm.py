@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from streamem._batch_estimator import as_generator
-from streamem._hmm_estimator import HiddenMarkovModel
+from streamem._hmm_estimator import HiddenMarkovModel, check_magnitude
 from streamem._validation import check_array, check_choice, check_positive
 from streamem.families.base import Summary
 from streamem.families.gaussian import COVARIANCE_TYPES, GaussianFamily, GaussianParams
@@ -119,9 +119,9 @@ class GaussianHMM(HiddenMarkovModel):
             check_choice(self.covariance_type, "covariance_type", COVARIANCE_TYPES)
             check_choice(self.init, "init", INIT_METHODS)
             check_positive(self.reg_covar, "reg_covar", allow_zero=True)
-            X = check_array(X)
+            X = check_magnitude(check_array(X), "X")
             return self._family().prepare(X), X.shape[0]
-        X = check_array(X, n_features=self.n_features_in_)
+        X = check_magnitude(check_array(X, n_features=self.n_features_in_), "X")
         return self._family().prepare(X, self._shift), X.shape[0]
 
     def _remember_data(self, batch) -> None:

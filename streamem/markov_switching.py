@@ -6,7 +6,7 @@ import itertools
 
 import numpy as np
 
-from streamem._hmm_estimator import HiddenMarkovModel
+from streamem._hmm_estimator import HiddenMarkovModel, check_magnitude
 from streamem._validation import check_array, check_choice, check_positive, check_target
 from streamem.engines.markov_chain import filter_states, sequence_bounds
 from streamem.families.base import Summary
@@ -133,11 +133,11 @@ class MarkovSwitchingRegression(HiddenMarkovModel):
             check_positive(self.reg_noise, "reg_noise")
             if not isinstance(self.switching_variance, (bool, np.bool_)):
                 raise ValueError(f"switching_variance must be True or False, got {self.switching_variance!r}")
-            X = check_array(X)
-            y = check_target(y, n_samples=X.shape[0])
+            X = check_magnitude(check_array(X), "X")
+            y = check_magnitude(check_target(y, n_samples=X.shape[0]), "y")
             return self._family().prepare(X, y), X.shape[0]
-        X = check_array(X, n_features=self.n_features_in_)
-        y = check_target(y, n_samples=X.shape[0])
+        X = check_magnitude(check_array(X, n_features=self.n_features_in_), "X")
+        y = check_magnitude(check_target(y, n_samples=X.shape[0]), "y")
         return self._family().prepare(X, y, self._shift), X.shape[0]
 
     def _remember_data(self, batch: RegressionBatch) -> None:

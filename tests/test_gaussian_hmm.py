@@ -327,6 +327,7 @@ def test_lengths_that_do_not_cut_X_are_refused(lengths, message):
         ([[0.0], ["fast"], [1.0]], "non-numeric"),
         ([[0.0], [np.inf], [1.0]], "infinite"),
         ([0.0, 1.0, 2.0], "2-D"),
+        ([[0.0], [1e155], [1.0]], "X row 1 is 1e\\+155, too large"),
     ],
 )
 def test_bad_records_are_a_clear_error_and_change_nothing(X, message):

@@ -101,6 +101,8 @@ class OnlineGaussianHMM(OnlineHiddenMarkov, base.Clusterer):
         self.seed = seed
         self._check_common()
         check_choice(covariance_type, "covariance_type", COVARIANCE_TYPES)
+        if features is not None and (isinstance(features, str) or not len(features)):
+            raise ValueError(f"features must be a non-empty sequence of feature names, got {features!r}")
         check_positive(reg_covar, "reg_covar", allow_zero=True)
         self._reset()
 

@@ -42,8 +42,8 @@ def _produce(bootstrap_servers: str, topic: str, X: np.ndarray) -> None:
         raise RuntimeError("the broker did not acknowledge every demo record")
 
 
-def _read(bootstrap_servers: str, topic: str, expected: int) -> list[dict]:
-    """The first `expected` records of a one-partition topic (fewer if they do not come within 10 s)."""
+def _read(bootstrap_servers: str, topic: str) -> list[dict]:
+    """Every record of a one-partition topic, up to its end when asked (or what came within 10 s)."""
     import time
 
     from kafka import KafkaConsumer, TopicPartition
@@ -52,10 +52,11 @@ def _read(bootstrap_servers: str, topic: str, expected: int) -> list[dict]:
     tp = TopicPartition(topic, 0)
     consumer.assign([tp])
     consumer.seek_to_beginning(tp)
+    end = consumer.end_offsets([tp])[tp]
     found: list[dict] = []
     deadline = time.monotonic() + 10
     try:
-        while len(found) < expected and time.monotonic() < deadline:
+        while consumer.position(tp) < end and time.monotonic() < deadline:
             for message in consumer.poll(timeout_ms=300).get(tp, []):
                 found.append(json.loads(message.value))
     finally:
@@ -92,11 +93,11 @@ def run_regime_part(bootstrap_servers: str, records: int, seed: int, client: str
         ensure_topics(settings, input_partitions=1)
         _produce(bootstrap_servers, settings.input_topic, X)
         run_consumer(settings)
-        answers = _read(bootstrap_servers, settings.topics["assignments"], records)
+        answers = _read(bootstrap_servers, settings.topics["assignments"])
         labels = np.array([a["component"] for a in sorted(answers, key=lambda a: a["source"]["offset"])])
         result[model] = int((np.diff(labels[1000:]) != 0).sum())  # after the warm-up
         if model == "hmm":
-            drifts = _read(bootstrap_servers, settings.topics["drift"], records)
+            drifts = _read(bootstrap_servers, settings.topics["drift"])
             result["regime_changes"] = sum(1 for d in drifts if d.get("regime_change"))
     print(
         f"  label switches after the warm-up: mixture {result['gmm']:,}, hidden Markov model {result['hmm']:,} "

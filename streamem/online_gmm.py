@@ -316,11 +316,12 @@ class OnlineGMM(OnlineMixture, base.Clusterer):
         if self.covariance_type == "diag":
             return GaussianParams(weights, means, np.tile(variance, (K, 1)), "diag", np.tile(root, (K, 1)),
                                   np.full(K, log_det))
-        covariance, chol = np.diag(variance), np.diag(root)
+        diagonal = np.arange(d)
+        covariance, chol = np.zeros((K, d, d)), np.zeros((K, d, d))  # np.diag and np.stack cost more than this
+        covariance[:, diagonal, diagonal], chol[:, diagonal, diagonal] = variance, root
         if self.covariance_type == "tied":
-            return GaussianParams(weights, means, covariance, "tied", chol, np.array([log_det]))
-        return GaussianParams(weights, means, np.stack([covariance] * K), "full", np.stack([chol] * K),
-                              np.full(K, log_det))
+            return GaussianParams(weights, means, covariance[0], "tied", chol[0], np.array([log_det]))
+        return GaussianParams(weights, means, covariance, "full", chol, np.full(K, log_det))
 
     def _diagonal_covariances(self, K: int, variance: np.ndarray) -> np.ndarray:
         return {
@@ -415,7 +416,9 @@ class OnlineGMM(OnlineMixture, base.Clusterer):
         the warm-up reference), as the next `learn_many` screens its first mini-batch.
         """
         rows = self._summary_rows(X)
-        names = self._feature_names or tuple(sorted(X.columns, key=str))
+        return self._screen_of(rows, self._feature_names or tuple(sorted(X.columns, key=str)))
+
+    def _screen_of(self, rows: np.ndarray, names) -> OutlierScreen:
         if self._feature_names is None:  # nothing learned yet: only the too-large rule applies
             return make_screen(rows, names, None, np.zeros(len(rows)), WARM_UP, np.zeros(len(rows), dtype=int))
         return self._screen_rows(rows, names)
@@ -463,7 +466,8 @@ class OnlineGMM(OnlineMixture, base.Clusterer):
         names = self._feature_names or tuple(sorted(X.columns, key=str))
         if self._engine is None or not self._distance_rule or np.isnan(rows).any():
             with np.errstate(over="ignore", invalid="ignore"):  # an absurd row's answer is dropped anyway
-                return (*self.assign_many(X), self.screen_many(X))
+                log_likelihood, log_resp = self._e_step_rows(rows, names)
+                return np.exp(log_resp), log_likelihood, self._screen_of(rows, names)
         params = self._params()
         batch = self._gaussian.prepare(rows, params.weights @ params.means)
         with np.errstate(over="ignore", invalid="ignore"):  # an absurd row's answer is dropped anyway
@@ -473,8 +477,9 @@ class OnlineGMM(OnlineMixture, base.Clusterer):
         return np.exp(log_resp), log_likelihood, screen
 
     def _e_step_frame(self, X: pd.DataFrame):
-        rows = self._summary_rows(X)
-        names = self._feature_names or tuple(sorted(X.columns, key=str))
+        return self._e_step_rows(self._summary_rows(X), self._feature_names or tuple(sorted(X.columns, key=str)))
+
+    def _e_step_rows(self, rows: np.ndarray, names):
         params = self._params() if self._feature_names else self._provisional_params(None, len(names))
         return self._gaussian.e_step(self._gaussian.prepare(rows, params.weights @ params.means), params)
 

@@ -443,12 +443,11 @@ class OnlineHiddenMarkov:
                              f"{expected.shapes}")
         # running statistics are per record: a record's worth of mass, at most one start and one move a record
         with np.errstate(over="ignore"):  # huge counts sum to inf, which the check refuses
-            per_record = (math.isclose(stats.count, 1.0, rel_tol=1e-6) and stats.first.sum() <= 1.0 + 1e-6
-                          and stats.transitions.sum() <= 1.0 + 1e-6)
-        if not per_record:
+            count, starts, moves = stats.count, float(stats.first.sum()), float(stats.transitions.sum())
+        if not (math.isclose(count, 1.0, rel_tol=1e-6) and starts <= 1.0 + 1e-6 and moves <= 1.0 + 1e-6):
             raise StateError(f"model state statistics must be per record (count 1, at most one start and one "
-                             f"transition a record), got count {stats.count:.6g}, starts {stats.first.sum():.6g}, "
-                             f"transitions {stats.transitions.sum():.6g}")
+                             f"transition a record), got count {count:.6g}, starts {starts:.6g}, "
+                             f"transitions {moves:.6g}")
         chain = checked_chain(engine["startprob"], engine["transmat"], K)
         emissions = self._emission_params(engine, width)
         n_updates = float(engine["n_updates"])

@@ -150,13 +150,23 @@ def learner_run(keyed: bool, polls: list[InputBatch], memory: bool = False, **ex
             unsaved = 0
         if memory and i in (len(polls) // 4, len(polls) - 1):
             gc.collect()
-            held.append(tracemalloc.get_traced_memory()[0])
+            held.append((tracemalloc.get_traced_memory()[0], _rss()))
     if memory:
         tracemalloc.stop()
     result = {"rate": n / spent, "us": 1e6 * spent / n}
     if memory:
-        result["held_quarter_mb"], result["held_end_mb"] = (h / 1e6 for h in held)
+        (traced_quarter, rss_quarter), (traced_end, rss_end) = held
+        result.update(held_quarter_mb=traced_quarter / 1e6, held_end_mb=traced_end / 1e6)
+        result.update(rss_quarter_mb=rss_quarter / 1e6, rss_end_mb=rss_end / 1e6)
     return result
+
+
+def _rss() -> int:
+    """This process's resident memory now (bytes)."""
+    import os
+
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def learner_rates(repeats: int = REPEATS) -> dict[str, list[float]]:
@@ -243,7 +253,8 @@ def main(argv: list[str]) -> None:
     polls = batches(records())
     memory = learner_run(True, polls, memory=True)
     print(f"memory held (tracemalloc): {memory['held_quarter_mb']:.1f} MB after a quarter, "
-          f"{memory['held_end_mb']:.1f} MB at the end", flush=True)
+          f"{memory['held_end_mb']:.1f} MB at the end; RSS {memory['rss_quarter_mb']:.0f} MB, "
+          f"{memory['rss_end_mb']:.0f} MB", flush=True)
     consumer = consumer_rates()
     body = (
         "## Keyed models (`--model-key`) at scale\n\n"
@@ -258,7 +269,8 @@ def main(argv: list[str]) -> None:
         "| measured | keyed records/s | one model records/s | keyed vs one model |\n|---|---|---|---|\n"
         + _row("consumer", consumer) + "\n" + _row("learner alone", learner) + "\n\n"
         f"Memory the keyed learner holds (tracemalloc, after a quarter of the records and at the end): "
-        f"{memory['held_quarter_mb']:.1f} MB, {memory['held_end_mb']:.1f} MB.\n"
+        f"{memory['held_quarter_mb']:.1f} MB, {memory['held_end_mb']:.1f} MB (RSS {memory['rss_quarter_mb']:.0f} MB, "
+        f"{memory['rss_end_mb']:.0f} MB).\n"
     )
     write_section("keyed", body)
 

@@ -13,6 +13,8 @@ flushed), so `learn_one` and `learn_many` refuse the same records.
 from __future__ import annotations
 
 import copy
+import functools
+import inspect
 import logging
 import math
 import warnings
@@ -610,11 +612,7 @@ class OnlineMixture:
 
     def to_dict(self) -> dict:
         """The model's whole state as a JSON-ready dict (statistics, counters, unlearned buffer)."""
-        import inspect
-
-        params = {
-            name: getattr(self, name) for name in inspect.signature(type(self).__init__).parameters if name != "self"
-        }
+        params = {name: getattr(self, name) for name in _init_parameters(type(self))}
         params["step"] = None if self.step is None else self.step._get_params()
         if params.get("features") is not None:
             params["features"] = list(params["features"])
@@ -736,3 +734,9 @@ class _Rollback:
 
 def _details(error: OutlierError) -> dict:
     return {"feature": error.feature, "value": error.value, "distance": error.distance}
+
+
+@functools.cache
+def _init_parameters(cls) -> tuple[str, ...]:
+    """The names `cls.__init__` takes (a checkpoint of thousands of keyed models asked inspect each time)."""
+    return tuple(name for name in inspect.signature(cls.__init__).parameters if name != "self")

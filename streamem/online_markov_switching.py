@@ -219,10 +219,11 @@ class OnlineMarkovSwitchingRegression(OnlineHiddenMarkov, base.MiniBatchRegresso
             return record_values(x, self._names)
         if not isinstance(x, dict):
             raise TypeError(f"a record must be a dict of feature name -> number, got {type(x).__name__}")
-        _check_size(x.keys(), record_values(x, tuple(x)))  # every value a finite number, or an error naming it
+        values = record_values(x, tuple(x))  # every value a finite number, or an error naming it
         if learn:
             new = sorted((name for name in x if name not in self._index), key=str)
             if new:
+                _check_size(x.keys(), values)  # before the model widens: a refused record changes nothing
                 self._add_features(new)
             if not self._index:
                 raise ValueError("a record must hold at least one feature")
@@ -261,7 +262,8 @@ class OnlineMarkovSwitchingRegression(OnlineHiddenMarkov, base.MiniBatchRegresso
     def learn_one(self, x: dict, y) -> None:
         """Learn from one record: the filter moves on to it (the parameters update every `batch_size`)."""
         target = check_target_value(y)
-        _check_size(["the target"], [target])  # before a new feature joins: a refused record changes nothing
+        if self.features is None and isinstance(x, dict) and any(name not in self._index for name in x):
+            _check_size(["the target"], [target])  # before a new feature joins: a refused record changes nothing
         values = self._values(x, learn=True)
         values.append(target)
         self.learn_rows(np.array([values], dtype=float))

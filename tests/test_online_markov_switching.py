@@ -344,3 +344,19 @@ def test_forecast_and_learn_answers_as_predict_one_then_learn_one():
     np.testing.assert_allclose(log_likelihood[200:], [e[2] for e in expected[200:]], rtol=1e-9)
     assert np.isnan(log_likelihood[:200]).all()
     np.testing.assert_allclose(many.coef_, one.coef_, rtol=1e-12)
+
+
+@pytest.mark.parametrize("where", ["target", "new feature"])
+def test_a_value_too_large_with_a_new_feature_changes_nothing(where):
+    """A record bringing a new feature and a value beyond 1e150 (in the target or the new feature) raises and
+    leaves the model as it was: the new feature does not join."""
+    X, y, _ = regime_stream(300, COEF, INTERCEPT, 0.5, 0.97, seed=22)
+    model = se.OnlineMarkovSwitchingRegression(2, warmup=200, batch_size=32, seed=0)
+    model.learn_many(frame(X), pd.Series(y))
+    before = json.dumps(model.to_dict())
+    record, target = ({"f0": 1.0, "z": 1.0}, 1e150) if where == "target" else ({"f0": 1.0, "z": -1e200}, 1.0)
+    with pytest.raises(ValueError, match="too large"):
+        model.learn_one(record, target)
+    with pytest.raises(ValueError, match="too large"):
+        model.learn_many(pd.DataFrame([record]), pd.Series([target]))
+    assert model.features_ == ("f0",) and json.dumps(model.to_dict()) == before

@@ -4,8 +4,12 @@ stream, and the JSON state.
 One model can follow several streams (the Kafka consumer's partitions) with shared parameters:
 each stream is its own sequence, with its own filter and its own open block of records. River's
 API uses the stream `None`. A subclass says how records become rows and a family batch, how the
-warm-up is fitted, and how its emission parameters are saved (`_prepare`, `_warm_up_fit`,
-`_emission_document`, `_emission_params`, `keep_states`).
+warm-up is fitted, how its emission parameters are saved, how far a row is from a state, and (a
+regression) how it forecasts (`_prepare`, `_warm_up_fit`, `_emission_document`, `_emission_params`,
+`keep_states`, `_squared_distances`, `_forecasts`, `_cold_forecasts`).
+
+A call that learns is all or nothing: if it fails (a warm-up fit or an M-step that cannot be made),
+the model is put back as it was and ValueError says why, so a caller can refuse the rows and go on.
 """
 
 from __future__ import annotations

@@ -166,11 +166,54 @@ def test_a_far_record_is_dead_lettered_and_a_moved_stream_is_learned_again(broke
     assert max(np.max(np.abs(c)) for c in model["engine"]["covariances"]) < 1e9  # 1e10 was never learned
 
 
-def test_hmm_refuses_modes_it_does_not_run():
-    """--model hmm with --model-key or --replicate is a settings error naming them."""
-    for extra in ({"model_key": "site"}, {"replicate": True}):
-        with pytest.raises(ValueError, match="model 'hmm' runs one hidden Markov model per instance"):
-            ConsumerSettings(features=["a", "b"], model="hmm", **extra)
+def test_hmm_refuses_replicate():
+    """--model hmm with --replicate is a settings error naming it."""
+    with pytest.raises(ValueError, match="model 'hmm' runs one hidden Markov model per instance: not with replicate"):
+        ConsumerSettings(features=["a", "b"], model="hmm", replicate=True)
+
+
+def test_with_a_model_key_each_key_is_its_own_sequence(broker):
+    """--model hmm --model-key site: two sites interleaved on one partition, each with its own regimes: every
+    record answered once with its site as model_key; each site's filtered labels follow its own regimes (a
+    poll's records are learned key by key, so the answers depend on how polls cut the stream: no exact
+    reference); its regime_change records carry the site and follow its own switches; the checkpoint holds a
+    filter per site."""
+    X0, states0 = regime_stream(1500, seed=3)
+    X1, states1 = regime_stream(1500, seed=4)
+    order = np.random.default_rng(10).permutation(np.r_[np.zeros(1500, dtype=int), np.ones(1500, dtype=int)])
+    position = [0, 0]
+    rows, sites = [], []
+    for site in order.tolist():
+        rows.append((X0, X1)[site][position[site]])
+        position[site] += 1
+        sites.append(f"s{site}")
+    topic = unique("regimes-keyed")
+    settings = hmm_settings(broker, topic, model_key="site", max_records=3000, max_poll_records=173)
+    ensure_topics(settings, input_partitions=1)
+    producer = KafkaProducer(bootstrap_servers=broker.bootstrap_servers, linger_ms=5)
+    for (a, b), site in zip(np.array(rows).tolist(), sites, strict=True):
+        producer.send(topic, partition=0, key=site.encode(), value=json.dumps({"a": a, "b": b, "site": site}).encode())
+    producer.flush()
+    producer.close()
+    counters = run_consumer(settings)
+    assert counters.assigned == 3000
+    answers = by_offset(broker, settings.topics["assignments"])
+    assert [answers[t]["model_key"] for t in range(3000)] == sites
+    truth = np.empty(3000, dtype=int)
+    for t, site in enumerate(sites):
+        states = (states0, states1)[int(site[1])]
+        truth[t] = states[sum(1 for u in range(t) if sites[u] == site)]
+    labels = np.array([answers[t]["component"] for t in range(3000)])
+    late = slice(600, None)  # after the warm-up (300 records) and a few blocks
+    agreement = (labels[late] == truth[late]).mean()
+    assert max(agreement, 1 - agreement) > 0.9, agreement
+    changes = [r for r in read_all(broker.bootstrap_servers, settings.topics["drift"]) if r.get("regime_change")]
+    for site, states in (("s0", states0), ("s1", states1)):
+        mine = [c for c in changes if c["model_key"] == site]
+        first = sum(1 for t in range(mine[0]["source"]["offset"]) if sites[t] == site)  # the site's own count
+        switches = int((np.diff(states[first:]) != 0).sum())
+        assert abs(len(mine) - 1 - switches) <= 0.25 * switches + 3, (site, switches, len(mine))
+    assert {s["stream"] for s in stored_checkpoint(settings).model["streams"]} == {"s0", "s1"}
 
 
 def test_with_a_target_the_assignments_carry_the_markov_switching_forecast(broker):

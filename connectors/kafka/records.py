@@ -402,11 +402,17 @@ def drift_record(
 
 
 def regime_change_record(
-    record: InputRecord, topic: str, n_seen: int, previous: int | None, state: int, probabilities
+    record: InputRecord,
+    topic: str,
+    n_seen: int,
+    previous: int | None,
+    state: int,
+    probabilities,
+    model_key: str | None = None,
 ) -> OutputRecord:
-    """{"source", "n_seen", "regime_change": true, "from", "to", "probabilities"}: the partition of
-    `record` is now in hidden state `to` (its filtered probability at least the threshold), after
-    `from` (null: the first regime announced on that partition)."""
+    """{"source", "n_seen", "regime_change": true, "from", "to", "probabilities"} (+ "model_key"): the
+    partition (or model key) of `record` is now in hidden state `to` (its filtered probability at least
+    the threshold), after `from` (null: the first regime announced there)."""
     body = {
         "source": source_of(record),
         "n_seen": n_seen,
@@ -415,4 +421,6 @@ def regime_change_record(
         "to": state,
         "probabilities": probabilities,
     }
-    return OutputRecord(topic, None, orjson.dumps(body))
+    if model_key is not None:
+        body["model_key"] = model_key
+    return OutputRecord(topic, None if model_key is None else model_key.encode(), orjson.dumps(body))

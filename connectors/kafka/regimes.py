@@ -1,5 +1,6 @@
-"""The consumer with `--model hmm`: a hidden Markov model per instance, one filter per partition
-(with `--target`, a Markov-switching regression whose assignments carry the forecast of y).
+"""The consumer with `--model hmm`: a hidden Markov model per instance, one filter per partition, or
+per key with `--model-key` (with `--target`, a Markov-switching regression whose assignments carry
+the forecast of y).
 
 The records of a partition are one sequence: each is answered with the filtered probability of
 every hidden state given its partition's records up to it (`OnlineGaussianHMM.filter_and_learn`,
@@ -62,19 +63,23 @@ class RegimeLearner(InstanceLearner):
         X, target = self.model_columns(self.state, decoded.values)
         if target is not None:  # a Markov-switching regression learns rows [x..., y]
             X = np.column_stack([X, target])
-        answered, others = self._answer_sequences(records, X)
+        keys = None if decoded.keys is None else [str(key) for key in decoded.keys]
+        answered, others = self._answer_sequences(records, X, keys)
         for i, output in zip(decoded.good, answered, strict=True):
             outputs[i] = output
         return outputs + others
 
-    def _answer_sequences(self, records, X: np.ndarray):
-        """Answer and learn each partition's records as its sequence, but those refused (a dead letter
-        each: too large, too far from every state, or a poll the model could not learn); drift and
-        regime_change records after."""
+    def _answer_sequences(self, records, X: np.ndarray, keys: list[str] | None = None):
+        """Answer and learn each partition's records (each key's, with --model-key) as its sequence, but
+        those refused (a dead letter each: too large, too far from every state, or a poll the model could
+        not learn); drift and regime_change records after."""
         state, model = self.state, self.state.model
         n = len(records)
         seen_before, was_warm = model.n_seen, model.is_warm
-        streams = [stream_name(record.topic, record.partition) for record in records]
+        if keys is None:
+            streams = [stream_name(record.topic, record.partition) for record in records]
+        else:  # a key's records share a partition (the messages are keyed by it): one sequence per key
+            streams = keys
         probabilities, log_likelihood = np.zeros((n, model.n_states)), np.zeros(n)
         forecasts = None if self.settings.target is None else np.zeros(n)
         reasons: dict[int, str] = {}
@@ -99,23 +104,32 @@ class RegimeLearner(InstanceLearner):
         outputs = self._dead_letters(records, reasons)
         answered = np.ones(n, dtype=bool)
         answered[list(reasons)] = False
-        kept = [record for record, keep in zip(records, answered, strict=True) if keep]
-        assignments = iter(
-            schemas.assignments(
-                kept,
+        kept = np.flatnonzero(answered)
+        for key, rows in ([(None, kept)] if keys is None else self._by_key(keys, kept)):
+            made = schemas.assignments(
+                [records[i] for i in rows],
                 self.topics["assignments"],
-                probabilities[answered],
-                log_likelihood[answered],
-                seen_before,
-                None if forecasts is None else forecasts[answered],
+                probabilities[rows],
+                log_likelihood[rows],
+                seen_before + int(rows[0]) if keys is not None and rows.size else seen_before,
+                None if forecasts is None else forecasts[rows],
+                key,
             )
-        )
-        outputs = [output if output is not None else next(assignments) for output in outputs]
-        self.counters.assigned += len(kept)
+            for i, output in zip(rows.tolist(), made, strict=True):
+                outputs[i] = output
+        self.counters.assigned += kept.size
         drifts = self._drift(state, records, probabilities, answered, was_warm, seen_before, None)
         changes = self._regime_changes(records, streams, probabilities, answered, seen_before)
         state.dirty = True
         return outputs, drifts + changes
+
+    @staticmethod
+    def _by_key(keys: list[str], rows: np.ndarray) -> list[tuple[str, np.ndarray]]:
+        """The rows of each key, in order (assignments carry their model key)."""
+        groups: dict[str, list[int]] = {}
+        for i in rows.tolist():
+            groups.setdefault(keys[i], []).append(i)
+        return [(key, np.asarray(members, dtype=np.int64)) for key, members in groups.items()]
 
     def _screen(self, stream: str, rows: np.ndarray) -> dict[int, str]:
         """{row: reason} of the rows to refuse: a value too large for the model's arithmetic, or a squared
@@ -174,7 +188,13 @@ class RegimeLearner(InstanceLearner):
                         probabilities[i, state])
             changes.append(
                 schemas.regime_change_record(
-                    record, self.topics["drift"], seen_before + i + 1, previous, state, probabilities[i].tolist()
+                    record,
+                    self.topics["drift"],
+                    seen_before + i + 1,
+                    previous,
+                    state,
+                    probabilities[i].tolist(),
+                    None if self.settings.model_key is None else stream,
                 )
             )
         return changes

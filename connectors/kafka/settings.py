@@ -181,10 +181,8 @@ class ConsumerSettings(BaseSettings):
             )
         if self.replicate and (self.model_key is not None or self.target is not None):
             raise ValueError("replicate works with one Gaussian mixture: not with model_key or target")
-        if self.model == "hmm" and (self.model_key is not None or self.replicate):
-            raise ValueError(
-                "model 'hmm' runs one hidden Markov model per instance: not with model_key or replicate"
-            )
+        if self.model == "hmm" and self.replicate:
+            raise ValueError("model 'hmm' runs one hidden Markov model per instance: not with replicate")
         if self.model_key is not None and self.model_key in [*self.features, self.target]:
             raise ValueError(f"model_key {self.model_key!r} is also a feature or the target")
         if len(set(self.features)) != len(self.features):

@@ -83,8 +83,11 @@ class RegimeLearner(InstanceLearner):
         probabilities, log_likelihood = np.zeros((n, model.n_states)), np.zeros(n)
         forecasts = None if self.settings.target is None else np.zeros(n)
         reasons: dict[int, str] = {}
-        for stream in dict.fromkeys(streams):  # each partition's rows, in their order
-            rows = np.fromiter((i for i, s in enumerate(streams) if s == stream), dtype=np.int64)
+        groups: dict[str, list[int]] = {}
+        for i, stream in enumerate(streams):  # each sequence's rows, in their order, in one pass
+            groups.setdefault(stream, []).append(i)
+        for stream, members in groups.items():
+            rows = np.asarray(members, dtype=np.int64)
             refused = self._screen(stream, X[rows])
             reasons.update({int(rows[i]): reason for i, reason in refused.items()})
             if refused:

@@ -13,7 +13,8 @@ model ever warms up, so every key answers from its provisional warm-up model). T
   per record of each part of the keyed path from a profile, and the memory it holds (tracemalloc).
 
 Run: `python benchmarks/kafka_keyed.py` (writes the "keyed" section of BENCHMARKS.md);
-`--learner` prints the learner-alone numbers only, `--profile` the keyed path's profile.
+`--learner` prints the learner-alone numbers only, `--consumer` one consumer run of each, `--profile`
+the keyed path's profile.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from _report import write_section  # noqa: E402
 from kafka_pipeline import output_timestamps, rate_from  # noqa: E402
 
-from streamem_connectors.kafka.learners import InstanceLearner, KeyedLearner  # noqa: E402
+from streamem_connectors.kafka.modes import make_learner  # noqa: E402
 from streamem_connectors.kafka.records import InputBatch  # noqa: E402
 from streamem_connectors.kafka.settings import ConsumerSettings  # noqa: E402
 
@@ -114,7 +115,7 @@ def batches(data, poll: int = POLL) -> list[InputBatch]:
 
 def learner_for(keyed: bool, **extra):
     settings = settings_for("127.0.0.1:9", "keyed", keyed, checkpoint_dir=None, **extra)
-    return (KeyedLearner if keyed else InstanceLearner)(settings, MemoryStore())
+    return make_learner(settings, MemoryStore())
 
 
 def _no_input_positions() -> None:
@@ -245,6 +246,9 @@ def _row(name: str, rates: dict[str, list[float]]) -> str:
 def main(argv: list[str]) -> None:
     if argv[:1] == ["--profile"]:
         profile()
+        return
+    if argv[:1] == ["--consumer"]:
+        print(_row("consumer", consumer_rates(1)))
         return
     learner = learner_rates()
     if argv[:1] == ["--learner"]:

@@ -26,6 +26,7 @@ from streamem._validation import check_choice, check_n_components, check_positiv
 from streamem.engines.stepwise import StepwiseEM
 from streamem.exceptions import ConvergenceWarning, OutlierError
 from streamem.families.base import Summary, check_statistics_fit
+from streamem.families.cold_kernels import robust_distances
 from streamem.schedules import StepSize
 from streamem.state import FORMAT_VERSION, StateError, parse_state
 
@@ -164,8 +165,8 @@ class OnlineMixture:
                 if reference is None:  # the first records: with those buffered (`guard.warm_up_reference`)
                     buffered = self._judged(self._buffer[: self._count, :width]) if self._count else judged[:0]
                     reference = guard.warm_up_reference(buffered, judged)
-                if reference is not None:
-                    distance, blame = guard.robust_distance(judged, reference)
+                if reference is not None:  # compiled: a cold keyed model screens thousands of small batches
+                    distance, blame = robust_distances(np.ascontiguousarray(judged, dtype=float), *reference)
         if values_fit and (distance is None or distance.max() <= self.outlier_threshold):  # NaN: not <=
             return None
         if distance is None:
@@ -613,7 +614,7 @@ class OnlineMixture:
     def to_dict(self) -> dict:
         """The model's whole state as a JSON-ready dict (statistics, counters, unlearned buffer)."""
         params = {name: getattr(self, name) for name in _init_parameters(type(self))}
-        params["step"] = None if self.step is None else self.step._get_params()
+        params["step"] = None if self.step is None else self.step.to_dict()
         if params.get("features") is not None:
             params["features"] = list(params["features"])
         return {

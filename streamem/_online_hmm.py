@@ -362,7 +362,7 @@ class OnlineHiddenMarkov:
 
         names = [name for name in inspect.signature(type(self).__init__).parameters if name != "self"]
         params = {name: getattr(self, name) for name in names}
-        params["step"] = None if self.step is None else self.step._get_params()
+        params["step"] = None if self.step is None else self.step.to_dict()
         for name, value in params.items():
             if isinstance(value, tuple):
                 params[name] = list(value)

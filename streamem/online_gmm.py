@@ -17,6 +17,7 @@ from streamem._validation import (
     record_values_with_missing,
 )
 from streamem.families.base import log_responsibilities
+from streamem.families.cold_kernels import provisional_scores
 from streamem.families.gaussian import (
     COVARIANCE_TYPES,
     GaussianFamily,
@@ -464,6 +465,9 @@ class OnlineGMM(OnlineMixture, base.Clusterer):
         (before the warm-up, or with missing values, the two are computed apart)."""
         rows = self._summary_rows(X)
         names = self._feature_names or tuple(sorted(X.columns, key=str))
+        if self._engine is None and (scores := self._cold_scores(rows)) is not None:
+            log_likelihood, log_resp = scores
+            return np.exp(log_resp), log_likelihood, self._screen_rows(rows, names)
         if self._engine is None or not self._distance_rule or np.isnan(rows).any():
             with np.errstate(over="ignore", invalid="ignore"):  # an absurd row's answer is dropped anyway
                 log_likelihood, log_resp = self._e_step_rows(rows, names)
@@ -476,10 +480,26 @@ class OnlineGMM(OnlineMixture, base.Clusterer):
             log_likelihood, log_resp = log_responsibilities(self._gaussian.weighted_log_prob(batch, params, log_prob))
         return np.exp(log_resp), log_likelihood, screen
 
+    def _cold_scores(self, rows: np.ndarray):
+        """(log-likelihoods, log-responsibilities) of rows under a cold model's provisional parameters in
+        one compiled call (`cold_kernels`), or None where the general path answers: nothing learned yet,
+        missing values allowed, or a variance that overflows. (One model per key answers thousands of
+        small batches while cold.)"""
+        if self._feature_names is None or self.missing == "marginalize":
+            return None
+        buffer = self._buffer if self._buffer is not None else rows[:0]
+        log_likelihood, log_resp, finite = provisional_scores(
+            buffer, self._count, np.ascontiguousarray(rows, dtype=float), self.n_components,
+            self.covariance_type == "spherical",
+        )
+        return (log_likelihood, log_resp) if finite else None
+
     def _e_step_frame(self, X: pd.DataFrame):
         return self._e_step_rows(self._summary_rows(X), self._feature_names or tuple(sorted(X.columns, key=str)))
 
     def _e_step_rows(self, rows: np.ndarray, names):
+        if self._engine is None and (scores := self._cold_scores(rows)) is not None:
+            return scores
         params = self._params() if self._feature_names else self._provisional_params(None, len(names))
         return self._gaussian.e_step(self._gaussian.prepare(rows, params.weights @ params.means), params)
 

@@ -13,6 +13,7 @@ import time
 import numpy as np
 
 from streamem.engines.markov_chain import forward_backward, sequence_bounds, viterbi
+from streamem.families.cold_kernels import warm_up_cold_kernels
 from streamem.families.gaussian_kernels import warm_up_kernels
 
 __all__ = ["compile_kernels"]
@@ -22,6 +23,7 @@ def compile_kernels() -> float:
     """Compile (or load from the cache) every kernel; returns the seconds it took."""
     began = time.perf_counter()
     warm_up_kernels()
+    warm_up_cold_kernels()
     log_b = np.zeros((3, 2))
     bounds = sequence_bounds(None, 3)
     forward_backward(log_b, np.full(2, 0.5), np.full((2, 2), 0.5), *bounds)

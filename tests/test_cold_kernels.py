@@ -1,0 +1,88 @@
+"""A cold model's compiled answers (`families/cold_kernels.py`) against scipy's densities and the
+general NumPy path they stand in for."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+from river import base as river_base
+from scipy import stats
+from scipy.special import logsumexp
+
+import streamem as se
+from streamem import outliers
+from streamem.families.cold_kernels import provisional_scores, robust_distances
+from streamem.schedules import StepSize
+
+
+def _scipy_answer(buffered: np.ndarray, rows: np.ndarray, K: int, spherical: bool):
+    """(log-likelihood, responsibilities) under the documented provisional mixture, with scipy."""
+    d = rows.shape[1]
+    if len(buffered):
+        means = buffered[np.arange(K) % len(buffered)]
+    else:
+        means = np.zeros((K, d))
+    variance = buffered.var(axis=0) if len(buffered) > 1 else np.ones(d)
+    variance = np.where(variance > 0, variance, 1.0)
+    if spherical:
+        variance = np.full(d, variance.mean())
+    log_density = np.array([stats.norm.logpdf(rows, m, np.sqrt(variance)).sum(axis=1) for m in means]).T
+    weighted = log_density + np.log(1.0 / K)
+    log_likelihood = logsumexp(weighted, axis=1)
+    return log_likelihood, np.exp(weighted - log_likelihood[:, None])
+
+
+@pytest.mark.parametrize("spherical", [False, True])
+@pytest.mark.parametrize("count", [0, 1, 2, 7, 300])
+def test_provisional_scores_are_the_closed_form_mixture(count, spherical):
+    rng = np.random.default_rng(count)
+    K, d = 3, 4
+    buffer = np.zeros((500, d))
+    buffer[:count] = rng.normal(size=(count, d)) * [1.0, 3.0, 0.1, 10.0] + [0.0, 5.0, -2.0, 1e3]
+    buffer[:count, 2] = buffer[0, 2] if count else 0.0  # a constant feature: variance 0 counts as 1
+    rows = rng.normal(size=(6, d)) * 2 + [0.0, 5.0, -2.0, 1e3]
+    log_likelihood, log_resp, finite = provisional_scores(buffer, count, rows, K, spherical)
+    expected_ll, expected_resp = _scipy_answer(buffer[:count], rows, K, spherical)
+    assert finite
+    np.testing.assert_allclose(log_likelihood, expected_ll, rtol=1e-12)
+    np.testing.assert_allclose(np.exp(log_resp), expected_resp, rtol=1e-9, atol=1e-15)
+
+
+def test_provisional_scores_say_when_the_variance_overflows():
+    buffer = np.array([[1e200, 0.0], [-1e200, 1.0]])
+    assert not provisional_scores(buffer, 2, np.zeros((1, 2)), 2, False)[2]
+
+
+def test_robust_distances_equal_the_numpy_rule():
+    rng = np.random.default_rng(3)
+    reference = outliers.robust_reference(rng.normal(size=(40, 3)) * [1.0, 5.0, 0.2])
+    rows = rng.normal(size=(50, 3)) * 4
+    rows[3, 1] = np.nan  # a missing value counts 0
+    distance, blame = robust_distances(rows, *reference)
+    expected_distance, expected_blame = outliers.robust_distance(rows, reference)
+    np.testing.assert_allclose(distance, expected_distance, rtol=1e-14)
+    np.testing.assert_array_equal(blame, expected_blame)
+
+
+@pytest.mark.parametrize("covariance_type", ["full", "tied", "diag", "spherical"])
+def test_a_cold_models_fast_answer_equals_the_general_path(covariance_type):
+    """`assign_and_screen_many` of a cold model (compiled) and `assign_many` / `screen_many` (NumPy)
+    agree through the whole warm-up, screens included (the warm-up reference from 20 records on)."""
+    rng = np.random.default_rng(11)
+    model = se.OnlineGMM(2, covariance_type=covariance_type, warmup=60, features=("a", "b"))
+    for _ in range(58):
+        X = pd.DataFrame(rng.normal(size=(1, 2)) * [1.0, 20.0], columns=["a", "b"])
+        X.iloc[0, 1] += 1e4 * (rng.random() < 0.1)  # now and then an outlier for the warm-up screen
+        resp, log_likelihood, screen = model.assign_and_screen_many(X)
+        np.testing.assert_allclose(resp, model.predict_proba_many(X).to_numpy(), rtol=1e-9, atol=1e-15)
+        np.testing.assert_allclose(screen.distance, model.screen_many(X).distance, rtol=1e-12)
+        assert screen.outlier.tolist() == model.screen_many(X).outlier.tolist()
+        model.learn_many(X)
+    assert not model.is_warm
+
+
+def test_step_size_to_dict_is_rivers_params():
+    step = StepSize(alpha=0.7, t0=3.0, eta_min=0.01)
+    assert step.to_dict() == river_base.Base._get_params(step)
+    assert StepSize(**step.to_dict()).to_dict() == step.to_dict()

@@ -81,6 +81,9 @@ class OnlineHiddenMarkov:
         self._engine: BlockOnlineEM | None = None
         self._streams: dict = {}
         self.n_seen = 0
+        # (rows, parameters, log-densities) of the last `outlier_distances`: the Kafka consumer screens
+        # a poll's rows of a sequence, then filters the same rows, which reuse them (one family E-step)
+        self._scored: tuple | None = None
 
     # -- what a subclass provides -----------------------------------------------------------------
     def _prepare(self, rows: np.ndarray, shift):  # pragma: no cover - abstract
@@ -284,7 +287,9 @@ class OnlineHiddenMarkov:
             return (((rows - median) / spread) ** 2).sum(axis=1)
         params = self._engine.params
         batch = self._prepare(rows, self._engine.stats.emissions.shift)
-        return self._squared_distances(self._family.log_prob(batch, params.emissions), params.emissions).min(axis=1)
+        log_b = self._family.log_prob(batch, params.emissions)
+        self._scored = (rows.copy(), params, log_b)
+        return self._squared_distances(log_b, params.emissions).min(axis=1)
 
     def _squared_distances(self, log_b: np.ndarray, emissions) -> np.ndarray:  # pragma: no cover - abstract
         """Each row's squared distance to each state (n, K), from its log-densities."""
@@ -343,8 +348,13 @@ class OnlineHiddenMarkov:
         params = self._engine.params
         chain = params.chain
         predicted = chain.startprob if before is None else before @ chain.transmat
-        batch = self._prepare(rows, self._engine.stats.emissions.shift)
-        log_b = self._family.log_prob(batch, params.emissions)
+        scored = self._scored  # the same rows just screened under these parameters (never replaced in place)
+        if (scored is not None and scored[1] is params and scored[0].shape == rows.shape
+                and np.array_equal(scored[0], rows)):
+            log_b = scored[2]
+        else:
+            batch = self._prepare(rows, self._engine.stats.emissions.shift)
+            log_b = self._family.log_prob(batch, params.emissions)
         return filter_states(log_b, predicted, chain.transmat, *one_sequence(rows.shape[0]))
 
     def _next(self, row: list, stream=None) -> tuple[np.ndarray, float] | None:

@@ -335,3 +335,23 @@ def test_predictions_before_the_warm_up_are_uniform():
     model = se.OnlineGaussianHMM(3, warmup=50)
     assert model.predict_proba_one({"a": 1.0}) == {0: 1 / 3, 1: 1 / 3, 2: 1 / 3}
     assert math.isfinite(model.score_one({"a": 1.0})) and model.n_seen == 0
+
+
+def test_filtering_rows_just_screened_answers_as_a_model_that_never_screened_them():
+    """The consumer screens a poll's rows (`outlier_distances`), then filters them: the filter may reuse
+    the screen's log-densities, but only for the same rows under the same parameters. A restored copy
+    (which has screened nothing) gives the same answers bit for bit, also when the parameters moved
+    in between (a block learned) or other rows come."""
+    X, _ = sticky_stream(1200, THREE_STATES, 0.95, seed=21)
+    model = se.OnlineGaussianHMM(3, warmup=300, batch_size=64, features=("f0", "f1"), seed=0)
+    model.filter_and_learn(X[:330])
+    for rows, between in ((X[330:340], None), (X[340:350], X[350:420]), (X[420:430], None)):
+        model.outlier_distances(rows)
+        if between is not None:  # a full block in between: new parameters, the screen's densities are stale
+            model.filter_and_learn(between)
+        fresh = se.OnlineGaussianHMM.from_dict(json.dumps(model.to_dict()))
+        other = rows[::-1].copy() if between is None and rows is X[420:430] else rows
+        expected = fresh.filter_and_learn(other)
+        answers = model.filter_and_learn(other)
+        for got, want in zip(answers, expected, strict=True):
+            np.testing.assert_array_equal(got, want)

@@ -10,7 +10,10 @@ model ever warms up, so every key answers from its provisional warm-up model). T
   neither.
 - **learner alone**: `KeyedLearner.process` / `InstanceLearner.process` on poll batches built in
   memory (no broker, no pipe, no producer), timed with this thread's CPU clock; with the time
-  per record of each part of the keyed path from a profile, and the memory it holds (tracemalloc).
+  per record of each part of the keyed path from a profile, and the memory it holds (tracemalloc);
+  also with `--model hmm` (`RegimeLearner`: one hidden Markov model, a filter per key, against a
+  filter per partition). The records are i.i.d. draws, not regimes: about half of them move the
+  most likely state, so the hmm rows carry that many `regime_change` records too.
 
 Run: `python benchmarks/kafka_keyed.py` (writes the "keyed" section of BENCHMARKS.md);
 `--learner` prints the learner-alone numbers only, `--consumer` one consumer run of each, `--profile`
@@ -170,14 +173,14 @@ def _rss() -> int:
         return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def learner_rates(repeats: int = REPEATS) -> dict[str, list[float]]:
+def learner_rates(repeats: int = REPEATS, **extra) -> dict[str, list[float]]:
     polls = batches(records())
     rates: dict[str, list[float]] = {"keyed": [], "single": []}
     for _ in range(repeats):
         for kind in rates:
-            rate = learner_run(kind == "keyed", polls)["rate"]
+            rate = learner_run(kind == "keyed", polls, **extra)["rate"]
             rates[kind].append(rate)
-            print(f"learner alone  {kind:<7} {rate:>10,.0f} records/s", flush=True)
+            print(f"learner alone  {kind:<7} {rate:>10,.0f} records/s {extra or ''}", flush=True)
     return rates
 
 
@@ -254,11 +257,13 @@ def main(argv: list[str]) -> None:
     if argv[:1] == ["--learner"]:
         print(_row("learner alone", learner))
         return
+    regimes = learner_rates(model="hmm")
     polls = batches(records())
-    memory = learner_run(True, polls, memory=True)
-    print(f"memory held (tracemalloc): {memory['held_quarter_mb']:.1f} MB after a quarter, "
-          f"{memory['held_end_mb']:.1f} MB at the end; RSS {memory['rss_quarter_mb']:.0f} MB, "
-          f"{memory['rss_end_mb']:.0f} MB", flush=True)
+    memory = {model: learner_run(True, polls, memory=True, model=model) for model in ("gmm", "hmm")}
+    for model, held in memory.items():
+        print(f"memory held, {model} (tracemalloc): {held['held_quarter_mb']:.1f} MB after a quarter, "
+              f"{held['held_end_mb']:.1f} MB at the end; RSS {held['rss_quarter_mb']:.0f} MB, "
+              f"{held['rss_end_mb']:.0f} MB", flush=True)
     consumer = consumer_rates()
     body = (
         "## Keyed models (`--model-key`) at scale\n\n"
@@ -271,10 +276,15 @@ def main(argv: list[str]) -> None:
         f"{POLL} built in memory (thread CPU time; no broker, pipe or producer). Median of {REPEATS} runs; "
         "the range of the per-run ratio in brackets. Goal: keyed at least 0.5x the single model.\n\n"
         "| measured | keyed records/s | one model records/s | keyed vs one model |\n|---|---|---|---|\n"
-        + _row("consumer", consumer) + "\n" + _row("learner alone", learner) + "\n\n"
-        f"Memory the keyed learner holds (tracemalloc, after a quarter of the records and at the end): "
-        f"{memory['held_quarter_mb']:.1f} MB, {memory['held_end_mb']:.1f} MB (RSS {memory['rss_quarter_mb']:.0f} MB, "
-        f"{memory['rss_end_mb']:.0f} MB).\n"
+        + _row("consumer", consumer) + "\n" + _row("learner alone", learner) + "\n"
+        + _row("learner alone, `--model hmm` (a filter per key, parameters shared)", regimes) + "\n\n"
+        "Memory the keyed learner holds (tracemalloc, after a quarter of the records and at the end): "
+        + "; ".join(
+            f"{model} {held['held_quarter_mb']:.1f} MB, {held['held_end_mb']:.1f} MB "
+            f"(RSS {held['rss_quarter_mb']:.0f} MB, {held['rss_end_mb']:.0f} MB)"
+            for model, held in memory.items()
+        )
+        + ".\n"
     )
     write_section("keyed", body)
 

@@ -370,7 +370,7 @@ class Learner:
         drifts = []
         # answers of the provisional warm-up model say nothing about drift
         learned = (resp if to_learn.all() else resp[to_learn]) if was_warm else resp[:0]
-        for event in detector.update_many(padded(learned, detector.n_components)):
+        for event in detector.update_many(padded(learned, detector.n_components)) if learned.shape[0] else ():
             self.counters.drift_events += 1
             record = [r for r, keep in zip(records, to_learn, strict=True) if keep][event.index]
             logger.info(

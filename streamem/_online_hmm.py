@@ -8,6 +8,9 @@ warm-up is fitted, how its emission parameters are saved, how far a row is from 
 regression) how it forecasts (`_prepare`, `_warm_up_fit`, `_emission_document`, `_emission_params`,
 `keep_states`, `_squared_distances`, `_forecasts`, `_cold_forecasts`).
 
+Like every model, a warm one has `summarize(rows, stream)` (one E-step, nothing changes) and
+`apply(statistics)` (one block-online update); `filter_and_learn` is the two, block by block.
+
 A call that learns is all or nothing: if it fails (a warm-up fit or an M-step that cannot be made),
 the model is put back as it was and ValueError says why, so a caller can refuse the rows and go on.
 """
@@ -23,6 +26,7 @@ from streamem._validation import check_array, check_n_components, check_positive
 from streamem.engines.baum_welch import HMMParams
 from streamem.engines.block_online import BlockOnlineEM, block_statistics, one_sequence
 from streamem.engines.markov_chain import filter_states
+from streamem.families.base import Summary
 from streamem.families.markov import HMMStats, checked_chain
 from streamem.outliers import TOO_LARGE
 from streamem.schedules import StepSize
@@ -55,6 +59,11 @@ class Stream:
             self.rows = grown
         self.rows[self.count : end] = rows
         self.count = end
+
+
+def _check_stream(stream) -> None:
+    if stream is not None and not isinstance(stream, (str, int)) or isinstance(stream, bool):
+        raise TypeError(f"a stream is named by a str, an int or None, got {stream!r}")
 
 
 def _buffer(width: int) -> np.ndarray:
@@ -158,6 +167,19 @@ class OnlineHiddenMarkov:
     def _take(self, rows: np.ndarray, stream, answer: bool, forecast: bool = False):
         """Learn rows of `stream`; with `answer`, (filtered (n, K), log-likelihoods (n,)) of each row
         before it was learned, and with `forecast` the subclass's forecast of each row too."""
+        self._check_rows(rows)
+        _check_stream(stream)
+        saved = self._saved(stream)
+        try:
+            return self._take_checked(rows, stream, answer, forecast)
+        except (ValueError, ArithmeticError, np.linalg.LinAlgError) as error:
+            self._put_back(saved)  # all or nothing: a failed call learns none of its rows
+            if isinstance(error, ValueError):
+                raise
+            raise ValueError(f"the model could not learn these rows ({error}); none was learned") from error
+
+    def _check_rows(self, rows: np.ndarray) -> None:
+        """Rows of the model's width holding finite numbers below `TOO_LARGE`, else ValueError."""
         n = rows.shape[0]
         names = self._feature_list()
         if names is None:
@@ -178,16 +200,49 @@ class OnlineHiddenMarkov:
                 raise ValueError(f"row {i}: {name} is {value}; values must be finite numbers")
             raise ValueError(f"row {i}: {name} is {value:.3g}, too large for the model's statistics "
                              f"(|x| >= {TOO_LARGE:.0e})")
-        if stream is not None and not isinstance(stream, (str, int)) or isinstance(stream, bool):
-            raise TypeError(f"a stream is named by a str, an int or None, got {stream!r}")
-        saved = self._saved(stream)
+
+    # -- statistics: the interface every model shares ------------------------------------------------
+    def summarize(self, rows: np.ndarray, stream=None) -> Summary:
+        """One E-step over validated rows as the next records of `stream`, changing nothing:
+        (posteriors (n, K), smoothed over the rows from the stream's filter before them; log p(row |
+        the stream before it) (n,); their `HMMStats`, sums over the rows, the transition into the
+        first row counted). `model.apply(model.summarize(rows, s).statistics)` at the start of a
+        block learns what `filter_and_learn(rows, s)` learns from a block of those rows (a filter
+        aside: `apply` does not move the stream's). The model must be warm."""
+        self._check_rows(rows)
+        _check_stream(stream)
+        if self._engine is None:
+            raise ValueError(f"the {type(self).__name__} has no parameters before its warm-up "
+                             f"({self._n_warm} of {self.warmup} records)")
+        current = self._streams.get(stream)
+        before = None if current is None else self._latest(current)
+        params = self._engine.params
+        batch = self._prepare(rows, self._engine.stats.emissions.shift)
+        result, statistics = block_statistics(self._family, batch, params, before)
+        return Summary(result.posterior, result.log_likelihood, statistics)
+
+    def apply(self, statistics: HMMStats) -> None:
+        """Blend statistics (sums over their records, as `summarize` gives them) into the running ones
+        with the step of the next update, and run the M-step: one block-online update. Statistics of
+        the wrong type, shape or values raise ValueError and change nothing. The model must be warm."""
+        engine = self._engine
+        if engine is None:
+            raise ValueError(f"the {type(self).__name__} has no statistics to blend into before its warm-up "
+                             f"({self._n_warm} of {self.warmup} records)")
+        if not isinstance(statistics, HMMStats):
+            raise ValueError(f"{type(self).__name__} learns HMMStats, got {type(statistics).__name__}")
+        expected = engine.stats
+        if statistics.shapes != expected.shapes or type(statistics.emissions) is not type(expected.emissions):
+            raise ValueError(f"statistics of shapes {statistics.shapes} do not fit this model's {expected.shapes}")
+        arrays = [statistics.first, statistics.transitions, *statistics.emissions.to_arrays().values()]
+        if not all(np.all(np.isfinite(a)) for a in arrays) or not statistics.count > 0:
+            raise ValueError("statistics must be finite and summarise at least one record")
+        saved = (engine.stats, engine.params, engine.n_updates)
         try:
-            return self._take_checked(rows, stream, answer, forecast)
-        except (ValueError, ArithmeticError, np.linalg.LinAlgError) as error:
-            self._put_back(saved)  # all or nothing: a failed call learns none of its rows
-            if isinstance(error, ValueError):
-                raise
-            raise ValueError(f"the model could not learn these rows ({error}); none was learned") from error
+            engine.apply(statistics)
+        except (ArithmeticError, np.linalg.LinAlgError) as error:
+            engine.stats, engine.params, engine.n_updates = saved
+            raise ValueError(f"the model could not apply these statistics ({error}); nothing changed") from error
 
     def _column_name(self, names: list, j: int) -> str:
         return f"feature {names[j]!r}" if j < len(names) else "the target"

@@ -355,3 +355,65 @@ def test_filtering_rows_just_screened_answers_as_a_model_that_never_screened_the
         answers = model.filter_and_learn(other)
         for got, want in zip(answers, expected, strict=True):
             np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("kind", ["gaussian", "regression"])
+def test_summarize_then_apply_learns_what_filter_and_learn_learns(kind):
+    """At a block boundary, `apply(summarize(block, stream).statistics)` gives the parameters that
+    `filter_and_learn(block, stream)` gives, bit for bit; summarize itself changes nothing."""
+    X, _ = sticky_stream(900, THREE_STATES, 0.95, seed=31)
+    if kind == "gaussian":
+        model = se.OnlineGaussianHMM(3, warmup=300, batch_size=64, features=("f0", "f1"), seed=0)
+        rows = X
+    else:
+        model = se.OnlineMarkovSwitchingRegression(2, warmup=300, batch_size=64, features=("f0",), seed=0)
+        rows = np.column_stack([X[:, :1], 1.5 * X[:, 0] + X[:, 1]])
+    model.filter_and_learn(rows[:300], stream="s")  # the warm-up: the stream's block is empty now
+    model.filter_and_learn(rows[300:364], stream="s")  # one block learned; empty again
+    copy_ = type(model).from_dict(json.dumps(model.to_dict()))
+    before = json.dumps(copy_.to_dict())
+    summary = copy_.summarize(rows[364:428], stream="s")
+    assert json.dumps(copy_.to_dict()) == before
+    assert summary.statistics.count == pytest.approx(64.0)
+    copy_.apply(summary.statistics)
+    model.filter_and_learn(rows[364:428], stream="s")
+    assert copy_.transmat_.tolist() == model.transmat_.tolist()
+    mine, theirs = copy_.to_dict()["engine"], model.to_dict()["engine"]
+    assert mine["stats"] == theirs["stats"] and mine["n_updates"] == theirs["n_updates"]
+
+
+def test_summarize_is_forward_backward_from_the_streams_filter():
+    """summarize's posteriors and log-likelihoods are hmmlearn's for the rows, started from the stream's
+    filter moved one step (hmmlearn's startprob_ = filter @ transmat)."""
+    from hmmlearn import hmm as hmmlearn_hmm
+
+    X, _ = sticky_stream(500, THREE_STATES, 0.95, seed=33)
+    model = se.OnlineGaussianHMM(3, warmup=300, batch_size=64, features=("f0", "f1"), seed=0)
+    model.filter_and_learn(X[:330], stream=7)
+    reference = hmmlearn_hmm.GaussianHMM(3, covariance_type="full", init_params="", params="")
+    reference.startprob_ = model.stream_filter(7) @ model.transmat_
+    reference.transmat_, reference.means_, reference.covars_ = model.transmat_, model.means_, model.covariances_
+    rows = X[330:380]
+    summary = model.summarize(rows, stream=7)
+    np.testing.assert_allclose(summary.responsibilities, reference.predict_proba(rows), rtol=1e-7, atol=1e-10)
+    assert summary.log_likelihood.sum() == pytest.approx(reference.score(rows), rel=1e-10)
+
+
+def test_apply_refuses_statistics_that_do_not_fit_and_changes_nothing():
+    X, _ = sticky_stream(400, THREE_STATES, 0.95, seed=35)
+    model = se.OnlineGaussianHMM(3, warmup=300, batch_size=64, features=("f0", "f1"), seed=0)
+    with pytest.raises(ValueError, match="before its warm-up"):
+        model.summarize(X[:10])
+    model.filter_and_learn(X[:300])
+    good = model.summarize(X[300:340]).statistics
+    other = se.OnlineGaussianHMM(2, warmup=300, batch_size=64, features=("f0", "f1"), seed=0)
+    other.filter_and_learn(X[:300])
+    before = json.dumps(model.to_dict())
+    bad_values = se.HMMStats(good.first, good.transitions * np.nan, good.emissions)
+    for statistics, message in ((other.summarize(X[300:340]).statistics, "do not fit"),
+                                (bad_values, "finite"), (good.emissions, "learns HMMStats")):
+        with pytest.raises(ValueError, match=message):
+            model.apply(statistics)
+        assert json.dumps(model.to_dict()) == before
+    model.apply(good)
+    assert json.dumps(model.to_dict()) != before

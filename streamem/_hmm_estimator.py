@@ -18,7 +18,7 @@ from streamem.engines.baum_welch import HMMParams, expected_statistics, fit_with
 from streamem.engines.markov_chain import filter_states, sequence_bounds, viterbi
 from streamem.exceptions import ConvergenceWarning
 from streamem.families.base import Summary
-from streamem.families.markov import ChainParams, HMMStats, checked_chain
+from streamem.families.markov import ChainParams, HMMStats, check_hmm_statistics, checked_chain
 from streamem.outliers import TOO_LARGE
 
 __all__ = ["HiddenMarkovModel", "check_magnitude"]
@@ -149,17 +149,12 @@ class HiddenMarkovModel(BatchMixture):
         if not isinstance(statistics, HMMStats):
             raise ValueError(f"{type(self).__name__} learns HMMStats, got {type(statistics).__name__}")
         K = self.transmat_.shape[0]
-        if statistics.first.shape != (K,) or statistics.transitions.shape != (K, K):
-            raise ValueError(f"statistics of shapes {statistics.shapes} do not fit a model of {K} states")
         kind, expected = self._emission_layout
-        if type(statistics.emissions) is not kind or statistics.emissions.shapes != expected:
-            raise ValueError(
-                f"emission statistics {type(statistics.emissions).__name__} of shapes {statistics.emissions.shapes} "
-                f"do not fit this model's {kind.__name__} of shapes {expected}"
-            )
-        arrays = [statistics.first, statistics.transitions, *statistics.emissions.to_arrays().values()]
-        if not all(np.all(np.isfinite(a)) for a in arrays) or not statistics.count > 0:
-            raise ValueError("statistics must be finite and summarise at least one record")
+        if type(statistics.emissions) is not kind:
+            raise ValueError(f"emission statistics {type(statistics.emissions).__name__} do not fit this model's "
+                             f"{kind.__name__}")
+        shapes = {"first": (K,), "transitions": (K, K), "emissions": expected}
+        check_hmm_statistics(statistics, type(self).__name__, shapes)
         self._set_params(m_step(self._family(), statistics, self._params, self._keep_states))
         self._stats = statistics
 

@@ -27,7 +27,7 @@ from streamem.engines.baum_welch import HMMParams
 from streamem.engines.block_online import BlockOnlineEM, block_statistics, one_sequence
 from streamem.engines.markov_chain import filter_states
 from streamem.families.base import Summary
-from streamem.families.markov import HMMStats, checked_chain
+from streamem.families.markov import HMMStats, check_hmm_statistics, checked_chain
 from streamem.outliers import TOO_LARGE
 from streamem.schedules import StepSize
 from streamem.state import StateError, json_object
@@ -211,6 +211,8 @@ class OnlineHiddenMarkov:
         aside: `apply` does not move the stream's). The model must be warm."""
         self._check_rows(rows)
         _check_stream(stream)
+        if not rows.shape[0]:
+            raise ValueError("summarize needs at least one row")
         if self._engine is None:
             raise ValueError(f"the {type(self).__name__} has no parameters before its warm-up "
                              f"({self._n_warm} of {self.warmup} records)")
@@ -229,14 +231,10 @@ class OnlineHiddenMarkov:
         if engine is None:
             raise ValueError(f"the {type(self).__name__} has no statistics to blend into before its warm-up "
                              f"({self._n_warm} of {self.warmup} records)")
-        if not isinstance(statistics, HMMStats):
-            raise ValueError(f"{type(self).__name__} learns HMMStats, got {type(statistics).__name__}")
-        expected = engine.stats
-        if statistics.shapes != expected.shapes or type(statistics.emissions) is not type(expected.emissions):
-            raise ValueError(f"statistics of shapes {statistics.shapes} do not fit this model's {expected.shapes}")
-        arrays = [statistics.first, statistics.transitions, *statistics.emissions.to_arrays().values()]
-        if not all(np.all(np.isfinite(a)) for a in arrays) or not statistics.count > 0:
-            raise ValueError("statistics must be finite and summarise at least one record")
+        check_hmm_statistics(statistics, type(self).__name__, engine.stats.shapes)
+        if type(statistics.emissions) is not type(engine.stats.emissions):
+            raise ValueError(f"emission statistics {type(statistics.emissions).__name__} do not fit this model's "
+                             f"{type(engine.stats.emissions).__name__}")
         saved = (engine.stats, engine.params, engine.n_updates)
         try:
             engine.apply(statistics)

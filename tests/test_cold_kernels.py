@@ -49,9 +49,12 @@ def test_provisional_scores_are_the_closed_form_mixture(count, spherical):
     np.testing.assert_allclose(np.exp(log_resp), expected_resp, rtol=1e-9, atol=1e-15)
 
 
-def test_provisional_scores_say_when_the_variance_overflows():
+def test_provisional_scores_say_when_the_variance_is_not_finite():
+    """A variance that overflows, or a NaN in the buffer, sends the caller to the general path."""
     buffer = np.array([[1e200, 0.0], [-1e200, 1.0]])
     assert not provisional_scores(buffer, 2, np.zeros((1, 2)), 2, False)[2]
+    buffer = np.array([[0.0, 0.0], [1.0, 1.0], [np.nan, 2.0]])
+    assert not provisional_scores(buffer, 3, np.zeros((1, 2)), 2, False)[2]
 
 
 def test_robust_distances_equal_the_numpy_rule():
@@ -67,19 +70,29 @@ def test_robust_distances_equal_the_numpy_rule():
 
 @pytest.mark.parametrize("covariance_type", ["full", "tied", "diag", "spherical"])
 def test_a_cold_models_fast_answer_equals_the_general_path(covariance_type):
-    """`assign_and_screen_many` of a cold model (compiled) and `assign_many` / `screen_many` (NumPy)
-    agree through the whole warm-up, screens included (the warm-up reference from 20 records on)."""
+    """`assign_and_screen_many` of a cold model (compiled) agrees with the general NumPy path through
+    the whole warm-up: the family's E-step under `_provisional_params`, and the warm-up screen of the
+    rows after those buffered (`outliers.screen_warm_up`, the warm-up reference from 20 records on)."""
     rng = np.random.default_rng(11)
-    model = se.OnlineGMM(2, covariance_type=covariance_type, warmup=60, features=("a", "b"))
-    for _ in range(58):
+    model = se.OnlineGMM(2, covariance_type=covariance_type, warmup=60, features=("a", "b"), outliers="skip")
+    model.learn_many(pd.DataFrame(rng.normal(size=(1, 2)), columns=["a", "b"]))
+    refused = 0
+    for _ in range(57):
         X = pd.DataFrame(rng.normal(size=(1, 2)) * [1.0, 20.0], columns=["a", "b"])
-        X.iloc[0, 1] += 1e4 * (rng.random() < 0.1)  # now and then an outlier for the warm-up screen
+        X.iloc[0, 1] += 1e6 * (rng.random() < 0.1)  # now and then an outlier for the warm-up screen
         resp, log_likelihood, screen = model.assign_and_screen_many(X)
-        np.testing.assert_allclose(resp, model.predict_proba_many(X).to_numpy(), rtol=1e-9, atol=1e-15)
-        np.testing.assert_allclose(screen.distance, model.screen_many(X).distance, rtol=1e-12)
-        assert screen.outlier.tolist() == model.screen_many(X).outlier.tolist()
+        rows, buffered = X.to_numpy(), model._buffer[: model._count]
+        params = model._provisional_params(buffered)
+        family = model._gaussian
+        expected_ll, expected_log_resp = family.e_step(family.prepare(rows, params.weights @ params.means), params)
+        np.testing.assert_allclose(log_likelihood, expected_ll, rtol=1e-12)
+        np.testing.assert_allclose(resp, np.exp(expected_log_resp), rtol=1e-9, atol=1e-15)
+        expected = outliers.screen_warm_up(rows, ("a", "b"), buffered, model.outlier_threshold)
+        np.testing.assert_allclose(screen.distance, expected.distance, rtol=1e-12)
+        assert screen.outlier.tolist() == expected.outlier.tolist()
+        refused += int(screen.outlier.sum())
         model.learn_many(X)
-    assert not model.is_warm
+    assert not model.is_warm and refused > 0
 
 
 def test_step_size_to_dict_is_rivers_params():

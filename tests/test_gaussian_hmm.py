@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import warnings
@@ -297,10 +298,24 @@ def test_apply_refuses_statistics_of_another_model():
     before = model.transmat_.copy()
     mixture_stats = se.GaussianMixture(3, random_state=0).fit(X).summarize(X).statistics
     two_states = se.GaussianHMM(2, random_state=0).fit(X).summarize(X).statistics
-    for statistics in (mixture_stats, two_states):
+    for statistics in (mixture_stats, two_states, *negated(model.summarize(X).statistics)):
         with pytest.raises(ValueError):
             model.apply(statistics)
     np.testing.assert_array_equal(model.transmat_, before)
+
+
+def negated(statistics: se.HMMStats) -> list[se.HMMStats]:
+    """Statistics no records can have: negative start or transition counts, a negative mass, and
+    sums of squares that are not positive semi-definite (each would leave a model that cannot be saved)."""
+    emissions = statistics.emissions
+    mass = emissions.mass.copy()
+    mass[0] = -mass[0]
+    return [
+        se.HMMStats(-1.0 - statistics.first, statistics.transitions, emissions),  # an online block's first is 0
+        se.HMMStats(statistics.first, -statistics.transitions, emissions),
+        se.HMMStats(statistics.first, statistics.transitions, dataclasses.replace(emissions, mass=mass)),
+        se.HMMStats(statistics.first, statistics.transitions, dataclasses.replace(emissions, second=-emissions.second)),
+    ]
 
 
 # -- bad input -------------------------------------------------------------------------------

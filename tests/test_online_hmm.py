@@ -405,13 +405,18 @@ def test_apply_refuses_statistics_that_do_not_fit_and_changes_nothing():
     with pytest.raises(ValueError, match="before its warm-up"):
         model.summarize(X[:10])
     model.filter_and_learn(X[:300])
+    with pytest.raises(ValueError, match="at least one row"):
+        model.summarize(X[:0])
     good = model.summarize(X[300:340]).statistics
     other = se.OnlineGaussianHMM(2, warmup=300, batch_size=64, features=("f0", "f1"), seed=0)
     other.filter_and_learn(X[:300])
     before = json.dumps(model.to_dict())
     bad_values = se.HMMStats(good.first, good.transitions * np.nan, good.emissions)
-    for statistics, message in ((other.summarize(X[300:340]).statistics, "do not fit"),
-                                (bad_values, "finite"), (good.emissions, "learns HMMStats")):
+    from test_gaussian_hmm import negated
+
+    refused = [(other.summarize(X[300:340]).statistics, "do not fit"), (bad_values, "finite"),
+               (good.emissions, "learns HMMStats"), *((bad, "negative|semi-definite") for bad in negated(good))]
+    for statistics, message in refused:
         with pytest.raises(ValueError, match=message):
             model.apply(statistics)
         assert json.dumps(model.to_dict()) == before

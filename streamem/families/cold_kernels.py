@@ -45,7 +45,7 @@ def provisional_scores(buffer, count, rows, n_components, spherical):
                 gap = buffer[i, j] - mean
                 squares += gap * gap
             value = squares / count
-            variance[j] = value if value > 0.0 else 1.0
+            variance[j] = value if value > 0.0 or value != value else 1.0  # NaN stays: `finite` says so
     if spherical:
         variance[:] = variance.sum() / d
     means = np.zeros((K, d))

@@ -103,6 +103,25 @@ class HMMStats:
         return cls(first, transitions, emissions)
 
 
+def check_hmm_statistics(statistics, owner: str, expected_shapes: dict) -> None:
+    """ValueError unless `owner` (a model's name) can learn `statistics`: `HMMStats` of its shapes,
+    summarising at least one record, with every field as records make them (what `from_dict`
+    checks: finite, counts and masses not negative, sums of squares positive semi-definite). A
+    model that applied others would hold parameters it could not save."""
+    from streamem.state import StateError
+
+    if not isinstance(statistics, HMMStats):
+        raise ValueError(f"{owner} learns HMMStats, got {type(statistics).__name__}")
+    if statistics.shapes != expected_shapes:
+        raise ValueError(f"statistics of shapes {statistics.shapes} do not fit this model's {expected_shapes}")
+    try:
+        HMMStats.from_dict(statistics.to_dict())
+    except StateError as error:
+        raise ValueError(str(error)) from None
+    if not statistics.count > 0:
+        raise ValueError("statistics must summarise at least one record")
+
+
 def _counts(value, name: str, shape: tuple, error: type) -> np.ndarray:
     try:
         array = np.array(value, dtype=float)

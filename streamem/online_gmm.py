@@ -465,9 +465,6 @@ class OnlineGMM(OnlineMixture, base.Clusterer):
         (before the warm-up, or with missing values, the two are computed apart)."""
         rows = self._summary_rows(X)
         names = self._feature_names or tuple(sorted(X.columns, key=str))
-        if self._engine is None and (scores := self._cold_scores(rows)) is not None:
-            log_likelihood, log_resp = scores
-            return np.exp(log_resp), log_likelihood, self._screen_rows(rows, names)
         if self._engine is None or not self._distance_rule or np.isnan(rows).any():
             with np.errstate(over="ignore", invalid="ignore"):  # an absurd row's answer is dropped anyway
                 log_likelihood, log_resp = self._e_step_rows(rows, names)

@@ -18,7 +18,7 @@ from streamem.engines.baum_welch import HMMParams, expected_statistics, fit_with
 from streamem.engines.markov_chain import filter_states, sequence_bounds, viterbi
 from streamem.exceptions import ConvergenceWarning
 from streamem.families.base import Summary
-from streamem.families.markov import ChainParams, HMMStats, check_hmm_statistics, checked_chain
+from streamem.families.markov import ChainParams, check_hmm_statistics, checked_chain
 from streamem.outliers import TOO_LARGE
 
 __all__ = ["HiddenMarkovModel", "check_magnitude"]
@@ -146,15 +146,10 @@ class HiddenMarkovModel(BatchMixture):
         several sequences, added, give the M-step of all of them. A wrong type or shape raises
         ValueError."""
         self._check_fitted()
-        if not isinstance(statistics, HMMStats):
-            raise ValueError(f"{type(self).__name__} learns HMMStats, got {type(statistics).__name__}")
         K = self.transmat_.shape[0]
         kind, expected = self._emission_layout
-        if type(statistics.emissions) is not kind:
-            raise ValueError(f"emission statistics {type(statistics.emissions).__name__} do not fit this model's "
-                             f"{kind.__name__}")
-        shapes = {"first": (K,), "transitions": (K, K), "emissions": expected}
-        check_hmm_statistics(statistics, type(self).__name__, shapes)
+        check_hmm_statistics(statistics, type(self).__name__, kind, {"first": (K,), "transitions": (K, K),
+                                                                     "emissions": expected})
         self._set_params(m_step(self._family(), statistics, self._params, self._keep_states))
         self._stats = statistics
 

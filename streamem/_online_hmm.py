@@ -231,10 +231,7 @@ class OnlineHiddenMarkov:
         if engine is None:
             raise ValueError(f"the {type(self).__name__} has no statistics to blend into before its warm-up "
                              f"({self._n_warm} of {self.warmup} records)")
-        check_hmm_statistics(statistics, type(self).__name__, engine.stats.shapes)
-        if type(statistics.emissions) is not type(engine.stats.emissions):
-            raise ValueError(f"emission statistics {type(statistics.emissions).__name__} do not fit this model's "
-                             f"{type(engine.stats.emissions).__name__}")
+        check_hmm_statistics(statistics, type(self).__name__, type(engine.stats.emissions), engine.stats.shapes)
         saved = (engine.stats, engine.params, engine.n_updates)
         try:
             engine.apply(statistics)

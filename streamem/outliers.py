@@ -178,13 +178,12 @@ def make_screen(
     """The screen of rows whose distances are computed; rows too large are marked here."""
     n = rows.shape[0]
     what = np.full(n, what) if isinstance(what, (int, np.integer)) else what
-    if n == 0 or (rows.max() < TOO_LARGE and rows.min() > -TOO_LARGE):  # the usual case, in fewer calls (NaN: below)
-        outlier = np.zeros(n, dtype=bool) if threshold is None else ~(distance <= threshold)  # NaN: too far
-        return OutlierScreen(distance, outlier, threshold, tuple(names), rows, what, blame)
-    huge = too_large(rows)
-    if huge.any():
-        distance = np.where(huge, np.inf, distance)
-        what = np.where(huge, TOO_LARGE_RULE, what)
+    huge = np.zeros(n, dtype=bool)
+    if n and not (rows.max() < TOO_LARGE and rows.min() > -TOO_LARGE):  # the usual case skips this (NaN: not)
+        huge = too_large(rows)
+        if huge.any():
+            distance = np.where(huge, np.inf, distance)
+            what = np.where(huge, TOO_LARGE_RULE, what)
     outlier = huge if threshold is None else huge | ~(distance <= threshold)  # NaN counts as too far
     return OutlierScreen(distance, outlier, threshold, tuple(names), rows, what, blame)
 

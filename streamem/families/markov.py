@@ -103,15 +103,18 @@ class HMMStats:
         return cls(first, transitions, emissions)
 
 
-def check_hmm_statistics(statistics, owner: str, expected_shapes: dict) -> None:
-    """ValueError unless `owner` (a model's name) can learn `statistics`: `HMMStats` of its shapes,
-    summarising at least one record, with every field as records make them (what `from_dict`
-    checks: finite, counts and masses not negative, sums of squares positive semi-definite). A
-    model that applied others would hold parameters it could not save."""
+def check_hmm_statistics(statistics, owner: str, emission_type: type, expected_shapes: dict) -> None:
+    """ValueError unless `owner` (a model's name) can learn `statistics`: `HMMStats` with emission
+    statistics of `emission_type`, of its shapes, summarising at least one record, with every field
+    as records make them (what `from_dict` checks: finite, counts and masses not negative, sums of
+    squares positive semi-definite). A model that applied others would hold parameters it could not save."""
     from streamem.state import StateError
 
     if not isinstance(statistics, HMMStats):
         raise ValueError(f"{owner} learns HMMStats, got {type(statistics).__name__}")
+    if type(statistics.emissions) is not emission_type:
+        raise ValueError(f"emission statistics {type(statistics.emissions).__name__} do not fit this model's "
+                         f"{emission_type.__name__}")
     if statistics.shapes != expected_shapes:
         raise ValueError(f"statistics of shapes {statistics.shapes} do not fit this model's {expected_shapes}")
     try:

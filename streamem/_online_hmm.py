@@ -159,19 +159,71 @@ class OnlineHiddenMarkov:
         the log-likelihoods NaN (there is no model yet)."""
         return self._take(rows, stream, answer=True)
 
+    def filter_and_summarize(self, rows: np.ndarray, stream=None) -> tuple[np.ndarray, np.ndarray, list[HMMStats]]:
+        """As `filter_and_learn`, but the parameters stay as they are: each block of `batch_size` rows
+        that completes is summarised from the stream's filter before it (as `summarize` would) and its
+        `HMMStats` handed back, in order, for the caller to `apply` when it chooses (a replicated model
+        applies every copy's blocks in one log's order). The stream's filter goes on through the
+        answers given. The warm-up is `filter_and_learn`'s; rows after it count in `n_seen` when
+        their statistics are applied."""
+        blocks: list[HMMStats] = []
+        filtered, log_likelihood = self._take(rows, stream, answer=True, blocks=blocks)
+        return filtered, log_likelihood, blocks
+
+    def filter_known(self, rows: np.ndarray, stream=None) -> tuple[np.ndarray, np.ndarray]:
+        """Answer validated rows of `stream` the model has learned already (through another copy of it,
+        say, before a restart) as `filter_and_learn` would, and move the stream's filter through them,
+        learning nothing: the stream's open block, whose rows came before them, is dropped. Before the
+        warm-up the answers are uniform and nothing changes."""
+        self._check_rows(rows)
+        _check_stream(stream)
+        n, K = rows.shape[0], self.n_states
+        if self._engine is None or n == 0:
+            return np.full((n, K), 1.0 / K), np.full(n, np.nan)
+        current = self._streams.get(stream)
+        filtered, log_likelihood = self._filtered(rows, None if current is None else self._latest(current))
+        self._streams[stream] = Stream(filtered[-1].copy(), _buffer(rows.shape[1]))
+        return filtered, log_likelihood
+
+    def stream_state(self, stream=None) -> dict | None:
+        """A stream's filter and open block as JSON (the entry `to_dict` holds), for a copy of the model to
+        go on from (`restore_stream`); None before the warm-up or if the model does not follow it."""
+        current = self._streams.get(stream) if self._engine is not None else None
+        if current is None:
+            return None
+        before = self._latest(current) if current.count == 0 else current.before
+        return {"filter": None if before is None else before.tolist(), "block": current.block().tolist()}
+
+    def restore_stream(self, stream, state: dict) -> None:
+        """Follow `stream` from `stream_state` output (of this model or a copy of it), in place of what the
+        model had of it; a state that does not fit raises StateError and changes nothing."""
+        _check_stream(stream)
+        if self._engine is None:
+            raise StateError(f"the {type(self).__name__} cannot follow a stream before its warm-up")
+        if not isinstance(state, dict):
+            raise StateError(f"a stream state must be a dict with 'filter' and 'block', got {type(state).__name__}")
+        width = self._row_width(len(self._feature_list()))
+        try:
+            self._streams[stream] = self._stream_of({"stream": stream, **state}, width)
+        except KeyError as error:
+            raise StateError(f"a stream state must have the field {error}") from None
+        except (TypeError, ValueError) as error:
+            raise StateError(f"stream state is invalid: {error}") from None
+
     def learn_rows(self, rows: np.ndarray, stream=None) -> None:
         """Learn consecutive validated rows of `stream` without answering them: the same model as
         `filter_and_learn`, faster (the filter is brought up to date when it is next asked for)."""
         self._take(rows, stream, answer=False)
 
-    def _take(self, rows: np.ndarray, stream, answer: bool, forecast: bool = False):
+    def _take(self, rows: np.ndarray, stream, answer: bool, forecast: bool = False, blocks: list | None = None):
         """Learn rows of `stream`; with `answer`, (filtered (n, K), log-likelihoods (n,)) of each row
-        before it was learned, and with `forecast` the subclass's forecast of each row too."""
+        before it was learned, and with `forecast` the subclass's forecast of each row too. With
+        `blocks`, completed blocks are summarised into it instead of learned (`filter_and_summarize`)."""
         self._check_rows(rows)
         _check_stream(stream)
         saved = self._saved(stream)
         try:
-            return self._take_checked(rows, stream, answer, forecast)
+            return self._take_checked(rows, stream, answer, forecast, blocks)
         except (ValueError, ArithmeticError, np.linalg.LinAlgError) as error:
             self._put_back(saved)  # all or nothing: a failed call learns none of its rows
             if isinstance(error, ValueError):
@@ -238,6 +290,7 @@ class OnlineHiddenMarkov:
         except (ArithmeticError, np.linalg.LinAlgError) as error:
             engine.stats, engine.params, engine.n_updates = saved
             raise ValueError(f"the model could not apply these statistics ({error}); nothing changed") from error
+        self.n_seen += int(round(statistics.count))
 
     def _column_name(self, names: list, j: int) -> str:
         return f"feature {names[j]!r}" if j < len(names) else "the target"
@@ -276,7 +329,7 @@ class OnlineHiddenMarkov:
             stream, stream.before, stream.count, stream.latest, stream.rows = current
             streams[name] = stream
 
-    def _take_checked(self, rows: np.ndarray, stream, answer: bool, forecast: bool):
+    def _take_checked(self, rows: np.ndarray, stream, answer: bool, forecast: bool, blocks: list | None):
         n, K = rows.shape[0], self.n_states
         filtered = log_likelihood = forecasts = None
         if answer:
@@ -315,9 +368,13 @@ class OnlineHiddenMarkov:
             if answer:
                 current.latest = (current.count, answers[-1])
             at += take
-            self.n_seen += take
+            if blocks is None:
+                self.n_seen += take
             if current.count == size:
-                self._update(current)
+                if blocks is None:
+                    self._update(current)
+                else:
+                    blocks.append(self._summarized(current))
         return (filtered, log_likelihood, forecasts) if forecast else (filtered, log_likelihood)
 
     def outlier_distances(self, rows: np.ndarray) -> np.ndarray:
@@ -381,6 +438,17 @@ class OnlineHiddenMarkov:
         stream.before = result.filtered[-1].copy()
         stream.count, stream.latest = 0, None
         stream.rows = _buffer(stream.rows.shape[1])  # a new buffer: a call that fails later puts this one back
+
+    def _summarized(self, stream: Stream) -> HMMStats:
+        """The statistics of a stream's completed block, not applied; the stream goes on from the filter
+        it answered the block's last row with."""
+        engine = self._engine
+        batch = self._prepare(stream.block(), engine.stats.emissions.shift)
+        statistics = block_statistics(self._family, batch, engine.params, stream.before)[1]
+        stream.before = stream.latest[1]
+        stream.count, stream.latest = 0, None
+        stream.rows = _buffer(stream.rows.shape[1])  # a new buffer: a call that fails later puts this one back
+        return statistics
 
     # -- the filter -------------------------------------------------------------------------------
     def _latest(self, stream: Stream) -> np.ndarray | None:
@@ -529,19 +597,24 @@ class OnlineHiddenMarkov:
         names_seen: set = set()
         for entry in document["streams"]:
             _stream_name(entry["stream"], names_seen)
-            block = _rows(entry["block"], width, "block")
-            if len(block) >= self.batch_size:
-                raise StateError(f"model state stream {entry['stream']!r} holds a full block")
-            before = None if entry["filter"] is None else np.asarray(entry["filter"], dtype=float)
-            if before is not None and (
-                before.shape != (K,) or not np.all(before >= 0) or not math.isclose(before.sum(), 1.0, rel_tol=1e-9)
-            ):
-                raise StateError(f"model state filter of stream {entry['stream']!r} must be {K} probabilities "
-                                 "summing to 1")
-            stream = Stream(before, _buffer(width))
-            if block:  # a block just learned leaves none open
-                stream.extend(np.asarray(block, dtype=float))
-            self._streams[entry["stream"]] = stream
+            self._streams[entry["stream"]] = self._stream_of(entry, width)
+
+    def _stream_of(self, entry: dict, width: int) -> Stream:
+        """A stream from its state document entry ({stream, filter, block}), checked."""
+        K = self.n_states
+        block = _rows(entry["block"], width, "block")
+        if len(block) >= self.batch_size:
+            raise StateError(f"model state stream {entry['stream']!r} holds a full block")
+        before = None if entry["filter"] is None else np.asarray(entry["filter"], dtype=float)
+        if before is not None and (
+            before.shape != (K,) or not np.all(before >= 0) or not math.isclose(before.sum(), 1.0, rel_tol=1e-9)
+        ):
+            raise StateError(f"model state filter of stream {entry['stream']!r} must be {K} probabilities "
+                             "summing to 1")
+        stream = Stream(before, _buffer(width))
+        if block:  # a block just learned leaves none open
+            stream.extend(np.asarray(block, dtype=float))
+        return stream
 
 
 def _rows(value, width: int | None, name: str) -> list[list[float]]:

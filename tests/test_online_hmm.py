@@ -380,6 +380,7 @@ def test_summarize_then_apply_learns_what_filter_and_learn_learns(kind):
     assert copy_.transmat_.tolist() == model.transmat_.tolist()
     mine, theirs = copy_.to_dict()["engine"], model.to_dict()["engine"]
     assert mine["stats"] == theirs["stats"] and mine["n_updates"] == theirs["n_updates"]
+    assert copy_.n_seen == model.n_seen  # apply counts the records its statistics summarise
 
 
 def test_summarize_is_forward_backward_from_the_streams_filter():
@@ -422,3 +423,87 @@ def test_apply_refuses_statistics_that_do_not_fit_and_changes_nothing():
         assert json.dumps(model.to_dict()) == before
     model.apply(good)
     assert json.dumps(model.to_dict()) != before
+
+
+@pytest.mark.parametrize("kind", ["gaussian", "regression"])
+def test_filter_and_summarize_with_each_block_applied_at_once_is_filter_and_learn(kind):
+    """filter_and_summarize leaves the parameters alone and hands back each completed block's statistics;
+    applying each as it comes gives filter_and_learn's answers, parameters and n_seen."""
+    X, _ = sticky_stream(940, THREE_STATES, 0.95, seed=37)
+    if kind == "gaussian":
+        make = lambda: se.OnlineGaussianHMM(3, warmup=300, batch_size=64, features=("f0", "f1"), seed=0)  # noqa: E731
+        rows = X
+    else:
+        make = lambda: se.OnlineMarkovSwitchingRegression(2, warmup=300, batch_size=64, features=("f0",), seed=0)  # noqa: E731
+        rows = np.column_stack([X[:, :1], 1.5 * X[:, 0] + X[:, 1]])
+    reference, deferred = make(), make()
+    expected, expected_ll = reference.filter_and_learn(rows, stream="s")
+    answers, log_likelihood, blocks = deferred.filter_and_summarize(rows[:330], stream="s")
+    # the warm-up; the 30 rows of the open block count in n_seen once their statistics are applied
+    assert blocks == [] and deferred.is_warm and deferred.n_seen == 300
+    for start, end in [(330, 364), *((s, s + 64) for s in range(364, 940, 64))]:  # calls that end with a block
+        transmat = deferred.transmat_.copy()
+        got, got_ll, blocks = deferred.filter_and_summarize(rows[start:end], stream="s")
+        assert deferred.transmat_.tolist() == transmat.tolist()  # only apply moves the parameters
+        answers, log_likelihood = np.vstack([answers, got]), np.r_[log_likelihood, got_ll]
+        assert len(blocks) == 1
+        for statistics in blocks:
+            assert statistics.count == pytest.approx(64.0)
+            deferred.apply(statistics)
+    np.testing.assert_allclose(answers, expected, rtol=1e-10, atol=1e-13)
+    np.testing.assert_allclose(log_likelihood[300:], expected_ll[300:], rtol=1e-10)
+    np.testing.assert_allclose(deferred.transmat_, reference.transmat_, rtol=1e-10)
+    assert deferred.n_seen == reference.n_seen == 940
+
+
+def test_filter_known_answers_as_the_filter_and_learns_nothing():
+    """filter_known answers rows as filter_and_learn would and moves the stream's filter through them,
+    but learns nothing: parameters, n_seen and the running statistics stay, the open block is dropped."""
+    X, _ = sticky_stream(500, THREE_STATES, 0.95, seed=39)
+    model = se.OnlineGaussianHMM(3, warmup=300, batch_size=64, features=("f0", "f1"), seed=0)
+    model.filter_and_learn(X[:330], stream="s")  # an open block of 30 rows
+    reference = se.OnlineGaussianHMM.from_dict(model.to_dict())
+    engine_before = json.dumps(model.to_dict()["engine"])
+    got, got_ll = model.filter_known(X[330:350], stream="s")
+    want, want_ll = reference.filter_and_learn(X[330:350], stream="s")  # 50 rows: no block completes
+    np.testing.assert_allclose(got, want, rtol=1e-12)
+    np.testing.assert_allclose(got_ll, want_ll, rtol=1e-12)
+    assert json.dumps(model.to_dict()["engine"]) == engine_before and model.n_seen == 330
+    state = model.stream_state("s")
+    assert state["block"] == [] and state["filter"] == pytest.approx(got[-1].tolist(), rel=1e-12)
+    np.testing.assert_allclose(model.filter_known(X[350:360], stream="s")[0],
+                               reference.filter_and_learn(X[350:360], stream="s")[0], rtol=1e-9)
+
+
+def test_a_stream_goes_on_in_another_copy_of_the_model():
+    """stream_state / restore_stream hand a stream (filter and open block) to a copy of the model: its
+    answers there equal the original's; a state that does not fit is refused by name and changes nothing."""
+    X, _ = sticky_stream(600, THREE_STATES, 0.95, seed=41)
+    model = se.OnlineGaussianHMM(3, warmup=300, batch_size=64, features=("f0", "f1"), seed=0)
+    model.filter_and_learn(X[:300], stream="other")
+    model.filter_and_learn(X[300:420], stream="p")  # a block learned, 56 rows open
+    copy_ = se.OnlineGaussianHMM.from_dict(model.to_dict())
+    copy_.forget_stream("p")
+    assert copy_.stream_state("p") is None
+    state = json.loads(json.dumps(model.stream_state("p")))
+    assert len(state["block"]) == 56
+    copy_.restore_stream("p", state)
+    for got, want in zip(copy_.filter_and_learn(X[420:600], stream="p"), model.filter_and_learn(X[420:600], stream="p"),
+                         strict=True):
+        np.testing.assert_array_equal(got, want)
+    before = json.dumps(copy_.to_dict())
+    bad = [
+        ({**state, "filter": [0.5, 0.5]}, "3 probabilities"),
+        ({**state, "filter": [0.5, 0.7, -0.2]}, "probabilities"),
+        ({**state, "block": X[:64].tolist()}, "full block"),
+        ({**state, "block": [[1.0, 2.0, 3.0]]}, "block"),
+        ({"filter": state["filter"]}, "block"),
+        ("text", "must be"),
+    ]
+    for document, message in bad:
+        with pytest.raises(StateError, match=message):
+            copy_.restore_stream("p", document)
+        assert json.dumps(copy_.to_dict()) == before
+    cold = se.OnlineGaussianHMM(3, warmup=300, batch_size=64, features=("f0", "f1"), seed=0)
+    with pytest.raises(StateError, match="before its warm-up"):
+        cold.restore_stream("p", state)

@@ -189,10 +189,16 @@ class OnlineHiddenMarkov:
         """A stream's filter and open block as JSON (the entry `to_dict` holds), for a copy of the model to
         go on from (`restore_stream`); None before the warm-up or if the model does not follow it."""
         current = self._streams.get(stream) if self._engine is not None else None
-        if current is None:
-            return None
-        before = self._latest(current) if current.count == 0 else current.before
-        return {"filter": None if before is None else before.tolist(), "block": current.block().tolist()}
+        return None if current is None else self._stream_entry(current)
+
+    def _stream_entry(self, stream: Stream) -> dict:
+        """A stream's filter before its open block, the block's rows, and the filter through them (as
+        answered: the parameters may have moved since, with another stream's block)."""
+        return {
+            "filter": None if stream.before is None else stream.before.tolist(),
+            "block": stream.block().tolist(),
+            "latest": None if stream.count == 0 else self._latest(stream).tolist(),
+        }
 
     def restore_stream(self, stream, state: dict) -> None:
         """Follow `stream` from `stream_state` output (of this model or a copy of it), in place of what the
@@ -507,14 +513,7 @@ class OnlineHiddenMarkov:
             "features": self._feature_list(),
             "n_seen": self.n_seen,
             "warm_up": [{"stream": name, "rows": rows} for name, rows in self._warm.items()],
-            "streams": [
-                {
-                    "stream": name,
-                    "filter": None if s.before is None else s.before.tolist(),
-                    "block": s.block().tolist(),
-                }
-                for name, s in self._streams.items()
-            ],
+            "streams": [{"stream": name, **self._stream_entry(s)} for name, s in self._streams.items()],
             "engine": None
             if engine is None
             else {
@@ -605,16 +604,27 @@ class OnlineHiddenMarkov:
         block = _rows(entry["block"], width, "block")
         if len(block) >= self.batch_size:
             raise StateError(f"model state stream {entry['stream']!r} holds a full block")
-        before = None if entry["filter"] is None else np.asarray(entry["filter"], dtype=float)
-        if before is not None and (
-            before.shape != (K,) or not np.all(before >= 0) or not math.isclose(before.sum(), 1.0, rel_tol=1e-9)
-        ):
-            raise StateError(f"model state filter of stream {entry['stream']!r} must be {K} probabilities "
-                             "summing to 1")
+        before, latest = (self._probabilities(entry, name, K) for name in ("filter", "latest"))
         stream = Stream(before, _buffer(width))
         if block:  # a block just learned leaves none open
             stream.extend(np.asarray(block, dtype=float))
+            if latest is not None:  # (written before the filter through the block was kept: computed again)
+                stream.latest = (stream.count, latest)
         return stream
+
+    @staticmethod
+    def _probabilities(entry: dict, name: str, K: int) -> np.ndarray | None:
+        """A filter of a stream's state document entry: None, or K probabilities summing to 1."""
+        value = entry.get(name) if name == "latest" else entry[name]
+        if value is None:
+            return None
+        probabilities = np.asarray(value, dtype=float)
+        if probabilities.shape != (K,) or not np.all(probabilities >= 0) or not math.isclose(
+            probabilities.sum(), 1.0, rel_tol=1e-9
+        ):
+            raise StateError(f"model state {name} of stream {entry['stream']!r} must be {K} probabilities "
+                             "summing to 1")
+        return probabilities
 
 
 def _rows(value, width: int | None, name: str) -> list[list[float]]:

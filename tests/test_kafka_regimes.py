@@ -166,12 +166,6 @@ def test_a_far_record_is_dead_lettered_and_a_moved_stream_is_learned_again(broke
     assert max(np.max(np.abs(c)) for c in model["engine"]["covariances"]) < 1e9  # 1e10 was never learned
 
 
-def test_hmm_refuses_replicate():
-    """--model hmm with --replicate is a settings error naming it."""
-    with pytest.raises(ValueError, match="model 'hmm' runs one hidden Markov model per instance: not with replicate"):
-        ConsumerSettings(features=["a", "b"], model="hmm", replicate=True)
-
-
 def test_with_a_model_key_each_key_is_its_own_sequence(broker):
     """--model hmm --model-key site: two sites interleaved on one partition, each with its own regimes: every
     record answered once with its site as model_key; each site's filtered labels follow its own regimes (a

@@ -507,3 +507,21 @@ def test_a_stream_goes_on_in_another_copy_of_the_model():
     cold = se.OnlineGaussianHMM(3, warmup=300, batch_size=64, features=("f0", "f1"), seed=0)
     with pytest.raises(StateError, match="before its warm-up"):
         cold.restore_stream("p", state)
+
+
+def test_a_restore_keeps_the_filter_as_answered_when_another_stream_moved_the_parameters():
+    """Stream a answers rows, stream b's block then moves the parameters: a restored copy goes on from a's
+    filter as it was answered (not recomputed under the new parameters), as the original does."""
+    X, _ = sticky_stream(800, THREE_STATES, 0.95, seed=43)
+    model = se.OnlineGaussianHMM(3, warmup=300, batch_size=64, features=("f0", "f1"), seed=0)
+    model.filter_and_learn(X[:300], stream="a")
+    model.filter_and_learn(X[300:330], stream="a")  # open block of a, answered under the warm-up's parameters
+    transmat = model.transmat_.copy()
+    model.filter_and_learn(X[330:394], stream="b")  # b's first block moves the parameters
+    assert not np.allclose(model.transmat_, transmat)
+    copy_ = se.OnlineGaussianHMM.from_dict(json.loads(json.dumps(model.to_dict())))
+    np.testing.assert_allclose(copy_.filter_and_learn(X[394:420], stream="a")[0],
+                               model.filter_and_learn(X[394:420], stream="a")[0], rtol=1e-12, atol=1e-15)
+    state = model.stream_state("a")
+    with pytest.raises(StateError, match="latest"):
+        copy_.restore_stream("a", {**state, "latest": [1.0]})

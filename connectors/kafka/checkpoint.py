@@ -187,6 +187,18 @@ class Checkpoint(_Document):
     settings: dict[str, Any] | None = None  # MODEL_SETTINGS when written (None: written before they were kept)
 
 
+class FilterCheckpoint(_Document):
+    """With `--model hmm --replicate`: one partition's filter, for whichever consumer reads the partition next."""
+
+    version: int
+    stream: str
+    offset: int = Field(ge=0, lt=2**63)  # the offset of the partition's next record: where the filter is
+    state: dict  # the model's stream_state: the filter and the open block's rows
+    block_offsets: list[int]  # the input offsets of the open block's records
+    regime: int | None = None  # the regime last announced on the partition
+    settings: dict[str, Any] | None = None
+
+
 class ModelCheckpoint(_Document):
     """One keyed model: its state and the next offset of every partition it has learned through."""
 

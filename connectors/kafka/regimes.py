@@ -95,12 +95,10 @@ class RegimeLearner(InstanceLearner):
             if not rows.size:
                 continue
             try:
-                if forecasts is None:
-                    probabilities[rows], log_likelihood[rows] = model.filter_and_learn(X[rows], stream=stream)
-                else:
-                    probabilities[rows], log_likelihood[rows], forecasts[rows] = model.forecast_and_learn(
-                        X[rows], stream=stream
-                    )
+                answers = self._filter(stream, [records[i] for i in rows.tolist()], X[rows])
+                probabilities[rows], log_likelihood[rows] = answers[:2]
+                if forecasts is not None:
+                    forecasts[rows] = answers[2]
             except ValueError as error:  # all or nothing: the model is as it was; the rows are not lost
                 reasons.update({int(i): f"the model could not learn this poll's records of {stream}: {error}"
                                 for i in rows})
@@ -125,6 +123,13 @@ class RegimeLearner(InstanceLearner):
         changes = self._regime_changes(records, streams, probabilities, answered, seen_before)
         state.dirty = True
         return outputs, drifts + changes
+
+    def _filter(self, stream: str, records, rows: np.ndarray) -> tuple:
+        """Answer and learn a sequence's rows: (filtered probabilities, log-likelihoods[, forecasts])."""
+        model = self.state.model
+        if self.settings.target is None:
+            return model.filter_and_learn(rows, stream=stream)
+        return model.forecast_and_learn(rows, stream=stream)
 
     @staticmethod
     def _by_key(keys: list[str], rows: np.ndarray) -> list[tuple[str, np.ndarray]]:

@@ -52,7 +52,14 @@ from streamem_connectors.kafka.learner import Counters, Learner, ModelState, new
 from streamem_connectors.kafka.resume import check_resume, differing_settings
 from streamem_connectors.kafka.settings import ConsumerSettings
 
-__all__ = ["ReplicatedLearner"]
+__all__ = [
+    "LogReader",
+    "ReplicatedLearner",
+    "StatisticsMessage",
+    "merged_sources",
+    "record_sources",
+    "remedy_for_refusal",
+]
 
 logger = logging.getLogger(__name__)
 Partition = tuple[str, int]
@@ -84,6 +91,7 @@ class StatisticsMessage(BaseModel):
     count: int = Field(ge=1, lt=2**40)  # records summarised; far below what n_seen can count
     sources: list[_Source]
     statistics: dict
+    model: dict | None = None  # a hidden Markov model's init: the warmed model (parameters and statistics)
 
 
 def checkpoint_settings(raw: bytes) -> dict | None:
@@ -120,7 +128,7 @@ def _replica_remedy(settings: ConsumerSettings, key: str, where: str, stored: di
 
 
 @contextlib.contextmanager
-def _remedy_for_refusal(settings: ConsumerSettings, key: str, where: str, raw: bytes):
+def remedy_for_refusal(settings: ConsumerSettings, key: str, where: str, raw: bytes):
     """A CheckpointError raised inside gets the remedy appended (the replica's refusals have no --reset-model)."""
     try:
         yield
@@ -161,7 +169,7 @@ class ReplicatedLearner(Learner):
             if raw is None:
                 continue
             where = store.where(key)
-            with _remedy_for_refusal(settings, key, where, raw):
+            with remedy_for_refusal(settings, key, where, raw):
                 checkpoint = Checkpoint.parse(raw, where)
                 positions = input_positions(settings) if key == settings.checkpoint_key else None
                 warm = is_warm_state((checkpoint.replica or {}).get("model"))
@@ -176,15 +184,15 @@ class ReplicatedLearner(Learner):
                 candidates.append((checkpoint.replica, key, where, raw))
         if candidates:  # the most advanced replica state (every replica's state at an offset is the same)
             replica, key, where, raw = max(candidates, key=lambda c: c[0].get("log_offset", -1))
-            with _remedy_for_refusal(settings, key, where, raw):
+            with remedy_for_refusal(settings, key, where, raw):
                 self._restore(replica, where)
         for replica, key, where, raw in candidates:
             if key == settings.checkpoint_key:
-                with _remedy_for_refusal(settings, key, where, raw):
+                with remedy_for_refusal(settings, key, where, raw):
                     self._restore_warm_up(replica, where)
         self.waiting.detector = self.state.detector  # one detector, whichever model answers
         self.waiting.since_drift_record = self.state.since_drift_record
-        self.log = _LogReader(settings, self.log_topic, self.log_offset)
+        self.log = LogReader(settings, self.log_topic, self.log_offset)
 
     def _restore_warm_up(self, replica: dict, where: str) -> None:
         """The records this replica's waiting model held at its last checkpoint (answered, not yet
@@ -267,7 +275,7 @@ class ReplicatedLearner(Learner):
         if cold and model.is_warm and not self.init_sent:
             self.init_sent = True
             start = model.statistics_.scaled(model.n_seen)  # nothing but the warm-up has been blended in yet
-            sources = _merge(_sources(self.warmup_sources))
+            sources = merged_sources(record_sources(self.warmup_sources))
             self.warmup_sources, self.warmup_rows = [], []
             self.messages.append(self._message("init", start, sources, model.n_seen))
         return refused, done
@@ -277,7 +285,8 @@ class ReplicatedLearner(Learner):
         waiting model learns them now, as the replicated one will)."""
         if state is self.waiting:
             state.model.apply(statistics)
-        self.messages.append(self._message("update", statistics, _merge(_sources(records)), round(statistics.count)))
+        sources = merged_sources(record_sources(records))
+        self.messages.append(self._message("update", statistics, sources, round(statistics.count)))
 
     def offer_outliers(self, state: ModelState, X: np.ndarray, target, offered: np.ndarray) -> np.ndarray:
         """Refused records are never published: the replicated model learns only what was answered."""
@@ -375,11 +384,11 @@ def _position_of(record) -> tuple[str, int, int]:
     return record.topic, record.partition, record.offset
 
 
-def _sources(records) -> list[dict]:
+def record_sources(records) -> list[dict]:
     return [{"topic": r.topic, "partition": r.partition, "from": r.offset, "to": r.offset + 1} for r in records]
 
 
-def _merge(sources: list[dict]) -> list[dict]:
+def merged_sources(sources: list[dict]) -> list[dict]:
     """One [from, to) range per input partition (records of a partition arrive in offset order)."""
     ranges: dict[tuple[str, int], list[int]] = {}
     for s in sources:
@@ -389,7 +398,7 @@ def _merge(sources: list[dict]) -> list[dict]:
     return [{"topic": t, "partition": p, "from": lo, "to": hi} for (t, p), (lo, hi) in sorted(ranges.items())]
 
 
-class _LogReader:
+class LogReader:
     """Reads the single-partition statistics topic in order, from a given offset."""
 
     def __init__(self, settings: ConsumerSettings, topic: str, offset: int):

@@ -180,9 +180,8 @@ class ConsumerSettings(BaseSettings):
                 "a fresh replicated model needs a new group and statistics topic"
             )
         if self.replicate and (self.model_key is not None or self.target is not None):
-            raise ValueError("replicate works with one Gaussian mixture: not with model_key or target")
-        if self.model == "hmm" and self.replicate:
-            raise ValueError("model 'hmm' runs one hidden Markov model per instance: not with replicate")
+            raise ValueError("replicate works with one model for the group (a Gaussian mixture or, with --model hmm, "
+                             "a Gaussian hidden Markov model): not with model_key or target")
         if self.model_key is not None and self.model_key in [*self.features, self.target]:
             raise ValueError(f"model_key {self.model_key!r} is also a feature or the target")
         if len(set(self.features)) != len(self.features):

@@ -3,6 +3,9 @@ their partitions from consumer to consumer."""
 
 from __future__ import annotations
 
+import queue
+import signal
+
 import numpy as np
 import pytest
 from scipy.special import logsumexp
@@ -13,9 +16,10 @@ from streamem_connectors.kafka.checkpoint import TopicStore
 from streamem_connectors.kafka.pipeline import run_consumer
 from streamem_connectors.kafka.settings import ConsumerSettings
 from streamem_connectors.kafka.topics import ensure_topics
-from tests.kafka_helpers import read_all, unique
-from tests.test_kafka_consumer import stored_checkpoint
-from tests.test_kafka_regimes import by_offset, hmm_settings, produce_to, regime_stream
+from tests.kafka_helpers import TopicCounter, read_all, unique, wait_for
+from tests.test_kafka_consumer import _start, offsets_of, stored_checkpoint
+from tests.test_kafka_regimes import hmm_settings, produce_to, regime_stream
+from tests.test_kafka_scale_out import Assignments
 
 
 def replay(messages: list[dict]) -> list[se.OnlineGaussianHMM]:
@@ -30,30 +34,48 @@ def replay(messages: list[dict]) -> list[se.OnlineGaussianHMM]:
     return versions
 
 
-def assert_each_answer_follows_the_last(answers: dict[int, dict], X: np.ndarray, versions) -> list[int]:
+def assert_each_answer_follows_the_last(answers: dict[int, list[dict]], X: np.ndarray, versions) -> list[int]:
     """Every answer after the warm-up is the previous answer moved one step by the filter recursion (scipy's
-    densities) under a version of the log's parameters, the versions in order; returns the versions used."""
+    densities) under a version of the log's parameters, the versions in order; returns the versions used.
+    An offset answered twice (again after a kill) holds two answers: each continues an answer before it."""
     offsets = sorted(answers)
-    warm = [t for t in offsets if answers[t]["log_likelihood"] is not None]
-    steps = [t for t in warm if t - 1 in answers and answers[t - 1]["log_likelihood"] is not None]
-    assert len(steps) == len(warm) - 1  # the first answer after the warm-up follows the warm-up's filter
-    previous = np.array([answers[t - 1]["probabilities"] for t in steps])
-    got = np.array([answers[t]["probabilities"] for t in steps])
+    warm = [t for t in offsets if any(a["log_likelihood"] is not None for a in answers[t])]
+    pairs = [(t, i, j) for t in warm[1:] for i, _ in enumerate(answers[t]) for j, _ in enumerate(answers[t - 1])]
+    previous = np.array([answers[t - 1][j]["probabilities"] for t, _, j in pairs])
+    got = np.array([answers[t][i]["probabilities"] for t, i, _ in pairs])
+    rows = X[[t for t, _, _ in pairs]]
     matches = []
     for model in versions:
-        log_b = np.column_stack([multivariate_normal(model.means_[k], model.covariances_[k]).logpdf(X[steps])
+        log_b = np.column_stack([multivariate_normal(model.means_[k], model.covariances_[k]).logpdf(rows)
                                  for k in range(model.n_states)])
         log_f = np.log(previous @ model.transmat_) + log_b
         expected = np.exp(log_f - logsumexp(log_f, axis=1, keepdims=True))
         matches.append(np.abs(expected - got).max(axis=1) < 1e-8)
-    matches = np.array(matches)  # (versions, steps)
-    used, version = [], 0
-    for i, t in enumerate(steps):
-        later = np.flatnonzero(matches[version:, i])
-        assert later.size, f"offset {t}: no version of the log's parameters from {version} on gives this answer"
-        version += int(later[0])
-        used.append(version)
+    matches = np.array(matches)  # (versions, pairs)
+    reached = {(warm[0], i): 0 for i, _ in enumerate(answers[warm[0]])}  # (offset, answer) -> earliest version
+    used = []
+    for column, (t, i, j) in enumerate(pairs):
+        if (t - 1, j) not in reached:
+            continue
+        later = np.flatnonzero(matches[reached[(t - 1, j)] :, column])
+        if later.size:
+            version = reached[(t - 1, j)] + int(later[0])
+            reached[(t, i)] = min(reached.get((t, i), version), version)
+    for t in warm[1:]:
+        for i, _ in enumerate(answers[t]):
+            assert (t, i) in reached, f"offset {t}: an answer is not the filter step from the last under the log's " \
+                                      "parameters"
+        used.append(min(reached[(t, i)] for i, _ in enumerate(answers[t])))
     return used
+
+
+def answers_of(broker, settings: ConsumerSettings, partition: int) -> dict[int, list[dict]]:
+    """Each offset's assignments (two for one answered again after a kill)."""
+    answers: dict[int, list[dict]] = {}
+    for record in read_all(broker.bootstrap_servers, settings.topics["assignments"]):
+        if record["source"]["partition"] == partition:
+            answers.setdefault(record["source"]["offset"], []).append(record)
+    return answers
 
 
 def statistics_messages(broker, settings: ConsumerSettings) -> list[dict]:
@@ -80,15 +102,15 @@ def test_one_replica_answers_with_the_logs_parameters_and_learns_every_block_onc
     produce_to(broker.bootstrap_servers, topic, 0, X)
     counters = run_consumer(settings)
     assert counters.assigned == total and counters.dead_lettered == 0
-    answers = by_offset(broker, settings.topics["assignments"])
-    assert sorted(answers) == list(range(total))
+    answers = answers_of(broker, settings, 0)
+    assert sorted(answers) == list(range(total)) and all(len(a) == 1 for a in answers.values())
     messages = statistics_messages(broker, settings)
     assert [m["kind"] for m in messages] == ["init"] + ["update"] * (len(messages) - 1)
     assert messages[0]["count"] == 300 and sum(m["count"] for m in messages) == 300 + 64 * ((total - 300) // 64)
     versions = replay(messages)
     used = assert_each_answer_follows_the_last(answers, X, versions)
     assert used[-1] >= len(versions) - 2  # the replica applies what it publishes before its next poll
-    likely = np.array([np.argmax(answers[t]["probabilities"]) for t in range(300, total)])
+    likely = np.array([np.argmax(answers[t][0]["probabilities"]) for t in range(300, total)])
     accuracy = max(np.mean(likely == states[300:]), np.mean(likely != states[300:]))
     assert accuracy > 0.95
     replica = stored_checkpoint(settings).replica
@@ -117,10 +139,77 @@ def test_a_partition_handed_to_another_instance_keeps_its_filter(broker):
     messages = statistics_messages(broker, settings)
     versions = replay(messages)
     for partition, X in ((0, X0), (1, X1)):
-        answers = by_offset(broker, settings.topics["assignments"], partition)
-        assert sorted(answers) == list(range(2000))
+        answers = answers_of(broker, settings, partition)
+        assert sorted(answers) == list(range(2000)) and all(len(a) == 1 for a in answers.values())
         assert_each_answer_follows_the_last(answers, X, versions)
     assert sum(m["count"] for m in messages) > 4000 - 2 * 64  # learned but the two open blocks
+
+
+def _owns_both(lines: queue.Queue) -> bool:
+    """A consumer's log says it was assigned two partitions."""
+    while True:
+        try:
+            line = lines.get(timeout=0.2)
+        except queue.Empty:
+            return False
+        if "partitions assigned" in line and line.count("(") == 2:
+            return True
+
+
+def test_two_replicas_then_a_kill_9_keep_one_model_and_every_filter(broker):
+    """Two replicas, a partition each (b starts from a's init); b is killed (-9) and a takes b's partition
+    over from its stored filter. Every offset is answered; every answer on both partitions, across the kill,
+    is the filter step from the one before under the log's parameters; no record is learned twice; a's
+    model is the log replayed."""
+    n = 2500
+    X = {0: regime_stream(n, seed=14)[0], 1: regime_stream(n, seed=15)[0]}
+    topic = unique("regimes-replicas")
+    settings = hmm_settings(broker, topic, replicate=True)
+    ensure_topics(settings, input_partitions=2)
+    common = ("--model", "hmm", "--replicate", "--warmup", "300", "--batch-size", "64", "--checkpoint-every", "400")
+    processes = [_start(settings, "--instance-id", name, *common) for name in ("a", "b")]
+    assignments = Assignments(processes)
+    log = TopicCounter(broker.bootstrap_servers, settings.topics["statistics"])
+    answered_count = TopicCounter(broker.bootstrap_servers, settings.topics["assignments"])
+    answered: set = set()
+
+    def everything_answered() -> bool:
+        answered.update(offsets_of(read_all(broker.bootstrap_servers, settings.topics["assignments"])))
+        return len(answered) >= 2 * n
+
+    try:
+        wait_for(assignments.each_owns_one, 90, "each replica to own one partition")
+        owned = {int(assignments.latest[i].rsplit(",", 1)[1].strip(" )]")): i for i in (0, 1)}
+        produce_to(broker.bootstrap_servers, topic, owned_by_a := next(p for p, i in owned.items() if i == 0),
+                   X[owned_by_a][:1500])
+        wait_for(lambda: log.count() >= 1, 60, "a's warm-up to reach the statistics log")
+        produce_to(broker.bootstrap_servers, topic, 1 - owned_by_a, X[1 - owned_by_a][:1500])
+        wait_for(lambda: answered_count.count() >= 3000, 90, "both replicas to answer their first 1,500")
+        processes[1].send_signal(signal.SIGKILL)
+        processes[1].wait()
+        wait_for(lambda: _owns_both(assignments.logs[0]), 60, "a to take b's partition over")
+        for partition in (0, 1):
+            produce_to(broker.bootstrap_servers, topic, partition, X[partition][1500:])
+        wait_for(everything_answered, 120, "a to answer every offset")
+    finally:
+        log.close()
+        answered_count.close()
+        processes[0].send_signal(signal.SIGTERM)
+        code = processes[0].wait(timeout=90)
+        if processes[1].poll() is None:
+            processes[1].kill()
+    assert code == 0
+    messages = statistics_messages(broker, settings)
+    assert [m["kind"] for m in messages].count("init") == 1
+    versions = replay(messages)
+    for partition in (0, 1):
+        answers = answers_of(broker, settings, partition)
+        assert sorted(answers) == list(range(n))
+        assert_each_answer_follows_the_last(answers, X[partition], versions)
+    replica = stored_checkpoint(settings.model_copy(update={"instance_id": "a"})).replica
+    mine = se.OnlineGaussianHMM.from_dict(replica["model"])
+    np.testing.assert_allclose(mine.transmat_, versions[-1].transmat_, rtol=1e-12)
+    assert mine.n_seen == sum(m["count"] for m in messages) > 2 * n - 2 * 64
 
 
 def test_hmm_replicate_refuses_a_model_key():

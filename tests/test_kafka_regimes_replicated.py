@@ -3,17 +3,21 @@ their partitions from consumer to consumer."""
 
 from __future__ import annotations
 
+import json
 import queue
 import signal
 
 import numpy as np
 import pytest
+from kafka import KafkaProducer
 from scipy.special import logsumexp
 from scipy.stats import multivariate_normal
 
 import streamem as se
 from streamem_connectors.kafka.checkpoint import TopicStore
 from streamem_connectors.kafka.pipeline import run_consumer
+from streamem_connectors.kafka.records import InputRecord
+from streamem_connectors.kafka.regime_replication import ReplicatedRegimeLearner
 from streamem_connectors.kafka.settings import ConsumerSettings
 from streamem_connectors.kafka.topics import ensure_topics
 from tests.kafka_helpers import TopicCounter, read_all, unique, wait_for
@@ -210,6 +214,54 @@ def test_two_replicas_then_a_kill_9_keep_one_model_and_every_filter(broker):
     mine = se.OnlineGaussianHMM.from_dict(replica["model"])
     np.testing.assert_allclose(mine.transmat_, versions[-1].transmat_, rtol=1e-12)
     assert mine.n_seen == sum(m["count"] for m in messages) > 2 * n - 2 * 64
+
+
+def _records(topic: str, partition: int, X: np.ndarray, first: int) -> list[InputRecord]:
+    return [InputRecord(topic, partition, first + i, None, json.dumps({"a": a, "b": b}).encode())
+            for i, (a, b) in enumerate(X.tolist())]
+
+
+def test_two_replicas_that_warm_up_at_once_end_on_one_model_and_lose_no_record(broker):
+    """Both replicas warm up before either reads the other's init: both end on the log's model (the first
+    init's; the second's warm-up learned as an update, its open blocks learned again from fresh filters), and
+    every record either took is learned once or waits in an open block."""
+    X = {0: regime_stream(600, seed=16)[0], 1: regime_stream(600, seed=17)[0]}
+    topic = unique("regimes-race")
+    settings = hmm_settings(broker, topic, replicate=True)
+    ensure_topics(settings, input_partitions=2)
+    store = TopicStore(settings, sink=None)
+    learners = {p: ReplicatedRegimeLearner(settings.model_copy(update={"instance_id": f"r{p}"}), store)
+                for p in (0, 1)}
+    producer = KafkaProducer(bootstrap_servers=broker.bootstrap_servers)
+
+    def answer(partition: int, rows: slice) -> list:
+        outputs = learners[partition].process(_records(topic, partition, X[partition][rows], rows.start))
+        return [o for o in outputs if o.topic == settings.topics["statistics"]]
+
+    try:
+        published = answer(0, slice(0, 350)) + answer(1, slice(0, 350))  # both warm, neither has read the log
+        assert [json.loads(m.value)["kind"] for m in published] == ["init", "init"]
+        for message in published:
+            producer.send(message.topic, key=message.key, value=message.value)
+        producer.flush()
+        for partition in (0, 1):
+            for message in answer(partition, slice(350, 600)):
+                producer.send(message.topic, key=message.key, value=message.value)
+            producer.flush()
+        for learner in learners.values():
+            learner.finish()
+        engines = [learner.state.model.to_dict()["engine"] for learner in learners.values()]
+        assert engines[0] == engines[1]
+        assert learners[1].state.model.n_seen == learners[0].state.model.n_seen
+        messages = statistics_messages(broker, settings)
+        for partition in (0, 1):
+            learned = sum(s["to"] - s["from"] for m in messages for s in m["sources"] if s["partition"] == partition)
+            waiting = len(learners[partition].pending.get(f"{topic}/{partition}", []))
+            assert learned + waiting == 600, (partition, learned, waiting)
+    finally:
+        producer.close()
+        for learner in learners.values():
+            learner.close()
 
 
 def test_hmm_replicate_refuses_a_model_key():

@@ -47,7 +47,7 @@ from streamem_connectors.kafka.checkpoint import (
 )
 from streamem_connectors.kafka.clients import input_positions
 from streamem_connectors.kafka.learner import Counters, Learner, model_type, new_state
-from streamem_connectors.kafka.regimes import RegimeLearner, stream_name
+from streamem_connectors.kafka.regimes import RegimeLearner, checked_regimes, stream_name
 from streamem_connectors.kafka.replication import (
     LogReader,
     StatisticsMessage,
@@ -122,7 +122,7 @@ class ReplicatedRegimeLearner(RegimeLearner):
                     self.state.since_drift_record = self.counters.records_in % settings.drift_every
                     if checkpoint.detector is not None:
                         self.state.detector = restore_detector(checkpoint.detector, where)
-                    self.regimes = dict(checkpoint.regimes or {})
+                    self.regimes = checked_regimes(checkpoint.regimes, settings.n_components, where)
             if replica:
                 candidates.append((replica, key, where, raw))
         if not candidates:
@@ -307,9 +307,10 @@ class ReplicatedRegimeLearner(RegimeLearner):
         ranges = [(s.topic, s.partition, s.to) for s in message.sources]
         if ranges and all(to <= self.applied.get((t, p), 0) for t, p, to in ranges):
             return  # already learned: these records were published again after a crash
+        leftovers = {}
         try:
             if message.kind == "init" and not self.started:
-                self._start(message)
+                leftovers = self._start(message)
             else:
                 statistics = HMMStats.from_dict(message.statistics)
                 if not np.isclose(statistics.count, message.count, rtol=1e-6):
@@ -321,17 +322,23 @@ class ReplicatedRegimeLearner(RegimeLearner):
             return
         for t, p, to in ranges:
             self.applied[(t, p)] = max(self.applied.get((t, p), 0), to)
+        self._relearn(leftovers)  # after the init's offsets are applied: what it learned is not learned again
 
-    def _start(self, message: StatisticsMessage) -> None:
+    def _start(self, message: StatisticsMessage) -> dict[str, tuple[list, list[Position]]]:
         """The log's first init starts the model: this replica's own (its model is that already), or
-        another's, through which this replica's unlearned records go again."""
+        another's; returns this replica's unlearned records, to go through it again."""
         if message.run == self.run:
             self.started = True
-            return
+            return {}
         if message.model is None:
             raise ValueError("an init message without its model")
         started = type(self.state.model).from_dict(message.model)  # StateError: skipped by every replica
         old = self.state.model
+        mine = (tuple(old.features_), old.n_states, getattr(old, "covariance_type", None))
+        theirs = (tuple(started.features_), started.n_states, getattr(started, "covariance_type", None))
+        if mine != theirs:
+            raise ValueError(f"the group's model (features, states, covariance type) is {theirs}, this replica's "
+                             f"settings give {mine}: start it with the group's settings")
         leftovers: dict[str, tuple[list, list[Position]]] = {}
         if old.is_warm:  # warmed up at the same moment as the log's: its open blocks start again
             logger.warning("another replica's warm-up came first in the statistics log: this replica's filters "
@@ -343,14 +350,19 @@ class ReplicatedRegimeLearner(RegimeLearner):
         else:
             leftovers = self._warm_up_leftovers(old)
         self.state.model, self.started, self.cold, self.pending = started, True, [], {}
-        self._relearn(leftovers)
+        return leftovers
 
     def _relearn(self, leftovers: dict[str, tuple[list, list[Position]]]) -> None:
         """Records answered but not learned by the log (a warm-up another replica's overtook) go through
         the log's model as the first records of their streams: learned as blocks, not lost."""
         for stream, (rows, positions) in leftovers.items():
-            _, _, blocks = self.state.model.filter_and_summarize(np.asarray(rows, dtype=float), stream=stream)
-            self._publish_blocks(stream, positions, blocks)
+            # not those the log has learned already (an init of this replica's previous run, say)
+            fresh = [i for i, (t, p, o) in enumerate(positions) if o >= self.applied.get((t, p), 0)]
+            if not fresh:
+                continue
+            rows = np.asarray(rows, dtype=float)[fresh]
+            _, _, blocks = self.state.model.filter_and_summarize(rows, stream=stream)
+            self._publish_blocks(stream, [positions[i] for i in fresh], blocks)
             self.changed.add(stream)
 
     def _warm_up_leftovers(self, model) -> dict[str, tuple[list, list[Position]]]:

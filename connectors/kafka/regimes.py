@@ -24,7 +24,7 @@ from streamem_connectors.kafka.checkpoint import Checkpoint, CheckpointError
 from streamem_connectors.kafka.learners import InstanceLearner
 from streamem_connectors.kafka.settings import ConsumerSettings
 
-__all__ = ["RegimeLearner", "stream_name"]
+__all__ = ["RegimeLearner", "checked_regimes", "stream_name"]
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +32,15 @@ logger = logging.getLogger(__name__)
 def stream_name(topic: str, partition: int) -> str:
     """The model's name for a partition's sequence (Kafka topic names hold no '/')."""
     return f"{topic}/{partition}"
+
+
+def checked_regimes(regimes: dict[str, int] | None, K: int, where: str) -> dict[str, int]:
+    """A checkpoint's regimes (the state last announced on each stream), each one of the K states."""
+    for stream, state in (regimes or {}).items():
+        if not 0 <= state < K:
+            raise CheckpointError(f"checkpoint {where}: field 'regimes': state {state} of {stream!r} is not one "
+                                  f"of the model's {K} states")
+    return dict(regimes or {})
 
 
 class RegimeLearner(InstanceLearner):
@@ -44,13 +53,7 @@ class RegimeLearner(InstanceLearner):
 
     def restore_checkpoint(self, raw: bytes, where: str):
         restored = super().restore_checkpoint(raw, where)
-        regimes = Checkpoint.parse(raw, where).regimes or {}
-        K = self.settings.n_components
-        for stream, state in regimes.items():
-            if not 0 <= state < K:
-                raise CheckpointError(f"checkpoint {where}: field 'regimes': state {state} of {stream!r} is not one "
-                                      f"of the model's {K} states")
-        self.regimes = dict(regimes)
+        self.regimes = checked_regimes(Checkpoint.parse(raw, where).regimes, self.settings.n_components, where)
         return restored
 
     def process(self, batch):

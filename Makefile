@@ -36,6 +36,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/online_hmm.py
 	$(PY) benchmarks/online.py
 	$(PY) benchmarks/kafka_pipeline.py
+	$(PY) benchmarks/kafka_regimes.py
 	$(PY) benchmarks/kafka_latency.py
 	$(PY) benchmarks/drift.py
 	$(PY) benchmarks/outliers.py

@@ -8,13 +8,14 @@ import queue
 import signal
 
 import numpy as np
+import orjson
 import pytest
 from kafka import KafkaProducer
 from scipy.special import logsumexp
 from scipy.stats import multivariate_normal
 
 import streamem as se
-from streamem_connectors.kafka.checkpoint import TopicStore
+from streamem_connectors.kafka.checkpoint import CHECKPOINT_VERSION, DirectoryStore, TopicStore, model_settings
 from streamem_connectors.kafka.pipeline import run_consumer
 from streamem_connectors.kafka.records import InputRecord
 from streamem_connectors.kafka.regime_replication import ReplicatedRegimeLearner
@@ -222,10 +223,13 @@ def _records(topic: str, partition: int, X: np.ndarray, first: int) -> list[Inpu
 
 
 def test_two_replicas_that_warm_up_at_once_end_on_one_model_and_lose_no_record(broker):
-    """Both replicas warm up before either reads the other's init: both end on the log's model (the first
-    init's; the second's warm-up learned as an update, its open blocks learned again from fresh filters), and
-    every record either took is learned once or waits in an open block."""
-    X = {0: regime_stream(600, seed=16)[0], 1: regime_stream(600, seed=17)[0]}
+    """Both replicas warm up before either reads the other's init, their states in opposite orders: both end
+    on the log's model (the first init's; the second's warm-up learned as an update with its states matched,
+    its blocks learned again from fresh filters), the states still the two regimes, and every record either
+    took is learned once or waits in an open block."""
+    X0, states = regime_stream(600, seed=16)
+    means = np.array([[0.0, 0.0], [3.0, 1.0]])
+    X = {0: X0, 1: X0 - means[states] + means[1 - states]}  # the same chain, regimes swapped: labels swap too
     topic = unique("regimes-race")
     settings = hmm_settings(broker, topic, replicate=True)
     ensure_topics(settings, input_partitions=2)
@@ -252,6 +256,12 @@ def test_two_replicas_that_warm_up_at_once_end_on_one_model_and_lose_no_record(b
             learner.finish()
         engines = [learner.state.model.to_dict()["engine"] for learner in learners.values()]
         assert engines[0] == engines[1]
+        warmed = [se.OnlineGaussianHMM.from_dict(json.loads(m.value)["model"]).means_ for m in published]
+        assert np.argmin(np.abs(warmed[0][:, 0] - 3.0)) != np.argmin(np.abs(warmed[1][:, 0] - 3.0))  # swapped
+        learned = learners[0].state.model.means_[:, 0]
+        reference = se.GaussianHMM(2, random_state=0).fit(np.vstack([X[0], X[1]]), lengths=[600, 600]).means_[:, 0]
+        # each state still one regime: as batch Baum-Welch over both (0.22 off, were the labels not matched)
+        assert np.abs(np.sort(learned) - np.sort(reference)).max() < 0.1, (learned, reference)
         assert learners[1].state.model.n_seen == learners[0].state.model.n_seen
         messages = statistics_messages(broker, settings)
         for partition in (0, 1):
@@ -268,3 +278,196 @@ def test_hmm_replicate_refuses_a_model_key():
     """--model hmm --replicate is one model for the group: with --model-key it is a settings error."""
     with pytest.raises(ValueError, match="replicate works with one model for the group"):
         ConsumerSettings(features=["a", "b"], model="hmm", replicate=True, model_key="k")
+
+
+# -- replicas driven directly (the log on the broker, checkpoints in files) --------------------------------
+class Replicas:
+    """Learners of one group driven batch by batch: their statistics messages go to the log as the
+    consumer's sink would send them."""
+
+    def __init__(self, broker, tmp_path, partitions: int = 2, **overrides):
+        self.broker = broker
+        self.topic = unique("replicas")
+        self.settings = hmm_settings(broker, self.topic, replicate=True, checkpoint_dir=str(tmp_path), **overrides)
+        ensure_topics(self.settings, input_partitions=partitions)
+        self.store = DirectoryStore(tmp_path)
+        self.producer = KafkaProducer(bootstrap_servers=broker.bootstrap_servers)
+        self.learners: list[ReplicatedRegimeLearner] = []
+
+    def learner(self, name: str) -> ReplicatedRegimeLearner:
+        learner = ReplicatedRegimeLearner(self.settings.model_copy(update={"instance_id": name}), self.store)
+        self.learners.append(learner)
+        return learner
+
+    def process(self, learner: ReplicatedRegimeLearner, partition: int, X: np.ndarray, first: int) -> list[dict]:
+        return self.publish(learner.process(_records(self.topic, partition, X, first)))
+
+    def publish(self, outputs) -> list[dict]:
+        sent = [o for o in outputs if o.topic == self.settings.topics["statistics"]]
+        for output in sent:
+            self.producer.send(output.topic, key=output.key, value=output.value)
+        self.producer.flush()
+        return [json.loads(o.value) for o in sent]
+
+    def checkpoint(self, learner: ReplicatedRegimeLearner) -> None:
+        self.store.save_all(learner.checkpoint_entries())
+
+    def unlearned(self, learner: ReplicatedRegimeLearner, partition: int, n: int) -> list[int]:
+        """Offsets below n of a partition that the log (replayed with the replicas' rule: a message whose
+        records overlap what is learned is skipped) never learned and that are not in the open block."""
+        applied, learned = {}, set()
+        for message in read_all(self.broker.bootstrap_servers, self.settings.topics["statistics"]):
+            ranges = [(s["partition"], s["from"], s["to"]) for s in message["sources"]]
+            if any(start < applied.get(p, 0) for p, start, _ in ranges):
+                continue
+            for p, start, end in ranges:
+                learned |= {(p, o) for o in range(start, end)}
+                applied[p] = max(applied.get(p, 0), end)
+        waiting = {o for _, _, o in learner.pending.get(f"{self.topic}/{partition}", [])}
+        return [o for o in range(n) if (partition, o) not in learned and o not in waiting]
+
+    def close(self) -> None:
+        self.producer.close()
+        for learner in self.learners:
+            learner.close()
+
+
+@pytest.fixture
+def replicas(broker, tmp_path):
+    made: list[Replicas] = []
+
+    def make(**overrides) -> Replicas:
+        made.append(Replicas(broker, tmp_path, **overrides))
+        return made[-1]
+
+    yield make
+    for group in made:
+        group.close()
+
+
+def test_an_init_read_while_idle_loses_no_record(replicas):
+    """A cold replica that reads another's init on an idle poll learns its warm-up buffer through the log's
+    model at its next batch (no message is made where none can be sent)."""
+    group = replicas()
+    X0, X1 = regime_stream(600, seed=21)[0], regime_stream(600, seed=22)[0]
+    r0, r1 = group.learner("r0"), group.learner("r1")
+    assert group.process(r0, 0, X0[:250], 0) == []  # cold: 250 records in its warm-up buffer
+    assert group.process(r1, 1, X1[:350], 0)[0]["kind"] == "init"
+    wait_for(lambda: (r0.idle(), r0.started)[1], 30, "r0 to read r1's init")
+    assert r0.messages == []
+    group.process(r0, 0, X0[250:600], 250)
+    r0.finish()
+    assert group.unlearned(r0, 0, 600) == []
+
+
+def test_a_cold_replicas_records_keep_their_partitions(replicas):
+    """A warm-up buffer holding two partitions' records, learned again through another replica's init:
+    each block names only its own partition's offsets, and none is lost."""
+    group = replicas(partitions=3)
+    X = [regime_stream(600, seed=23 + p)[0] for p in range(3)]
+    r0, r1 = group.learner("r0"), group.learner("r1")
+    group.process(r0, 0, X[0][:100], 0)
+    group.process(r0, 1, X[1][:100], 0)
+    group.process(r0, 0, X[0][100:180], 100)  # 280 buffered, in arrival order p0, p1, p0
+    group.process(r1, 2, X[2][:350], 0)  # r1 warms first
+    sent = group.process(r0, 0, X[0][180:181], 180)
+    wait_for(lambda: r0.started or sent.extend(group.publish(r0.process([]))), 30, "r0 to read r1's init")
+    sent += group.publish(r0.process([]))  # the records learned again go out with the next batch
+    blocks = [[(s["partition"], s["from"], s["to"]) for s in m["sources"]] for m in sent]
+    assert blocks[:2] == [[(0, 0, 64)], [(0, 64, 128)]] and [(1, 0, 64)] in blocks, blocks
+    r0.finish()
+    assert group.unlearned(r0, 0, 181) == [] and group.unlearned(r0, 1, 100) == []
+
+
+def test_a_replica_restarted_cold_beside_a_warm_group_loses_no_record(replicas):
+    """A replica whose own checkpoint is cold, restarted after the group's model warmed up, learns its
+    buffered records through the group's model and goes on: no record of its partition is lost."""
+    group = replicas()
+    X0, X1 = regime_stream(600, seed=26)[0], regime_stream(600, seed=27)[0]
+    r0, r1 = group.learner("r0"), group.learner("r1")
+    group.process(r0, 0, X0[:250], 0)
+    group.checkpoint(r0)
+    group.process(r1, 1, X1[:350], 0)
+    r1.finish()
+    group.checkpoint(r1)
+    r0.close()
+    group.learners.remove(r0)
+    restarted = group.learner("r0")
+    assert restarted.started and restarted.leftovers
+    group.process(restarted, 0, X0[250:600], 250)
+    restarted.finish()
+    assert group.unlearned(restarted, 0, 600) == []
+
+
+def test_a_poll_of_dead_letters_moves_the_stored_filter_with_the_partition(replicas):
+    """A poll whose records of a partition are all dead-lettered still moves the partition's stored filter
+    to the offset after them: the next reader goes on from it and no record is lost."""
+    group = replicas(partitions=1)
+    X = regime_stream(600, seed=28)[0]
+    first = group.learner("a")
+    group.process(first, 0, X[:400], 0)
+    group.checkpoint(first)
+    bad = [InputRecord(group.topic, 0, 400 + i, None, b"not json") for i in range(5)]
+    outputs = first.process(bad)
+    group.publish(outputs)
+    assert sum(o.topic == group.settings.topics["dead_letter"] for o in outputs) == 5
+    group.checkpoint(first)
+    first.finish()
+    first.close()
+    group.learners.remove(first)
+    second = group.learner("b")
+    group.process(second, 0, X[405:600], 405)
+    second.finish()
+    assert set(group.unlearned(second, 0, 600)) <= set(range(400, 405))
+    assert second.state.model.stream_state(f"{group.topic}/0") is not None
+
+
+@pytest.mark.parametrize("state, offsets", [
+    ({"block": None}, []), ({"block": 5}, []), ({"filter": ["BIG", 0]}, []), ({"block": [["BIG", 1.0]]}, [9]),
+    ({"block": [[1.0, 2.0], [1.0, 2.0]]}, [8, 999_999]), ({"block": [[1.0, 2.0]]}, [-1]),
+], ids=["block-null", "block-int", "huge-filter", "huge-block", "offset-beyond", "offset-negative"])
+def test_a_corrupted_stored_filter_starts_a_fresh_filter(replicas, caplog, state, offsets):
+    """A stored filter that does not fit (bad types, numbers beyond a float, block offsets out of order or past
+    its offset) gives a WARNING and a fresh filter: never an exception, never offsets the log would trust."""
+    group = replicas()
+    X = regime_stream(700, seed=29)[0]
+    learner = group.learner("a")
+    group.process(learner, 0, X[:350], 0)
+    wait_for(lambda: (group.publish(learner.process([])), learner.started)[1], 30, "the init to be read back")
+    stream = f"{group.topic}/1"
+    document = {"version": CHECKPOINT_VERSION, "stream": stream, "offset": 10, "block_offsets": offsets,
+                "settings": model_settings(group.settings),
+                "state": {"filter": [0.5, 0.5], "block": [], "latest": None, **state}}
+    raw = orjson.dumps(document).replace(b'"BIG"', b"1" + b"0" * 400)
+    group.store.save_all([(f"{group.settings.group_id}/filter/{stream}", raw)])
+    learner.stale = True  # as after a rebalance that gave it partition 1
+    group.process(learner, 1, X[10:300], 10)
+    assert any("its filter starts anew" in message for message in caplog.messages)
+    learner.finish()
+    assert learner.applied.get((group.topic, 1), 0) <= 300  # no offset from the document reached the log
+    assert group.unlearned(learner, 1, 300) == list(range(10))  # before the batch: not ours to learn
+
+
+def test_a_block_overlapping_what_the_log_learned_is_skipped_by_every_replica(replicas):
+    """A partition taken over before its previous owner's last block was read: the new owner's block overlaps
+    it (its boundaries differ), and the log skips it rather than learn records twice."""
+    group = replicas(outlier_threshold=float("inf"))
+    X0, X1 = regime_stream(400, seed=30)[0], regime_stream(400, seed=31)[0]
+    X0[340] = [40.0, 40.0]
+    a = group.learner("a")
+    group.process(a, 0, X0[:330], 0)
+    wait_for(lambda: (group.publish(a.process([])), a.started)[1], 30, "a's init to be read back")
+    group.checkpoint(a)
+    b = ReplicatedRegimeLearner(group.settings.model_copy(update={"instance_id": "b", "outlier_threshold": 25.0}),
+                                group.store)
+    group.learners.append(b)
+    group.process(b, 1, X1[:10], 0)
+    from_a = a.process(_records(group.topic, 0, X0[330:400], 330))  # a learns 340: block [300, 364)
+    b.start_offsets([(group.topic, 0), (group.topic, 1)])  # a dies; p0 goes to b from the commit, 330
+    from_b = b.process(_records(group.topic, 0, X0[330:400], 330))  # b refuses 340: block [300, 365)
+    sent = group.publish(from_a) + group.publish(from_b)
+    assert {(s["from"], s["to"]) for m in sent for s in m["sources"] if s["partition"] == 0} >= {(300, 364), (300, 365)}
+    b.finish()
+    a.finish()
+    assert a.state.model.to_dict()["engine"] == b.state.model.to_dict()["engine"]
+    assert b.applied[(group.topic, 0)] == 364  # b's overlapping block was not learned

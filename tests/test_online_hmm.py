@@ -525,3 +525,25 @@ def test_a_restore_keeps_the_filter_as_answered_when_another_stream_moved_the_pa
     state = model.stream_state("a")
     with pytest.raises(StateError, match="latest"):
         copy_.restore_stream("a", {**state, "latest": [1.0]})
+
+
+@pytest.mark.parametrize("covariance_type", ["full", "diag", "spherical", "tied"])
+def test_relabelled_statistics_are_those_of_the_chain_with_its_states_renamed(covariance_type):
+    """HMMStats.relabelled(order) equals the statistics the same rows give under the parameters with
+    state k renamed order[k] (the batch model's summarize at fixed parameters)."""
+    X, _ = sticky_stream(400, THREE_STATES, 0.9, seed=45)
+    fitted = se.GaussianHMM(3, covariance_type=covariance_type, max_iter=5, random_state=0).fit(X)
+    order = np.array([2, 0, 1])
+
+    def at(startprob, transmat, means, covariances):
+        return se.GaussianHMM(3, covariance_type=covariance_type, max_iter=0, startprob_init=startprob,
+                              transmat_init=transmat, means_init=means, covariances_init=covariances).fit(X)
+
+    covariances = fitted.covariances_ if covariance_type == "tied" else fitted.covariances_[order]
+    renamed = at(fitted.startprob_[order], fitted.transmat_[np.ix_(order, order)], fitted.means_[order], covariances)
+    original = at(fitted.startprob_, fitted.transmat_, fitted.means_, fitted.covariances_)
+    want, got = renamed.summarize(X).statistics, original.summarize(X).statistics.relabelled(order)
+    np.testing.assert_allclose(got.first, want.first, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(got.transitions, want.transitions, rtol=1e-9, atol=1e-12)
+    for name, value in want.emissions.to_arrays().items():
+        np.testing.assert_allclose(got.emissions.to_arrays()[name], value, rtol=1e-9, atol=1e-9)

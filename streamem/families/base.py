@@ -54,6 +54,11 @@ class SufficientStatistics:
             self, **{name: getattr(self, name) + getattr(other, name) for name in self._additive_fields()}
         )
 
+    def relabelled(self, order) -> SufficientStatistics:
+        """The statistics with component k taken from component `order[k]` (every additive field holds
+        its components first)."""
+        return dataclasses.replace(self, **{name: getattr(self, name)[order] for name in self._additive_fields()})
+
     def scaled(self, factor: float) -> SufficientStatistics:
         """The statistics multiplied by `factor` (a step size or 1 / n_records)."""
         return type(self)(shift=self.shift, **{name: getattr(self, name) * factor for name in self._additive_fields()})

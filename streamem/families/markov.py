@@ -44,6 +44,11 @@ class HMMStats:
         emissions = self.emissions + other.emissions
         return HMMStats(self.first + other.first, self.transitions + other.transitions, emissions)
 
+    def relabelled(self, order) -> HMMStats:
+        """The statistics with state k taken from state `order[k]` (the same chain under other labels)."""
+        order = np.asarray(order)
+        return HMMStats(self.first[order], self.transitions[np.ix_(order, order)], self.emissions.relabelled(order))
+
     def scaled(self, factor: float) -> HMMStats:
         """The statistics multiplied by `factor`."""
         return HMMStats(self.first * factor, self.transitions * factor, self.emissions.scaled(factor))

@@ -11,6 +11,7 @@ import difflib
 import logging
 import os
 import pathlib
+import signal
 import sys
 import time
 import typing
@@ -173,8 +174,13 @@ def _run(args) -> int:
     from streamem_connectors.kafka.signals import StopSignals  # light: installed before the heavy imports below
 
     stopper = StopSignals()
-    with stopper.on_signals():  # before any start-up work: a signal during it stops as cleanly as one later
-        return _start_and_run(args, stopper.event)
+    try:
+        with stopper.on_signals():  # before any start-up work: a signal during it stops as cleanly as one later
+            return _start_and_run(args, stopper.event)
+    finally:
+        if stopper.event.is_set():  # stopped by a signal: a repeat landing while the interpreter exits is no crash
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(signum, signal.SIG_IGN)
 
 
 def _start_and_run(args, stop) -> int:

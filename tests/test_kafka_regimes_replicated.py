@@ -11,14 +11,22 @@ import numpy as np
 import orjson
 import pytest
 from kafka import KafkaProducer
+from pydantic import ValidationError
 from scipy.special import logsumexp
 from scipy.stats import multivariate_normal
 
 import streamem as se
-from streamem_connectors.kafka.checkpoint import CHECKPOINT_VERSION, DirectoryStore, TopicStore, model_settings
+from streamem_connectors.kafka.checkpoint import (
+    CHECKPOINT_VERSION,
+    CheckpointError,
+    DirectoryStore,
+    TopicStore,
+    model_settings,
+)
 from streamem_connectors.kafka.pipeline import run_consumer
 from streamem_connectors.kafka.records import InputRecord
 from streamem_connectors.kafka.regime_replication import ReplicatedRegimeLearner
+from streamem_connectors.kafka.replication import StatisticsMessage
 from streamem_connectors.kafka.settings import ConsumerSettings
 from streamem_connectors.kafka.topics import ensure_topics
 from tests.kafka_helpers import TopicCounter, read_all, unique, wait_for
@@ -293,6 +301,10 @@ class Replicas:
         self.store = DirectoryStore(tmp_path)
         self.producer = KafkaProducer(bootstrap_servers=broker.bootstrap_servers)
         self.learners: list[ReplicatedRegimeLearner] = []
+        for partition in range(partitions):  # the input holds the offsets the tests hand the learners
+            for _ in range(1000):
+                self.producer.send(self.topic, partition=partition, value=b'{"a": 0, "b": 0}')
+        self.producer.flush()
 
     def learner(self, name: str) -> ReplicatedRegimeLearner:
         learner = ReplicatedRegimeLearner(self.settings.model_copy(update={"instance_id": name}), self.store)
@@ -471,3 +483,50 @@ def test_a_block_overlapping_what_the_log_learned_is_skipped_by_every_replica(re
     a.finish()
     assert a.state.model.to_dict()["engine"] == b.state.model.to_dict()["engine"]
     assert b.applied[(group.topic, 0)] == 364  # b's overlapping block was not learned
+
+
+def test_a_replica_with_other_settings_than_the_groups_model_stops_with_one_line(replicas):
+    """Two replicas of a fresh group started with different covariance types: the one whose settings differ
+    from the statistics log's first init stops with a CheckpointError naming both, rather than run a model
+    of its own beside the group's."""
+    group = replicas()
+    X0, X1 = regime_stream(400, seed=32)[0], regime_stream(400, seed=33)[0]
+    full = group.learner("full")
+    group.process(full, 0, X0[:350], 0)  # the log's first init
+    odd = ReplicatedRegimeLearner(group.settings.model_copy(update={"instance_id": "diag",
+                                                                    "covariance_type": "diag"}), group.store)
+    group.learners.append(odd)
+    with pytest.raises(CheckpointError, match="the group's hidden Markov model .* covariance type .*'full'.*'diag'"):
+        for _ in range(100):
+            group.process(odd, 1, X1[:5], 0)
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda d: d["replica"].update(log_offset="x"), "log_offset"),
+    (lambda d: d["replica"].update(log_offset=10**30), "log_offset"),
+    (lambda d: d["replica"].update(started="yes"), "started"),
+    (lambda d: d["replica"].update(applied=[[d["replica"]["applied"][0][0], 0, 10**15]]), "not in the input"),
+    (lambda d: d["replica"].update(leftovers=[["s", [[1e200, 0.0]], [[d["replica"]["applied"][0][0], 0, 3]]]]),
+     "beyond"),
+    (lambda d: d.update(replica=None), "'replica' is null"),
+], ids=["log-offset-text", "log-offset-huge", "started-text", "applied-past-the-end", "leftover-huge", "null"])
+def test_a_corrupted_replica_checkpoint_is_refused_in_one_line(replicas, change, message):
+    """A replica checkpoint with a field no run could write is refused by name (CheckpointError, which the CLI
+    prints as one line), never a traceback in the model process nor offsets the log would trust."""
+    group = replicas()
+    learner = group.learner("a")
+    group.process(learner, 0, regime_stream(400, seed=34)[0], 0)
+    group.checkpoint(learner)
+    key = group.settings.model_copy(update={"instance_id": "a"}).checkpoint_key
+    document = json.loads(group.store.load(key))
+    change(document)
+    group.store.save_all([(key, json.dumps(document).encode())])
+    with pytest.raises(CheckpointError, match=message):
+        ReplicatedRegimeLearner(group.settings.model_copy(update={"instance_id": "a"}), group.store)
+
+
+def test_a_statistics_message_without_sources_is_refused():
+    """A statistics message must name the records it summarises (else the log could learn them twice)."""
+    body = {"kind": "update", "origin": "x", "sequence": 1, "count": 64, "sources": [], "statistics": {}}
+    with pytest.raises(ValidationError, match="sources"):
+        StatisticsMessage.model_validate_json(json.dumps(body))

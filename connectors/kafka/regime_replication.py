@@ -38,6 +38,7 @@ from pydantic import ValidationError
 from scipy.optimize import linear_sum_assignment
 
 from streamem.families.markov import HMMStats
+from streamem.outliers import TOO_LARGE
 from streamem.state import StateError
 from streamem_connectors.kafka import records as schemas
 from streamem_connectors.kafka.checkpoint import (
@@ -70,6 +71,13 @@ Position = tuple[str, int, int]  # (topic, partition, offset) of an input record
 
 
 Leftovers = dict[str, tuple[list, list[Position]]]  # stream -> (rows, their input records): to learn again
+
+
+def _count(value, where: str, field: str) -> int:
+    """A checkpoint's count (an offset): an int in [0, 2**63), else CheckpointError."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**63:
+        raise CheckpointError(f"checkpoint {where}: field {field!r} must be an offset (an integer >= 0), got {value!r}")
+    return value
 
 
 def _sources(positions: list[Position]) -> list[dict]:
@@ -119,6 +127,7 @@ class ReplicatedRegimeLearner(RegimeLearner):
     def _restore_all(self, found: dict[str, bytes]) -> None:
         settings, store = self.settings, self.store
         candidates = []
+        positions = input_positions(settings)
         for key in (settings.checkpoint_key, self.shared_key):
             raw = found.get(key)
             if raw is None:
@@ -126,10 +135,13 @@ class ReplicatedRegimeLearner(RegimeLearner):
             where = store.where(key)
             with remedy_for_refusal(settings, key, where, raw):
                 checkpoint = Checkpoint.parse(raw, where)
-                replica = checkpoint.replica or {}
-                positions = input_positions(settings) if key == settings.checkpoint_key else None
+                if checkpoint.replica is None:
+                    raise CheckpointError(f"checkpoint {where}: field 'replica' is null (written without --replicate?)")
+                replica = checkpoint.replica
                 warm = is_warm_state(replica.get("model"))
-                offsets = check_resume(settings, where, checkpoint.settings, checkpoint.offsets, positions, warm)
+                own = key == settings.checkpoint_key
+                offsets = check_resume(settings, where, checkpoint.settings, checkpoint.offsets,
+                                       positions if own else None, warm)
                 if key == settings.checkpoint_key:
                     self.book.advance(offsets)
                     self.counters = Counters(**checkpoint.counters.model_dump())
@@ -137,25 +149,31 @@ class ReplicatedRegimeLearner(RegimeLearner):
                     if checkpoint.detector is not None:
                         self.state.detector = restore_detector(checkpoint.detector, where)
                     self.regimes = checked_regimes(checkpoint.regimes, settings.n_components, where)
-            if replica:
-                candidates.append((replica, key, where, raw))
+                log_offset = _count(replica.get("log_offset"), where, "replica.log_offset")
+            candidates.append((log_offset, replica, key, where, raw))
         # the most advanced replica state (every replica's model at a log offset is the same); what this
         # replica held unlearned in a state a more advanced one overtook is learned at its first batch
-        for replica, key, where, raw in sorted(candidates, key=lambda c: c[0].get("log_offset", -1)):
+        for log_offset, replica, key, where, raw in sorted(candidates, key=lambda c: c[0]):
             with remedy_for_refusal(settings, key, where, raw):
                 self.leftovers.update(self._unlearned())
-                self._restore_replica(replica, where)
+                self._restore_replica(replica, where, log_offset, positions)
         logger.info("replica restored at statistics offset %d (%d records learned)", self.log_offset,
                     self.state.model.n_seen)
 
-    def _restore_replica(self, replica: dict, where: str) -> None:
-        for field in ("model", "log_offset", "applied"):
+    def _restore_replica(self, replica: dict, where: str, log_offset: int, positions) -> None:
+        for field in ("model", "applied"):
             if field not in replica:
                 raise CheckpointError(f"checkpoint {where}: field 'replica.{field}' is missing")
         model = restore_model(model_type(self.settings), replica["model"], where, field="replica.model")
+        if not isinstance(replica.get("started", False), bool):
+            raise CheckpointError(f"checkpoint {where}: field 'replica.started' must be true or false")
         try:
-            log_offset = int(replica["log_offset"])
             applied = {(str(t), int(p)): int(o) for t, p, o in replica["applied"]}
+            for (topic, partition), offset in applied.items():  # what the log learned is in the input
+                first, end = positions.ranges.get(partition, (0, -1)) if topic == positions.topic else (0, -1)
+                if not 0 <= offset <= end:
+                    raise ValueError(f"offset {offset} of {topic}[{partition}] is not in the input (it ends at "
+                                     f"{end})")
             cold: dict[str, list[Position]] = {}
             for t, p, o in replica.get("cold", []):
                 cold.setdefault(stream_name(str(t), int(p)), []).append((str(t), int(p), int(o)))
@@ -168,7 +186,10 @@ class ReplicatedRegimeLearner(RegimeLearner):
             }
             if any(len(rows) != len(records) for rows, records in leftovers.values()):
                 raise ValueError("leftover rows and input records differ in number")
-        except (TypeError, ValueError) as error:
+            for rows, _ in leftovers.values():
+                if rows and not np.abs(np.asarray(rows, dtype=float)).max() < TOO_LARGE:
+                    raise ValueError(f"leftover rows hold a value beyond {TOO_LARGE:.0e} (or not finite)")
+        except (TypeError, ValueError, OverflowError) as error:
             raise CheckpointError(f"checkpoint {where}: field 'replica': {error}") from None
         self.state.model, self.log_offset, self.applied, self.cold = model, log_offset, applied, cold
         self.leftovers.update(leftovers)
@@ -384,6 +405,8 @@ class ReplicatedRegimeLearner(RegimeLearner):
                 if message.kind == "init":  # another replica's warm-up: its states in the log's order
                     statistics = statistics.relabelled(self._matching_states(message))
                 self.state.model.apply(statistics)
+        except CheckpointError:
+            raise
         except (StateError, ValueError) as error:
             logger.error("statistics message from %s skipped: %s", message.origin, error)
             return
@@ -413,9 +436,10 @@ class ReplicatedRegimeLearner(RegimeLearner):
         old = self.state.model
         mine = (tuple(old.features_), old.n_states, getattr(old, "covariance_type", None))
         theirs = (tuple(started.features_), started.n_states, getattr(started, "covariance_type", None))
-        if mine != theirs:
-            raise ValueError(f"the group's model (features, states, covariance type) is {theirs}, this replica's "
-                             f"settings give {mine}: start it with the group's settings")
+        if mine != theirs:  # this replica is the odd one out: it stops rather than run a model of its own
+            raise CheckpointError(f"the group's hidden Markov model (the statistics log's first init, from "
+                                  f"{message.origin}) has features, states and covariance type {theirs}; this "
+                                  f"replica's settings give {mine}: start it with the group's settings")
         if old.is_warm:
             logger.warning("another replica's warm-up came first in the statistics log: this replica's filters "
                            "start anew under its parameters")

@@ -89,7 +89,7 @@ class StatisticsMessage(BaseModel):
     run: str | None = None
     sequence: int = Field(ge=1)
     count: int = Field(ge=1, lt=2**40)  # records summarised; far below what n_seen can count
-    sources: list[_Source]
+    sources: list[_Source] = Field(min_length=1)  # the records summarised: what keeps them from being learned twice
     statistics: dict
     model: dict | None = None  # a hidden Markov model's init: the warmed model (parameters and statistics)
 
@@ -124,7 +124,10 @@ def _replica_remedy(settings: ConsumerSettings, key: str, where: str, stored: di
             f"delete {where} (a tombstone on the state topic): the replica then rebuilds the model from "
             f"{settings.group_id}/replica and the statistics log"
         )
-    return "give a new --group-id and --statistics-topic for a fresh replicated model"
+    return (
+        f"delete {where} (a tombstone on the state topic): each replica then rebuilds the model from its own "
+        "checkpoint and the statistics log"
+    )
 
 
 @contextlib.contextmanager

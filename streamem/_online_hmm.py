@@ -387,13 +387,17 @@ class OnlineHiddenMarkov:
         """How far each validated row is from the model, (n,): its squared Mahalanobis distance to the
         closest state under the current parameters (for a regression, the target's squared residual in
         noise variances); before the warm-up, the squared distance from the warm-up records' median in
-        robust sds (1.4826 MAD, over the features with a spread), 0 while fewer than 20 are buffered.
-        Nothing changes; the Kafka consumer dead-letters rows beyond its --outlier-threshold."""
+        robust sds (1.4826 MAD, over the features with a spread); while fewer than 20 are buffered, from
+        the buffered records and these rows together (a median one absurd record cannot move, so a fresh
+        model's first records are judged too), 0 while they make fewer than 20. Nothing changes; the
+        Kafka consumer dead-letters rows beyond its --outlier-threshold."""
         if self._engine is None:
             warm = [row for block in self._warm.values() for row in block]
-            if len(warm) < 20:
+            if len(warm) + (rows.shape[0] if len(warm) < 20 else 0) < 20:
                 return np.zeros(rows.shape[0])
-            buffered = np.asarray(warm, dtype=float)
+            buffered = np.asarray(warm, dtype=float).reshape(len(warm), rows.shape[1])
+            if len(warm) < 20:
+                buffered = np.vstack([buffered, rows])
             median = np.median(buffered, axis=0)
             spread = 1.4826 * np.median(np.abs(buffered - median), axis=0)
             spread = np.where(spread > 0, spread, np.inf)  # a constant column says nothing about distance

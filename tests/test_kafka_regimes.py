@@ -143,6 +143,25 @@ def test_a_value_too_large_is_dead_lettered_and_the_filter_goes_on(broker):
     assert stored_checkpoint(settings).model["n_seen"] == 600
 
 
+@pytest.mark.parametrize("replicate", [False, True])
+def test_absurd_records_in_a_fresh_models_first_poll_are_dead_lettered(broker, replicate):
+    """Records of 1e149 and 1e6 among the first of a fresh model (one poll: nothing buffered before it) are
+    judged against the poll's own median and dead-lettered; the warm-up fits the two regimes, not them."""
+    X, _ = regime_stream(800, seed=6)
+    X[5], X[100] = [1e149, 0.0], [1e6, 0.0]
+    topic = unique("regimes-absurd")
+    settings = hmm_settings(broker, topic, max_records=800, replicate=replicate)
+    ensure_topics(settings, input_partitions=1)
+    produce_to(broker.bootstrap_servers, topic, 0, X)
+    counters = run_consumer(settings)
+    dead = read_all(broker.bootstrap_servers, settings.topics["dead_letter"])
+    assert sorted(d["source"]["offset"] for d in dead) == [5, 100] and counters.assigned == 798
+    assert all("outlier: squared distance" in d["error"] for d in dead), dead
+    checkpoint = stored_checkpoint(settings)
+    model = se.OnlineGaussianHMM.from_dict(checkpoint.replica["model"] if replicate else checkpoint.model)
+    assert np.abs(np.sort(model.means_[:, 0]) - [0.0, 3.0]).max() < 0.3, model.means_
+
+
 def test_a_far_record_is_dead_lettered_and_a_moved_stream_is_learned_again(broker):
     """A legal but absurd record ({a: 1e10}) after the warm-up gets a dead letter naming its distance and is
     not learned (the states' covariances stay small); when every record moves far away for good, the first

@@ -547,3 +547,19 @@ def test_relabelled_statistics_are_those_of_the_chain_with_its_states_renamed(co
     np.testing.assert_allclose(got.transitions, want.transitions, rtol=1e-9, atol=1e-12)
     for name, value in want.emissions.to_arrays().items():
         np.testing.assert_allclose(got.emissions.to_arrays()[name], value, rtol=1e-9, atol=1e-9)
+
+
+def test_a_fresh_models_first_rows_are_judged_with_each_other():
+    """Before 20 records are buffered, outlier_distances judges rows from the median and robust spread of the
+    buffered records and the rows together: one absurd record among a fresh model's first stands out."""
+    X, _ = sticky_stream(60, THREE_STATES, 0.95, seed=47)
+    rows = X.copy()
+    rows[7] = [1e6, 0.0]
+    model = se.OnlineGaussianHMM(3, warmup=300, batch_size=64, features=("f0", "f1"), seed=0)
+    model.filter_and_learn(X[:5])
+    pool = np.vstack([X[:5], rows])
+    median = np.median(pool, axis=0)
+    spread = 1.4826 * np.median(np.abs(pool - median), axis=0)
+    np.testing.assert_allclose(model.outlier_distances(rows), (((rows - median) / spread) ** 2).sum(axis=1))
+    assert model.outlier_distances(rows)[7] > 1e10
+    assert (model.outlier_distances(rows[:10]) == 0).all()  # 15 records in all: no reference yet

@@ -183,8 +183,8 @@ def _lines(process: subprocess.Popen) -> queue.Queue:
     return lines
 
 
-def _exit_watchers(pid: int) -> list[int]:
-    """A pidfd (readable once the process exits) for every process descended from `pid`."""
+def _descendants(pid: int) -> list[tuple[int, int]]:
+    """(pid, generation) of every process descended from `pid` (1: its children, 2: theirs, ...)."""
     children: dict[int, list[int]] = {}
     for stat in pathlib.Path("/proc").glob("[0-9]*/stat"):
         try:
@@ -192,13 +192,19 @@ def _exit_watchers(pid: int) -> list[int]:
         except (OSError, IndexError, ValueError):
             continue
         children.setdefault(parent, []).append(int(stat.parent.name))
-    descendants, todo = [], [pid]
+    descendants, todo = [], [(pid, 0)]
     while todo:
-        found = children.get(todo.pop(), [])
+        parent, generation = todo.pop()
+        found = [(child, generation + 1) for child in children.get(parent, [])]
         descendants += found
         todo += found
+    return descendants
+
+
+def _exit_watchers(pid: int) -> list[int]:
+    """A pidfd (readable once the process exits) for every process descended from `pid`."""
     watchers = []
-    for descendant in descendants:
+    for descendant, _ in _descendants(pid):
         with contextlib.suppress(ProcessLookupError):
             watchers.append(os.pidfd_open(descendant))
     return watchers
@@ -239,6 +245,49 @@ def test_kill_9_mid_stream_then_restart_loses_nothing(broker):
     # only the tail after the last checkpoint (< 1,000 records + one poll of 200) is answered twice
     assert len(assignments) - total <= 1200
     assert stored_checkpoint(settings).model["n_seen"] == total  # nothing learned twice
+
+
+def test_a_model_process_blocked_on_a_dead_broker_dies_with_a_killed_consumer():
+    """kill -9 of the consumer while its model process waits on a broker that is gone (its last checkpoint
+    retrying for --delivery-timeout-s): the model process dies with the consumer, no orphan left retrying."""
+    from streamem_connectors.kafka.broker import EmbeddedBroker
+
+    with EmbeddedBroker() as own:  # a broker of its own: this test kills it
+        topic = unique("orphan")
+        settings = make_settings(own, topic)
+        ensure_topics(settings, input_partitions=1)
+        produce(own.bootstrap_servers, topic, good_values(500))
+        counter = TopicCounter(own.bootstrap_servers, settings.topics["assignments"])
+        victim = _start(settings, "--delivery-timeout-s", "120")
+        lines = _lines(victim)
+        model: list[int] = []
+        try:
+            wait_for(lambda: counter.count() >= 500, 60, "the consumer to answer its records")
+            counter.close()
+            model = [pid for pid, generation in _descendants(victim.pid) if generation == 2]  # the fork server's child
+            watchers = [os.pidfd_open(pid) for pid in model]
+            own.kill()
+            victim.send_signal(signal.SIGTERM)  # its last checkpoint now waits on the broker that is gone
+
+            def retrying() -> bool:
+                try:
+                    return "not acknowledged" in lines.get(timeout=1)
+                except queue.Empty:
+                    return False
+
+            wait_for(retrying, 60, "the model process to retry its last checkpoint")
+            victim.send_signal(signal.SIGKILL)
+            victim.wait()
+            assert model
+            for watcher in watchers:
+                assert select.select([watcher], [], [], 30)[0], "the model process outlived the consumer"
+                os.close(watcher)
+        finally:
+            if victim.poll() is None:
+                victim.kill()
+            for pid in model:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
 
 
 def test_two_processes_in_a_group_split_the_partitions_and_stop_on_sigterm(broker):

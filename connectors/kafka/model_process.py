@@ -12,7 +12,8 @@ keeps, and forwarded with the next request, so a rebalance callback never waits
 for the model and the learner sees every call in the order the loop made it. The
 child ignores SIGINT and SIGTERM: the loop decides when to stop (after its last
 checkpoint), and the child exits when the loop closes it or dies (its end of the
-pipe closes).
+pipe closes); on Linux also while it is blocked, e.g. retrying a delivery to a broker
+that is down (`_die_with`).
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ import gc
 import logging
 import logging.handlers
 import multiprocessing
+import os
+import select
 import signal
 import sys
 import threading
@@ -162,7 +165,7 @@ class _Child:
         self._log_thread.start()
         level = logging.getLogger("streamem_connectors").getEffectiveLevel()
         self._process = context.Process(
-            target=_serve, args=(settings, child, child_logs, level), name="streamem-model", daemon=True
+            target=_serve, args=(settings, child, child_logs, level, os.getpid()), name="streamem-model", daemon=True
         )
         self._process.start()
         child.close()
@@ -249,8 +252,28 @@ def _reply(connection, reply: tuple) -> bool:
     return True
 
 
-def _serve(settings: ConsumerSettings, connection, logs, level: int) -> None:
+def _die_with(consumer: int) -> None:
+    """End this process as soon as the consumer (pid `consumer`) is gone, even while it is blocked, e.g.
+    retrying a delivery to a broker that is down: an orphan would retry its outputs for up to
+    --delivery-timeout-s and could deliver them after its replacement started. (Linux: a thread waits
+    on a pidfd of the consumer; its pipe closing is the rule elsewhere.)"""
+    try:
+        watcher = os.pidfd_open(consumer)
+    except ProcessLookupError:  # gone already
+        os._exit(1)
+    except (AttributeError, OSError):
+        return
+
+    def watch() -> None:
+        select.select([watcher], [], [])
+        os._exit(1)  # as a kill -9 of the whole consumer: the restart resumes from the last checkpoint
+
+    threading.Thread(target=watch, name="streamem-consumer-watch", daemon=True).start()
+
+
+def _serve(settings: ConsumerSettings, connection, logs, level: int, consumer: int) -> None:
     """The child: build the answerer, then run the calls it is sent until told to stop."""
+    _die_with(consumer)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     root = logging.getLogger()

@@ -527,6 +527,7 @@ def test_a_restore_keeps_the_filter_as_answered_when_another_stream_moved_the_pa
         copy_.restore_stream("a", {**state, "latest": [1.0]})
 
 
+@pytest.mark.filterwarnings("ignore:Baum-Welch did not converge")  # five iterations give a start, that is all
 @pytest.mark.parametrize("covariance_type", ["full", "diag", "spherical", "tied"])
 def test_relabelled_statistics_are_those_of_the_chain_with_its_states_renamed(covariance_type):
     """HMMStats.relabelled(order) equals the statistics the same rows give under the parameters with

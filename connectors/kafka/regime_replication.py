@@ -30,11 +30,8 @@ filter starts anew and a WARNING says why. Records below the offset the log has 
 from __future__ import annotations
 
 import logging
-import uuid
 
 import numpy as np
-import orjson
-from pydantic import ValidationError
 from scipy.optimize import linear_sum_assignment
 
 from streamem.families.markov import HMMStats
@@ -55,7 +52,7 @@ from streamem_connectors.kafka.clients import input_positions
 from streamem_connectors.kafka.learner import Counters, Learner, model_type, new_state
 from streamem_connectors.kafka.regimes import RegimeLearner, checked_regimes, stream_name
 from streamem_connectors.kafka.replication import (
-    LogReader,
+    StatisticsLog,
     StatisticsMessage,
     merged_sources,
     remedy_for_refusal,
@@ -95,7 +92,6 @@ class ReplicatedRegimeLearner(RegimeLearner):
         self.regimes: dict[str, int] = {}
         self.refused_in_a_row: dict[str, int] = {}
         self.state = new_state(settings)
-        self.log_topic = settings.topics["statistics"]
         self.shared_key = f"{settings.group_id}/replica"
         self.filter_prefix = f"{settings.group_id}/filter/"
         # Statistics messages are made only while a batch is answered, and go out with its outputs: what
@@ -112,16 +108,13 @@ class ReplicatedRegimeLearner(RegimeLearner):
         self.held: list[tuple[str, list, list[Position], HMMStats]] = []
         self.leftovers: Leftovers = {}  # answered, to learn (again) at the next batch
         self.changed: set[str] = set()  # streams moved since the last checkpoint
-        self.sequence = 0
-        self.run = uuid.uuid4().hex
-        self.own_applied = 0
         self.caught_up = False  # the whole log applied once (before the first batch: what is learned already)
         self.first_offsets: dict[str, int] = {}
         found = store.load_prefix(f"{settings.group_id}/")
         self.stored_filters = {k: v for k, v in found.items() if k.startswith(self.filter_prefix)}
         self.stale = False  # stored filters to be re-read before the next batch (a rebalance happened)
         self._restore_all(found)
-        self.log = LogReader(settings, self.log_topic, self.log_offset)
+        self.log = StatisticsLog(settings, self.log_offset)
 
     # -- restoring ---------------------------------------------------------------------------------
     def _restore_all(self, found: dict[str, bytes]) -> None:
@@ -352,37 +345,18 @@ class ReplicatedRegimeLearner(RegimeLearner):
                 rows = rows[size:]
 
     def _message(self, kind: str, statistics: HMMStats, sources: list[dict], count: int, model=None):
-        self.sequence += 1
-        body = {
-            "kind": kind,
-            "origin": self.settings.instance_id,
-            "run": self.run,
-            "sequence": self.sequence,
-            "count": count,
-            "sources": sources,
-            "statistics": statistics.to_dict(),  # sums over the `count` records
-            "model": model,
-        }
-        return schemas.OutputRecord(self.log_topic, self.settings.instance_id.encode(),
-                                    orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY))
+        return self.log.message(kind, statistics, sources, count, model)
 
     # -- the replica side --------------------------------------------------------------------------
     def catch_up(self, to_end: bool = False) -> None:
         """Apply the statistics log from where this replica is, through its own messages at least (it
         reads its own writes), to the end with `to_end`."""
-        until = None if to_end else (lambda: self.own_applied >= self.sequence)
-        for offset, value in self.log.read(to_end=to_end, until=until):
-            self._apply(value)
+        for offset, message in self.log.read(to_end=to_end):
+            if message is not None:
+                self._apply(message)
             self.log_offset = offset + 1
 
-    def _apply(self, value: bytes) -> None:
-        try:
-            message = StatisticsMessage.model_validate_json(value)
-        except ValidationError as error:  # every replica skips the same message, so they still agree
-            logger.error("statistics message skipped: %s", str(error).replace("\n", "; "))
-            return
-        if message.run == self.run:
-            self.own_applied = max(self.own_applied, message.sequence)
+    def _apply(self, message: StatisticsMessage) -> None:
         ranges = [(s.topic, s.partition, s.first, s.to) for s in message.sources]
         if ranges and all(to <= self.applied.get((t, p), 0) for t, p, _, to in ranges):
             return  # already learned: these records were published again after a crash
@@ -427,7 +401,7 @@ class ReplicatedRegimeLearner(RegimeLearner):
     def _start(self, message: StatisticsMessage) -> None:
         """The log's first init starts the model: this replica's own (its model is that already), or
         another's; then this replica's unlearned records are learned again through it."""
-        if message.run == self.run:
+        if message.run == self.log.run:
             self.started = True
             return
         if message.model is None:

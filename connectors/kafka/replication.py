@@ -53,8 +53,8 @@ from streamem_connectors.kafka.resume import check_resume, differing_settings
 from streamem_connectors.kafka.settings import ConsumerSettings
 
 __all__ = [
-    "LogReader",
     "ReplicatedLearner",
+    "StatisticsLog",
     "StatisticsMessage",
     "merged_sources",
     "record_sources",
@@ -144,7 +144,6 @@ class ReplicatedLearner(Learner):
 
     def __init__(self, settings: ConsumerSettings, store):
         super().__init__(settings, store)
-        self.log_topic = settings.topics["statistics"]
         self.shared_key = f"{settings.group_id}/replica"
         self.state: ModelState = new_state(settings)
         self.messages: list[schemas.OutputRecord] = []  # statistics messages of the batch being answered
@@ -160,9 +159,6 @@ class ReplicatedLearner(Learner):
         self.warmup_rows: list[np.ndarray] = []  # and their rows, published if another replica's init comes first
         self.caught_up = False  # the whole log applied once (before the first batch: what is learned already)
         self.init_sent = False  # our warm-up is on its way through the log
-        self.sequence = 0  # statistics messages this run has published
-        self.run = uuid.uuid4().hex  # tells this run's messages from an earlier run's of the same instance
-        self.own_applied = 0  # the last of them the model has applied
         # Without a checkpoint of its own a replica is not reset: the model is rebuilt from the group's
         # latest replica checkpoint and the statistics log (so no --reset-model here, and no refusal).
         found = store.load_prefix(f"{settings.group_id}/")
@@ -195,7 +191,7 @@ class ReplicatedLearner(Learner):
                     self._restore_warm_up(replica, where)
         self.waiting.detector = self.state.detector  # one detector, whichever model answers
         self.waiting.since_drift_record = self.state.since_drift_record
-        self.log = LogReader(settings, self.log_topic, self.log_offset)
+        self.log = StatisticsLog(settings, self.log_offset)
 
     def _restore_warm_up(self, replica: dict, where: str) -> None:
         """The records this replica's waiting model held at its last checkpoint (answered, not yet
@@ -296,36 +292,19 @@ class ReplicatedLearner(Learner):
         return np.zeros(len(offered), dtype=bool)
 
     def _message(self, kind: str, stats: se.GaussianStats, sources: list[dict], count: int) -> schemas.OutputRecord:
-        self.sequence += 1
-        body = {
-            "kind": kind,
-            "origin": self.settings.instance_id,
-            "run": self.run,
-            "sequence": self.sequence,
-            "count": count,
-            "sources": sources,
-            "statistics": stats.to_dict(),  # sums over the `count` records
-        }
-        return schemas.OutputRecord(self.log_topic, self.settings.instance_id.encode(), orjson.dumps(body))
+        return self.log.message(kind, stats, sources, count)
 
     # -- the replica side ---------------------------------------------------------------------
     def catch_up(self, to_end: bool = False) -> None:
         """Apply the statistics log from where this replica is, at least through the messages this
         replica has published (it reads its own writes: a batch is answered by a model that has
         learned every earlier batch, as in the other modes); to its end with `to_end`."""
-        until = None if to_end else (lambda: self.own_applied >= self.sequence)
-        for offset, value in self.log.read(to_end=to_end, until=until):
-            self._apply(value)
+        for offset, message in self.log.read(to_end=to_end):
+            if message is not None:
+                self._apply(message)
             self.log_offset = offset + 1
 
-    def _apply(self, value: bytes) -> None:
-        try:
-            message = StatisticsMessage.model_validate_json(value)
-        except ValidationError as error:  # every replica skips the same message, so they still agree
-            logger.error("statistics message skipped: %s", str(error).replace("\n", "; "))
-            return
-        if message.run == self.run:
-            self.own_applied = max(self.own_applied, message.sequence)
+    def _apply(self, message: StatisticsMessage) -> None:
         ranges = [(s.topic, s.partition, s.to) for s in message.sources]
         if ranges and all(to <= self.applied.get((t, p), 0) for t, p, to in ranges):
             return  # already learned: these records were published again after a crash
@@ -399,6 +378,54 @@ def merged_sources(sources: list[dict]) -> list[dict]:
         low, high = ranges.get(key, [s["from"], s["to"]])
         ranges[key] = [min(low, s["from"]), max(high, s["to"])]
     return [{"topic": t, "partition": p, "from": lo, "to": hi} for (t, p), (lo, hi) in sorted(ranges.items())]
+
+
+class StatisticsLog:
+    """A replica's side of the statistics log: the messages it publishes (numbered within its run, so it
+    knows its own when it reads them back) and the messages it reads, in the log's order."""
+
+    def __init__(self, settings: ConsumerSettings, offset: int):
+        self.settings = settings
+        self.topic = settings.topics["statistics"]
+        self.run = uuid.uuid4().hex  # tells this run's messages from an earlier run's of the same instance
+        self.sequence = 0  # messages this run has published
+        self.own_read = 0  # the last of them read back
+        self.reader = LogReader(settings, self.topic, offset)
+
+    def message(self, kind: str, statistics, sources: list[dict], count: int, model: dict | None = None):
+        """The next message of this run: statistics (sums over `count` records) and the input records they
+        cover (`model`: a hidden Markov model's init carries the warmed model)."""
+        self.sequence += 1
+        body = {
+            "kind": kind,
+            "origin": self.settings.instance_id,
+            "run": self.run,
+            "sequence": self.sequence,
+            "count": count,
+            "sources": sources,
+            "statistics": statistics.to_dict(),
+        }
+        if model is not None:
+            body["model"] = model
+        value = orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY)
+        return schemas.OutputRecord(self.topic, self.settings.instance_id.encode(), value)
+
+    def read(self, to_end: bool = False):
+        """(log offset, message) through this run's own messages at least (a replica reads its own writes),
+        to the end with `to_end`; a message that cannot be read is None (every replica skips it alike)."""
+        until = None if to_end else (lambda: self.own_read >= self.sequence)
+        for offset, value in self.reader.read(to_end=to_end, until=until):
+            try:
+                message = StatisticsMessage.model_validate_json(value)
+            except ValidationError as error:
+                logger.error("statistics message skipped: %s", str(error).replace("\n", "; "))
+                message = None
+            if message is not None and message.run == self.run:
+                self.own_read = max(self.own_read, message.sequence)
+            yield offset, message
+
+    def close(self) -> None:
+        self.reader.close()
 
 
 class LogReader:

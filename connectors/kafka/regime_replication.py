@@ -65,8 +65,6 @@ __all__ = ["ReplicatedRegimeLearner"]
 logger = logging.getLogger(__name__)
 Partition = tuple[str, int]
 Position = tuple[str, int, int]  # (topic, partition, offset) of an input record
-
-
 Leftovers = dict[str, tuple[list, list[Position]]]  # stream -> (rows, their input records): to learn again
 
 
@@ -163,7 +161,7 @@ class ReplicatedRegimeLearner(RegimeLearner):
         try:
             applied = {(str(t), int(p)): int(o) for t, p, o in replica["applied"]}
             for (topic, partition), offset in applied.items():  # what the log learned is in the input
-                first, end = positions.ranges.get(partition, (0, -1)) if topic == positions.topic else (0, -1)
+                end = positions.ranges.get(partition, (0, -1))[1] if topic == positions.topic else -1
                 if not 0 <= offset <= end:
                     raise ValueError(f"offset {offset} of {topic}[{partition}] is not in the input (it ends at "
                                      f"{end})")

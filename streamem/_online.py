@@ -532,17 +532,46 @@ class OnlineMixture:
         unless Polyak `averaging` is on, when those answer with the averaged parameters): what
         `summarize` would return, without a second E-step. Rows with missing values need
         `summarize` (their statistics are conditional expectations, not weighted sums)."""
+        rows, resp = self._answered_rows(X, responsibilities, y)
+        shift = None if self._engine is None else self._engine.stats.shift
+        return self._family().suff_stats(self._prepare(rows, shift), resp)
+
+    def learn_answered(self, X, responsibilities: np.ndarray, y=None) -> None:
+        """Learn a warm model's rows from the responsibilities they were answered with (as for
+        `statistics_of`): the same updates as `apply(statistics_of(chunk, ...))` chunk after chunk
+        (the first chunk completing what `apply` has pooled, then whole mini-batches), with the rows
+        and responsibilities checked once for the whole block. The Kafka consumer learns each poll so.
+
+        >>> import numpy as np, streamem as se
+        >>> X = np.random.default_rng(0).normal(size=(1000, 2))
+        >>> model = se.OnlineGMM(2, features=("a", "b"), seed=0)
+        >>> model.learn_many(X[:500])
+        >>> responsibilities = model.assign_many(X[500:])[0]
+        >>> model.learn_answered(X[500:], responsibilities)
+        >>> model.n_seen
+        1000
+        """
+        if self._engine is None:
+            raise ValueError("a cold model learns its warm-up with learn_many before it learns answered rows")
+        rows, resp = self._answered_rows(X, responsibilities, y)
+        family, start, size = self._family(), 0, self.records_until_update
+        while start < rows.shape[0]:
+            chunk = slice(start, start + size)
+            self._apply_checked(family.suff_stats(self._prepare(rows[chunk], self._engine.stats.shift), resp[chunk]))
+            start, size = start + size, self.batch_size
+
+    def _answered_rows(self, X, responsibilities: np.ndarray, y=None) -> tuple[np.ndarray, np.ndarray]:
+        """(rows, responsibilities) of `statistics_of` and `learn_answered`, checked."""
         rows = self._summary_rows(X, y)
         resp = np.asarray(responsibilities, dtype=float)
         expected = (rows.shape[0], self.n_components)
-        # min/max reductions, not np.allclose: this runs once per mini-batch on the consumer's hot path
+        # min/max reductions, not np.allclose: this runs once a poll on the consumer's hot path
         normalised = resp.shape == expected and np.abs(resp.sum(axis=1) - 1.0).max(initial=0.0) <= 1e-6
         if not (normalised and resp.min(initial=0.0) >= 0):
             raise ValueError(f"responsibilities must be {expected} non-negative values, each row summing to 1")
         if np.isnan(rows).any():
             raise ValueError("rows with missing values: their statistics come from summarize")
-        shift = None if self._engine is None else self._engine.stats.shift
-        return self._family().suff_stats(self._prepare(rows, shift), resp)
+        return rows, resp
 
     def apply(self, statistics) -> None:
         """Learn statistics (sums over their records, as `summarize`, `statistics_of` and
@@ -552,7 +581,10 @@ class OnlineMixture:
         (so statistics of one record at a time learn as `learn_one` does, a mini-batch at a time).
         A cold model starts from them instead (records waiting in its warm-up buffer are then
         learned after them). Statistics of another type or shape raise ValueError."""
-        stats = self._checked_statistics(statistics)
+        self._apply_checked(self._checked_statistics(statistics))
+
+    def _apply_checked(self, stats) -> None:
+        """`apply` of statistics known to fit this model."""
         count = stats.count
         if self._engine is not None:
             # records learned as statistics were screened by the caller (the Kafka consumer screens

@@ -208,6 +208,67 @@ def test_statistics_of_single_records_pool_into_mini_batches_as_learn_many():
     np.testing.assert_allclose(by_stats.means_, by_learn.means_, rtol=1e-10)
 
 
+@pytest.mark.parametrize("kind", ["full", "diag", "regression"])
+def test_learn_answered_is_apply_of_statistics_of_chunk_after_chunk(kind):
+    """learn_answered (the consumer's path: rows checked once) learns exactly what `apply(statistics_of(...))`
+    learns mini-batch after mini-batch, the first completing the 30 records pooled before."""
+    if kind == "regression":
+        X, y = regression_data()
+        make = lambda: _warm(se.OnlineRegressionMixture(2, seed=0), X, y)  # noqa: E731
+    else:
+        X, y = two_blobs(), None
+        make = lambda: _warm(se.OnlineGMM(2, covariance_type=kind, features=("a", "b", "c"), seed=0), X)  # noqa: E731
+    target = lambda rows: None if y is None else y[rows]  # noqa: E731
+    by_block, by_chunk = make(), make()
+    for model in (by_block, by_chunk):
+        model.apply(model.summarize(X[WARM : WARM + 30], target(slice(WARM, WARM + 30))).statistics)
+    block = slice(WARM + 30, WARM + 1054)
+    answers = by_block.assign_many(X[block]) if y is None else by_block.assign_many(X[block], y[block])
+    responsibilities = answers[0]
+    by_block.learn_answered(X[block], responsibilities, target(block))
+    start, size = 0, by_chunk.records_until_update
+    rows, resp = X[block], responsibilities
+    while start < rows.shape[0]:
+        chunk = slice(start, start + size)
+        by_chunk.apply(by_chunk.statistics_of(rows[chunk], resp[chunk], None if y is None else y[block][chunk]))
+        start, size = start + size, by_chunk.batch_size
+    assert by_block.n_seen == by_chunk.n_seen == WARM + 1054 and by_block.n_updates == by_chunk.n_updates
+    assert by_block.records_until_update == by_chunk.records_until_update  # the same records left pooled
+    for name, value in by_chunk.statistics_.to_arrays().items():
+        np.testing.assert_array_equal(by_block.statistics_.to_arrays()[name], value)
+
+
+def test_learn_answered_one_mini_batch_is_learn_many():
+    """Responsibilities from assign_many, learned as one mini-batch, give learn_many's parameters (its E-step
+    is the same one)."""
+    X = two_blobs()
+    by_answers = _warm(se.OnlineGMM(2, features=("a", "b", "c"), seed=0), X)
+    by_learn = _warm(se.OnlineGMM(2, features=("a", "b", "c"), seed=0), X)
+    rows = X[WARM : WARM + 128]
+    by_answers.learn_answered(rows, by_answers.assign_many(rows)[0])
+    by_learn.learn_many(rows)
+    for name in ("weights_", "means_", "covariances_"):
+        np.testing.assert_allclose(getattr(by_answers, name), getattr(by_learn, name), rtol=1e-12, atol=1e-14)
+
+
+def test_learn_answered_refuses_what_it_cannot_learn():
+    X = two_blobs()
+    cold = se.OnlineGMM(2, features=("a", "b", "c"))
+    with pytest.raises(ValueError, match="warm-up"):
+        cold.learn_answered(X[:10], np.full((10, 2), 0.5))
+    model = _warm(se.OnlineGMM(2, features=("a", "b", "c"), seed=0), X)
+    before = model.statistics_.to_arrays()
+    with pytest.raises(ValueError, match="responsibilities must be"):
+        model.learn_answered(X[:10], np.full((10, 3), 1 / 3))
+    with pytest.raises(ValueError, match="responsibilities must be"):
+        model.learn_answered(X[:10], np.full((10, 2), 0.7))
+    with pytest.raises(ValueError, match="finite"):
+        model.learn_answered(np.vstack([X[:9], [[np.inf, 0.0, 0.0]]]), np.full((10, 2), 0.5))
+    for name, value in before.items():  # nothing learned from a refused call
+        np.testing.assert_array_equal(model.statistics_.to_arrays()[name], value)
+    assert model.n_seen == WARM
+
+
 def test_records_learned_as_statistics_count_in_the_moved_stream_window():
     """Isolated outliers between batches learned through apply (the consumer's path) age out of the moved-stream
     window: 80 of them, one per 200 good records, never make the model warm up again."""

@@ -258,7 +258,16 @@ class Learner:
     def learn_statistics(self, state: ModelState, records, X: np.ndarray, target, rows: np.ndarray, responsibilities):
         """Learn rows of a warm model as statistics, one mini-batch at a time (the first one completes
         what the model has pooled): from the responsibilities they were answered with when given
-        (one E-step answers and learns), else from an E-step now; each goes to `apply_statistics`."""
+        (one E-step answers and learns), else from an E-step now. Here, on the model itself, all at
+        once (`learn_answered`); a learner that applies them elsewhere overrides `apply_statistics`
+        and learns them through `learn_in_chunks`."""
+        if responsibilities is None:
+            self.learn_in_chunks(state, records, X, target, rows, None)
+        else:
+            state.model.learn_answered(X[rows], responsibilities[rows], None if target is None else target[rows])
+
+    def learn_in_chunks(self, state: ModelState, records, X: np.ndarray, target, rows: np.ndarray, responsibilities):
+        """`learn_statistics`, each mini-batch's statistics handed to `apply_statistics` with its records."""
         model, start, size = state.model, 0, state.model.records_until_update
         while start < rows.size:
             # the first chunk completes what the model has pooled, the others are whole mini-batches (the

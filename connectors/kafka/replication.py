@@ -279,6 +279,10 @@ class ReplicatedLearner(Learner):
             self.messages.append(self._message("init", start, sources, model.n_seen))
         return refused, done
 
+    def learn_statistics(self, state: ModelState, records, X: np.ndarray, target, rows: np.ndarray, responsibilities):
+        """Each mini-batch's statistics go to the log (`apply_statistics`)."""
+        self.learn_in_chunks(state, records, X, target, rows, responsibilities)
+
     def apply_statistics(self, state: ModelState, statistics, records) -> None:
         """Publish a mini-batch's statistics; every replica applies them in the log's order (the
         waiting model learns them now, as the replicated one will)."""

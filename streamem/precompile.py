@@ -12,6 +12,7 @@ import time
 
 import numpy as np
 
+from streamem.drift import WeightDriftDetector
 from streamem.engines.markov_chain import forward_backward, sequence_bounds, viterbi
 from streamem.families.cold_kernels import warm_up_cold_kernels
 from streamem.families.gaussian_kernels import warm_up_kernels
@@ -24,6 +25,7 @@ def compile_kernels() -> float:
     began = time.perf_counter()
     warm_up_kernels()
     warm_up_cold_kernels()
+    WeightDriftDetector(2).update_many(np.full((3, 2), 0.5))
     log_b = np.zeros((3, 2))
     bounds = sequence_bounds(None, 3)
     forward_backward(log_b, np.full(2, 0.5), np.full((2, 2), 0.5), *bounds)

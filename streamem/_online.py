@@ -556,6 +556,14 @@ class OnlineMixture:
         rows, resp = self._answered_rows(X, responsibilities, y)
         family, start, size = self._family(), 0, self.records_until_update
         while start < rows.shape[0]:
+            if self._pending is None and size == self.batch_size:  # whole mini-batches: one fused call, if any
+                learned = self._engine.apply_answered(rows[start:], resp[start:], size, size * (1 - 1e-9))
+                if learned:
+                    self._screened += learned  # as `_apply_checked` counts them
+                    self.n_seen += learned
+                    self._scorer = self._reference = self._fast = self._scored = None
+                    start += learned
+                    continue
             chunk = slice(start, start + size)
             self._apply_checked(family.suff_stats(self._prepare(rows[chunk], self._engine.stats.shift), resp[chunk]))
             start, size = start + size, self.batch_size

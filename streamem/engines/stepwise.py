@@ -87,6 +87,28 @@ class StepwiseEM:
         if self.averaging_start is not None and self.n_updates >= self.averaging_start:
             self._average()
 
+    def apply_answered(self, rows: np.ndarray, resp: np.ndarray, size: int, min_count: float) -> int:
+        """`apply` of the statistics of the whole mini-batches of `size` answered rows (prepared rows, their
+        responsibilities), one after the other, in one fused call where the family has one (the Gaussian
+        family, full covariances; not with averaging); returns the rows learned (0: none, the caller
+        learns them one mini-batch at a time)."""
+        fused = getattr(self.family, "learn_answered", None)
+        n_batches = rows.shape[0] // size
+        if fused is None or self.averaging_start is not None or not n_batches:
+            return 0
+        steps, t = [], self.n_updates
+        for _ in range(n_batches):  # the schedule as `apply` would meet it, update after update
+            steps.append(self.schedule(t))
+            t += 1
+        keeps = [1.0 - step for step in steps]
+        learned = fused(self.stats, rows, resp, size, keeps, steps, min_count, DEAD_MASS)
+        if learned is None:
+            return 0
+        done, self.stats, self.params = learned
+        for _ in range(done):
+            self.n_updates += 1
+        return done * size
+
     @property
     def predictive_params(self):
         """Averaged parameters once averaging has started, else the current ones."""

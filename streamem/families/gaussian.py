@@ -552,6 +552,36 @@ class GaussianFamily:
         params.__dict__["_log_weights"] = logs  # what the `log_weights` property computes (np.log), cached
         return blended, params
 
+    def learn_answered(
+        self, stats: GaussianStats, rows: np.ndarray, resp: np.ndarray, size: int, keeps, steps, min_count, dead_mass
+    ) -> tuple[int, GaussianStats, GaussianParams] | None:
+        """Stepwise updates from the whole mini-batches of `size` answered rows (n, d) with their
+        responsibilities (n, K), in one compiled call: each mini-batch's moments about the running
+        shift, then `blend_and_m_step` (weights `keeps[c]`, `steps[c]` / its count). Returns (mini-batches
+        learned, statistics, parameters); None where the caller takes the NumPy path (other covariance
+        types; the first mini-batch short of `min_count` records or needing the NumPy M-step)."""
+        if self.covariance_type != "full" or not _compiled(*stats.first.shape):
+            return None
+        done, shift, mass, first, second, weights, means, cov, chol, log_det, logs = kernels.learn_answered_full(
+            _contiguous(rows),
+            np.ascontiguousarray(resp.T),
+            int(size),
+            _contiguous(stats.shift),
+            _contiguous(stats.mass),
+            _contiguous(stats.first),
+            _contiguous(stats.second),
+            np.asarray(keeps, dtype=float),
+            np.asarray(steps, dtype=float),
+            float(min_count),
+            float(dead_mass),
+            self.reg_covar,
+        )
+        if not done:
+            return None
+        params = GaussianParams(weights, means, cov, "full", chol, log_det)
+        params.__dict__["_log_weights"] = logs  # as in blend_and_m_step
+        return done, GaussianStats(shift=shift, mass=mass, first=first, second=second), params
+
     def _numpy_m_step(self, stats: GaussianStats) -> GaussianParams:
         mass = stats.mass + MASS_FLOOR
         offsets = stats.first / mass[:, None]

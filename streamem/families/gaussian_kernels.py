@@ -30,6 +30,7 @@ __all__ = [
     "full_log_prob",
     "full_m_step",
     "full_moments",
+    "learn_answered_full",
     "log_weights",
     "screen_full",
     "update_full",
@@ -366,6 +367,42 @@ def update_full(shift, mass, first, second, b_mass, b_first, b_second, keep, tak
     return blended[0], blended[1], blended[2], blended[3], weights, means, cov, chol, log_det, logs, ok
 
 
+@numba.njit(**_JIT)
+def learn_answered_full(rows, resp, size, shift, mass, first, second, keeps, steps, min_count, dead_mass, reg_covar):
+    """Stepwise updates from the whole mini-batches of `size` answered rows (n, d), their responsibilities
+    (K, n) given: for mini-batch c, its moments about the running shift, then `update_full` with weights
+    `keeps[c]` and `steps[c] / count`. Stops before a mini-batch summarising fewer than `min_count` records
+    or one whose M-step the NumPy path must make (the caller takes it from there). Returns (mini-batches
+    learned, the four statistics fields, then `update_full`'s weights, means, covariances, Cholesky factors,
+    log-determinants and log-weights) of the last update (those given, unchanged, when none was made)."""
+    K, d = first.shape
+    weights = np.empty(K)
+    means = np.empty((K, d))
+    cov = np.empty((K, d, d))
+    chol = np.empty((K, d, d))
+    log_det = np.empty(K)
+    logs = np.empty(K)
+    done = 0
+    for c in range(keeps.shape[0]):
+        start = c * size
+        centred = np.empty((size, d))
+        for m in range(size):
+            for i in range(d):
+                centred[m, i] = rows[start + m, i] - shift[i]
+        b_mass, b_first, b_second = _moments(np.ascontiguousarray(resp[:, start : start + size]), centred)
+        count = _pairwise_sum(b_mass, K, 0, 1)
+        if not count >= min_count:
+            break
+        take = steps[c] * (1.0 / count)
+        out = update_full(shift, mass, first, second, b_mass, b_first, b_second, keeps[c], take, dead_mass, reg_covar)
+        if not out[10]:
+            break
+        shift, mass, first, second = out[0], out[1], out[2], out[3]
+        weights, means, cov, chol, log_det, logs = out[4], out[5], out[6], out[7], out[8], out[9]
+        done += 1
+    return done, shift, mass, first, second, weights, means, cov, chol, log_det, logs
+
+
 def warm_up_kernels() -> None:
     """Compile (or load from the cache) every kernel now, on tiny inputs of the types the hot path uses."""
     if compiled[0]:
@@ -381,6 +418,8 @@ def warm_up_kernels() -> None:
     mass, first, second = np.ones(K), np.zeros((K, d)), np.ones((K, 3))
     full_m_step(np.zeros(d), mass, first, second, 1e-6)
     update_full(np.zeros(d), mass, first, second, mass, first, second, 0.5, 0.5, 1e-8, 1e-6)
+    learn_answered_full(centred, np.full((K, n), 0.5), n, np.zeros(d), mass, first, second, np.full(1, 0.5),
+                        np.full(1, 0.5), 1.0, 1e-8, 1e-6)
     compiled[0] = True
 
 

@@ -103,3 +103,58 @@ def test_assignment_numbers_round_trip_exactly(k):
     assert np.array_equal([b["log_likelihood"] for b in bodies], log_likelihood)
     assert all("prediction" not in b and "model_key" not in b for b in bodies)
     assert not any(math.isnan(p) for b in bodies for p in b["probabilities"])
+
+
+@st.composite
+def answered_batches(draw):
+    """Records of any topic, partition, offset and key, answered by any numbers (NaN and infinities too)."""
+    n, k = draw(st.integers(1, 12)), draw(st.integers(1, 4))
+    topic = draw(st.text(min_size=1, max_size=12))
+    records = [
+        InputRecord(
+            topic,
+            draw(st.integers(0, 3)),
+            draw(st.integers(0, 2**63 - 1)),
+            draw(st.one_of(st.none(), st.binary(max_size=12), st.text(max_size=6).map(str.encode))),
+            b"{}",
+        )
+        for _ in range(n)
+    ]
+    number = st.floats(width=64)
+    resp = np.array(draw(st.lists(st.lists(number, min_size=k, max_size=k), min_size=n, max_size=n)))
+    log_likelihood = np.array(draw(st.lists(number, min_size=n, max_size=n)))
+    predictions = draw(st.one_of(st.none(), st.lists(number, min_size=n, max_size=n).map(np.array)))
+    model_key = draw(st.one_of(st.none(), st.text(max_size=8)))
+    return records, resp, log_likelihood, draw(st.integers(0, 2**62)), predictions, model_key
+
+
+@settings(max_examples=300, deadline=None)
+@given(answered_batches())
+def test_assignment_bytes_are_those_of_a_dict_per_record(batch):
+    """The assembled records are byte for byte what orjson makes of a dict per record (the fields in their
+    documented order), whatever the topic, keys and numbers."""
+    import orjson
+
+    records, resp, log_likelihood, first_n_seen, predictions, model_key = batch
+    outputs = assignments(records, "out", resp, log_likelihood, first_n_seen, predictions, model_key)
+    for j, (record, output) in enumerate(zip(records, outputs, strict=True)):
+        key = record.key
+        if key is not None:
+            try:
+                key = key.decode("utf-8")
+            except UnicodeDecodeError:
+                key = base64.b64encode(key).decode("ascii")
+        body = {
+            "source": {"topic": record.topic, "partition": record.partition, "offset": record.offset},
+            "key": key,
+            "component": int(np.argmax(resp[j])),
+            "probabilities": resp[j].tolist(),
+            "log_likelihood": float(log_likelihood[j]),
+            "n_seen": first_n_seen + j,
+        }
+        if predictions is not None:
+            body["prediction"] = float(predictions[j])
+        if model_key is not None:
+            body["model_key"] = model_key
+        assert output.value == orjson.dumps(body), j
+        assert output.key == record.key and output.topic == "out"

@@ -203,9 +203,11 @@ class Learner:
             settings=model_settings(self.settings),
         )
 
-    def _decode(self, batch) -> tuple[list, schemas.DecodedBatch]:
-        """Decode a batch; the invalid records' dead letters go in their places in the outputs."""
-        decoded = self.decoder.decode_batch([record.value for record in batch], [record.key for record in batch])
+    def _decode(self, batch, decoded: schemas.DecodedBatch | None = None) -> tuple[list, schemas.DecodedBatch]:
+        """Decode a batch (unless `decoded` already); the invalid records' dead letters go in their places
+        in the outputs."""
+        if decoded is None:
+            decoded = self.decoder.decode_batch([record.value for record in batch], [record.key for record in batch])
         self.counters.records_in += len(batch)
         return self._dead_letters(batch, dict(decoded.errors)), decoded
 

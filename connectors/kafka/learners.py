@@ -82,9 +82,10 @@ class InstanceLearner(Learner):
         )
         return state, offsets, Counters(**checkpoint.counters.model_dump())
 
-    def process(self, batch):
-        """One output per input record, in order, then the drift records."""
-        outputs, decoded = self._decode(batch)
+    def process(self, batch, decoded=None):
+        """One output per input record, in order, then the drift records (`decoded`: the batch's values
+        decoded already, if they are)."""
+        outputs, decoded = self._decode(batch, decoded)
         drifts = []
         if decoded.good:
             records = batch if not decoded.errors else [batch[i] for i in decoded.good]
@@ -197,11 +198,11 @@ class KeyedLearner(Learner):
             through,
         )
 
-    def process(self, batch):
+    def process(self, batch, decoded=None):
         if self.stale:
             self.stored = self.store.load_prefix(self.prefix)
             self.stale = False
-        outputs, decoded = self._decode(batch)
+        outputs, decoded = self._decode(batch, decoded)
         groups: dict[str, list[int]] = {}
         for j, key in enumerate(decoded.keys):
             groups.setdefault(str(key), []).append(j)

@@ -34,7 +34,7 @@ from streamem_connectors.kafka.answerer import Answerer, Report
 from streamem_connectors.kafka.checkpoint import CheckpointError
 from streamem_connectors.kafka.clients import DeliveryFailed
 from streamem_connectors.kafka.learner import Counters, OffsetBook, Partition
-from streamem_connectors.kafka.records import InputBatch
+from streamem_connectors.kafka.records import InputBatch, RecordDecoder
 from streamem_connectors.kafka.settings import ConsumerSettings
 from streamem_connectors.kafka.topics import BrokerUnreachable
 
@@ -66,6 +66,7 @@ class AnswererHandle:
         self.counters = Counters(**counters)
         self._deferred: list[tuple[str, tuple]] = []
         self._books_lock = threading.Lock()  # rebalance callbacks may run on the client's IO thread
+        self._decoder = RecordDecoder(settings.features, settings.target, settings.model_key)
 
     # -- answered here, forwarded with the next request ------------------------------------
     def revoked(self, partitions: list[Partition]) -> None:
@@ -86,8 +87,14 @@ class AnswererHandle:
             self._deferred.append(("advance", (offsets,)))
 
     # -- requests ------------------------------------------------------------------------------
+    def decoded(self, batch: InputBatch) -> InputBatch:
+        """The batch with its values decoded: the loop decodes a batch while the model process still
+        answers the one before (decoding was a fifth of that process's work)."""
+        return batch._replace(decoded=self._decoder.decode_batch(batch.values, batch.keys))
+
     def submit(self, batch: InputBatch) -> None:
-        """Start answering, learning and sending `batch`; `collect` waits for it."""
+        """Start answering, learning and sending `batch` (decoded by `decoded`, or by the learner if not);
+        `collect` waits for it."""
         self._request("process", batch)
 
     def collect(self) -> Report:

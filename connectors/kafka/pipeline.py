@@ -158,6 +158,8 @@ def run_consumer(
                 # topic its answers are then collected at once instead of after a poll timeout.
                 batch = source.poll(limit, 0 if submitted else settings.poll_timeout_ms)
                 polled_at = time.monotonic()
+                if batch.size:
+                    batch = answerer.decoded(batch)  # while the answerer is busy with the batch before
                 if submitted is not None:
                     collect(submitted)
                 elif not batch.size:

@@ -75,12 +75,23 @@ _new_tuple = tuple.__new__  # builds a NamedTuple from its fields in C, without 
 _TOPIC, _PARTITION, _OFFSET, _KEY = (itemgetter(i) for i in range(4))  # an InputRecord's fields
 
 
+class DecodedBatch(NamedTuple):
+    """A poll batch, decoded: the valid records' numbers and keys, and why the others are not valid."""
+
+    values: np.ndarray  # (n_good, n_numbers): the features, then the target, as floats
+    keys: list | None  # the model key of each valid record (None without --model-key)
+    good: list[int]  # batch positions of the valid records, in order
+    errors: list[tuple[int, str]]  # (batch position, what is wrong) of the others
+
+
 class InputBatch(NamedTuple):
     """A poll batch as columns: what the clients hand over and the model process is sent.
 
     Columns, not records: a batch of 1024 is built from the client's messages in a few C-level
     passes, and pickled to the model process as five lists (one topic: a consumer subscribes to
-    one input topic), where `records()` makes the `InputRecord`s the learner takes.
+    one input topic), where `records()` makes the `InputRecord`s the learner takes. `decoded`: the
+    values decoded already (the consume loop decodes them beside its polling, while the model
+    process answers the batch before), or None.
     """
 
     topic: str
@@ -88,6 +99,7 @@ class InputBatch(NamedTuple):
     offsets: list[int]
     keys: list[bytes | None]
     values: list[bytes | None]
+    decoded: DecodedBatch | None = None
 
     @property
     def size(self) -> int:
@@ -107,15 +119,6 @@ class OutputRecord(NamedTuple):
     topic: str
     key: bytes | None
     value: bytes
-
-
-class DecodedBatch(NamedTuple):
-    """A poll batch, decoded: the valid records' numbers and keys, and why the others are not valid."""
-
-    values: np.ndarray  # (n_good, n_numbers): the features, then the target, as floats
-    keys: list | None  # the model key of each valid record (None without --model-key)
-    good: list[int]  # batch positions of the valid records, in order
-    errors: list[tuple[int, str]]  # (batch position, what is wrong) of the others
 
 
 class RecordDecoder:

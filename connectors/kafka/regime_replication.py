@@ -201,7 +201,7 @@ class ReplicatedRegimeLearner(RegimeLearner):
         self.stale = True  # a previous owner may have just stored the filters of our new partitions
         return resume
 
-    def process(self, batch):
+    def process(self, batch, decoded=None):
         """Answer as the instance's hidden Markov model does; the statistics messages follow the drift and
         regime_change records."""
         self.catch_up(to_end=not self.caught_up)
@@ -221,7 +221,7 @@ class ReplicatedRegimeLearner(RegimeLearner):
             self.first_offsets.setdefault(stream_name(record.topic, record.partition), record.offset)
         for stream in self.first_offsets:
             self._follow(stream)
-        outputs = super().process(batch)
+        outputs = super().process(batch, decoded)
         for record in batch:  # a partition whose records were all refused has moved on too
             stream = stream_name(record.topic, record.partition)
             self.at[stream] = record.offset + 1

@@ -56,10 +56,10 @@ class RegimeLearner(InstanceLearner):
         self.regimes = checked_regimes(Checkpoint.parse(raw, where).regimes, self.settings.n_components, where)
         return restored
 
-    def process(self, batch):
+    def process(self, batch, decoded=None):
         """One output per input record, in order (an assignment or a dead letter), then the drift and
         regime_change records."""
-        outputs, decoded = self._decode(batch)
+        outputs, decoded = self._decode(batch, decoded)
         if not decoded.good:
             return outputs
         records = batch if not decoded.errors else [batch[i] for i in decoded.good]

@@ -227,7 +227,7 @@ class ReplicatedLearner(Learner):
         )
 
     # -- the consumer side -------------------------------------------------------------------
-    def process(self, batch):
+    def process(self, batch, decoded=None):
         """Answer as every learner does; the statistics messages of the learned records follow the drift records.
 
         Records the log has learned already (answered again after a crash or a rebalance) are answered
@@ -237,7 +237,7 @@ class ReplicatedLearner(Learner):
         self.caught_up = True
         if self.waiting is not None and self.state.model.is_warm:
             self._leave_waiting_model()
-        outputs, decoded = self._decode(batch)
+        outputs, decoded = self._decode(batch, decoded)
         if decoded.good:
             records = batch if not decoded.errors else [batch[i] for i in decoded.good]
             learn = np.array([r.offset >= self.applied.get((r.topic, r.partition), 0) for r in records], dtype=bool)

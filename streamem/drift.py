@@ -233,8 +233,8 @@ class WeightDriftDetector(base.DriftDetector):
         params = dict(state["params"])
         params["half_lives"] = tuple(params["half_lives"])
         detector = cls(**params)
-        short = np.asarray(state["short"], dtype=float)
-        reference = np.asarray(state["reference"], dtype=float)
+        short = np.array(state["short"], dtype=float)  # copies: the detector moves its own in place
+        reference = np.array(state["reference"], dtype=float)
         if short.shape != detector._short.shape or reference.shape != detector._reference.shape:
             raise ValueError("drift detector state has the wrong shape")
         if not (np.all(np.isfinite(short)) and np.all(np.isfinite(reference))):

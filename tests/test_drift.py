@@ -97,6 +97,20 @@ def test_state_round_trip_continues_identically():
         np.testing.assert_allclose(resumed.reference_weights_, uninterrupted.reference_weights_)
 
 
+def test_a_restored_detector_owns_its_state():
+    """from_dict copies the arrays it is given: the detector moves its averages in place, and must neither
+    change the caller's state nor fail on a read-only one."""
+    detector = WeightDriftDetector(2)
+    detector.update_many(np.tile([0.7, 0.3], (500, 1)))
+    state = detector.to_dict()
+    state["short"], state["reference"] = np.array(state["short"]), np.array(state["reference"])
+    kept = state["short"].copy(), state["reference"].copy()
+    state["reference"].flags.writeable = False
+    WeightDriftDetector.from_dict(state).update_many(np.tile([0.2, 0.8], (500, 1)))
+    np.testing.assert_array_equal(state["short"], kept[0])
+    np.testing.assert_array_equal(state["reference"], kept[1])
+
+
 @pytest.mark.parametrize(
     ("rows", "message"),
     [(np.ones((3, 3)), r"shape \(n, 2\)"), (np.array([[np.nan, 1.0]]), "NaN or infinite")],

@@ -555,14 +555,15 @@ class OnlineMixture:
             raise ValueError("a cold model learns its warm-up with learn_many before it learns answered rows")
         rows, resp = self._answered_rows(X, responsibilities, y)
         family, start, size = self._family(), 0, self.records_until_update
+        fused_stopped = -1  # where the fused call stopped: that mini-batch takes the NumPy path
         while start < rows.shape[0]:
-            if self._pending is None and size == self.batch_size:  # whole mini-batches: one fused call, if any
+            if self._pending is None and size == self.batch_size and start != fused_stopped:
                 learned = self._engine.apply_answered(rows[start:], resp[start:], size, size * (1 - 1e-9))
                 if learned:
                     self._screened += learned  # as `_apply_checked` counts them
                     self.n_seen += learned
                     self._scorer = self._reference = self._fast = self._scored = None
-                    start += learned
+                    start = fused_stopped = start + learned
                     continue
             chunk = slice(start, start + size)
             self._apply_checked(family.suff_stats(self._prepare(rows[chunk], self._engine.stats.shift), resp[chunk]))

@@ -5,10 +5,12 @@ an assignment, or a dead letter for an undecodable record or one the outlier gua
 feeds the drift detector and writes drift records, and learns the records: while the model is
 cold its warm-up takes them, after that each mini-batch's statistics, made from the
 responsibilities the records were answered with (one E-step answers and learns). The modes
-differ in where statistics are applied (`Learner.apply_statistics`): on the instance's own model,
-on each key's model (`streamem_connectors.kafka.learners`), or through the statistics log of the
-replicated model (`streamem_connectors.kafka.replication`, which also runs its own warm-up until the
-log's and never offers refused records to the model).
+differ in where statistics are applied (`Learner.learn_statistics`): on the instance's own model
+or on each key's model (`streamem_connectors.kafka.learners`), all of a poll's at once
+(`learn_answered`), or through the statistics log of the replicated model, one mini-batch at a
+time (`streamem_connectors.kafka.replication`: `learn_in_chunks` hands each to its
+`apply_statistics`; it also runs its own warm-up until the log's and never offers refused records
+to the model).
 """
 
 from __future__ import annotations

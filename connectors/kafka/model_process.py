@@ -90,7 +90,7 @@ class AnswererHandle:
     def decoded(self, batch: InputBatch) -> InputBatch:
         """The batch with its values decoded: the loop decodes a batch while the model process still
         answers the one before (decoding was a fifth of that process's work)."""
-        return batch._replace(decoded=self._decoder.decode_batch(batch.values, batch.keys))
+        return batch.decoded_by(self._decoder)
 
     def submit(self, batch: InputBatch) -> None:
         """Start answering, learning and sending `batch` (decoded by `decoded`, or by the learner if not);

@@ -1,10 +1,10 @@
-"""The consume loop: poll -> hand the batch to the answerer -> checkpoint -> commit.
+"""The consume loop: poll -> decode -> hand the batch to the answerer -> checkpoint -> commit.
 
-The loop owns the input side (polling, offsets, commits); an `Answerer`
-(`streamem_connectors.kafka.answerer`) owns the output side: it decodes and validates,
-predicts, learns, sends the answers, and stores checkpoints. By default the
-answerer runs in a child process (`streamem_connectors.kafka.model_process`): the loop
-polls batch N+1 while batch N is answered.
+The loop owns the input side (polling, decoding, offsets, commits); an `Answerer`
+(`streamem_connectors.kafka.answerer`) owns the output side: it predicts, learns, sends the
+answers (or dead letters, for records the decoder refused), and stores checkpoints. By default
+the answerer runs in a child process (`streamem_connectors.kafka.model_process`): the loop
+polls and decodes batch N+1 while batch N is answered.
 
 Guarantee: at-least-once. Every input offset ends in exactly one assignment or
 one dead-letter record. Every `checkpoint_every` records or `checkpoint_interval_s`

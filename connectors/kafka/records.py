@@ -109,6 +109,10 @@ class InputBatch(NamedTuple):
         columns = zip(itertools.repeat(self.topic), self.partitions, self.offsets, self.keys, self.values)
         return list(map(_new_tuple, itertools.repeat(InputRecord), columns))
 
+    def decoded_by(self, decoder: RecordDecoder) -> InputBatch:
+        """This batch with its values decoded (`decoded`)."""
+        return self._replace(decoded=decoder.decode_batch(self.values, self.keys))
+
     def next_offsets(self) -> dict[tuple[str, int], int]:
         """The offset after the last record of each partition in the batch."""
         last = dict(zip(self.partitions, self.offsets))  # a partition's records come in offset order

@@ -88,10 +88,11 @@ class StepwiseEM:
             self._average()
 
     def apply_answered(self, rows: np.ndarray, resp: np.ndarray, size: int, min_count: float) -> int:
-        """`apply` of the statistics of the whole mini-batches of `size` answered rows (prepared rows, their
-        responsibilities), one after the other, in one fused call where the family has one (the Gaussian
-        family, full covariances; not with averaging); returns the rows learned (0: none, the caller
-        learns them one mini-batch at a time)."""
+        """`apply` of the statistics of the whole mini-batches of `size` answered rows (the rows as given,
+        not centred: each mini-batch is centred on the running shift there, and their responsibilities),
+        one after the other, in one fused call where the family has one (the Gaussian family, full
+        covariances; not with averaging); returns the rows learned (0: none, the caller learns them one
+        mini-batch at a time)."""
         fused = getattr(self.family, "learn_answered", None)
         n_batches = rows.shape[0] // size
         if fused is None or self.averaging_start is not None or not n_batches:

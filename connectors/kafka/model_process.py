@@ -2,8 +2,9 @@
 
 Why a child: kafka-python is Python code, so in one process polling, producing and
 the model's work take turns under one interpreter lock. With the answerer (the
-model, the producer, the checkpoint store) in a child, the loop polls batch N+1
-while the child answers, learns and sends batch N, on a second core.
+model, the producer, the checkpoint store) in a child, the loop polls batch N+2
+while the child answers, learns and sends batch N, on a second core, with batch N+1
+already handed over (so the child never waits for the loop between two batches).
 
 `AnswererHandle` offers the same calls either way (`--no-model-process` keeps the
 answerer in this process). Calls that only keep books (the rebalance callbacks,
@@ -18,6 +19,7 @@ that is down (`_die_with`).
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import gc
 import logging
@@ -143,17 +145,16 @@ class _InProcess:
 
     def __init__(self, settings: ConsumerSettings):
         self.answerer = Answerer(settings)
-        self.result = None
+        self.results: collections.deque = collections.deque()
 
     def ready(self) -> tuple:
         return _books(self.answerer)
 
     def send(self, calls) -> None:
-        self.result = _run(self.answerer, calls)
+        self.results.append(_run(self.answerer, calls))
 
     def receive(self):
-        result, self.result = self.result, None
-        return result
+        return self.results.popleft()
 
     def close(self) -> None:
         self.answerer.close()
@@ -177,7 +178,7 @@ class _Child:
         self._process.start()
         child.close()
         child_logs.close()
-        self._waiting = True
+        self._waiting = 1  # requests sent and not answered yet (the first: its start)
 
     def ready(self) -> tuple:
         try:
@@ -191,14 +192,14 @@ class _Child:
             self._connection.send(calls)
         except (BrokenPipeError, OSError):
             raise self._died() from None
-        self._waiting = True
+        self._waiting += 1
 
     def receive(self):
         try:
             status, value = self._connection.recv()
         except (EOFError, OSError):
             raise self._died() from None
-        self._waiting = False
+        self._waiting -= 1
         if status == "error":
             raise LearnerFailed(f"the model process failed:\n{value}")
         if status == "refused":  # a checkpoint it may not resume from: its message says why
@@ -211,7 +212,8 @@ class _Child:
 
     def close(self) -> None:
         """Stop the child; it closes its Kafka clients first. (Mid-request, after an error, closing
-        the pipe is what stops it: its next read or write fails.)"""
+        the pipe is what stops it: its next read or write fails; after a failed request it stops by
+        itself.)"""
         try:
             if not self._waiting:
                 self._connection.send(None)
@@ -325,6 +327,8 @@ def _serve(settings: ConsumerSettings, connection, logs, level: int, consumer: i
             try:
                 connection.send(reply)
             except (BrokenPipeError, OSError):  # the consumer is gone
+                return
+            if reply[0] != "ok":  # the consumer stops on it: a request already sent after it is not run
                 return
     finally:
         answerer.close()

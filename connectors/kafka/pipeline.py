@@ -4,7 +4,7 @@ The loop owns the input side (polling, decoding, offsets, commits); an `Answerer
 (`streamem_connectors.kafka.answerer`) owns the output side: it predicts, learns, sends the
 answers (or dead letters, for records the decoder refused), and stores checkpoints. By default
 the answerer runs in a child process (`streamem_connectors.kafka.model_process`): the loop
-polls and decodes batch N+1 while batch N is answered.
+polls and decodes batch N+2 while batch N is answered and batch N+1 waits for it.
 
 Guarantee: at-least-once. Every input offset ends in exactly one assignment or
 one dead-letter record. Every `checkpoint_every` records or `checkpoint_interval_s`
@@ -21,6 +21,7 @@ in force before it, then learned.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import logging
@@ -39,6 +40,7 @@ from streamem_connectors.kafka.signals import StopSignals
 __all__ = ["Counters", "Progress", "run_consumer"]
 
 logger = logging.getLogger(__name__)
+_IN_FLIGHT = 2  # batches handed to the answerer before the loop waits for the oldest one's answers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,7 +144,9 @@ def run_consumer(
     def on_revoked(partitions: list[Partition]) -> None:
         answerer.revoked(partitions)
 
-    submitted: _Submitted | None = None  # the batch the answerer is working on
+    # The batches handed to the answerer and not collected yet, oldest first: up to two, so that it
+    # always has the next one at hand (with one, it waited for the loop a fifth of the time).
+    submitted: collections.deque[_Submitted] = collections.deque()
     try:
         source = make_source(settings, on_assigned, on_revoked)
         with stopper.on_signals():
@@ -159,29 +163,26 @@ def run_consumer(
                 batch = source.poll(limit, 0 if submitted else settings.poll_timeout_ms)
                 polled_at = time.monotonic()
                 if batch.size:
-                    batch = answerer.decoded(batch)  # while the answerer is busy with the batch before
-                if submitted is not None:
-                    collect(submitted)
-                elif not batch.size:
+                    batch = answerer.decoded(batch)  # while the answerer is busy with the batches before
+                if len(submitted) == _IN_FLIGHT or (submitted and not batch.size):
+                    collect(submitted.popleft())
+                elif not submitted and not batch.size:
                     answerer.idle()
-                submitted = None
                 if batch.size:
                     polled += batch.size
                     next_offsets = batch.next_offsets()
                     answerer.submit(batch)  # answered while the next poll runs
                     answerer.advance(next_offsets)  # before that poll, whose rebalance may ask for it
-                    submitted = _Submitted(batch, next_offsets, polled_at)
-                waiting = unsaved + (submitted.batch.size if submitted else 0)
+                    submitted.append(_Submitted(batch, next_offsets, polled_at))
+                waiting = unsaved + sum(s.batch.size for s in submitted)
                 if waiting >= settings.checkpoint_every or (
                     waiting and time.monotonic() - last_checkpoint >= settings.checkpoint_interval_s
                 ):
-                    if submitted is not None:
-                        collect(submitted)
-                        submitted = None
+                    while submitted:
+                        collect(submitted.popleft())
                     checkpoint()
-            if submitted is not None:
-                collect(submitted)
-                submitted = None
+            while submitted:
+                collect(submitted.popleft())
             answerer.finish()
             unsaved = max(unsaved, 1)  # the last checkpoint also records what finish() applied
             checkpoint()  # a clean stop leaves nothing uncommitted

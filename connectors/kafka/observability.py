@@ -66,7 +66,7 @@ class Observability:
         self.weights = Gauge("streamem_mixture_weight", "current mixture weight", ["component"], registry=self.registry)
         self.latency = Histogram(
             "streamem_batch_latency_seconds",
-            "time to process one poll batch",
+            "seconds from a poll batch's arrival until the loop collects its answers",
             registry=self.registry,
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
         )

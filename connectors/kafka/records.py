@@ -91,7 +91,7 @@ class InputBatch(NamedTuple):
     passes, and pickled to the model process as five lists (one topic: a consumer subscribes to
     one input topic), where `records()` makes the `InputRecord`s the learner takes. `decoded`: the
     values decoded already (the consume loop decodes them beside its polling, while the model
-    process answers the batch before), or None.
+    process answers the batches before), or None.
     """
 
     topic: str

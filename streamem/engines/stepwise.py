@@ -106,7 +106,7 @@ class StepwiseEM:
         if learned is None:
             return 0
         done, self.stats, self.params = learned
-        for _ in range(done):
+        for _ in range(done):  # one at a time, as `apply` counts them (the count can be fractional)
             self.n_updates += 1
         return done * size
 

@@ -526,6 +526,32 @@ class OnlineMixture:
         log_likelihood, resp, stats = self._family().expected_stats(batch, params)
         return Summary(resp, log_likelihood, stats)
 
+    def assign_and_learn_many(self, X, y=None):
+        """Answer a batch with the model as it stands, then learn it, if the outlier guard refuses
+        none of its rows: `assign_and_screen_many(X[, y])`, then `learn_many(X[, y])` when its screen
+        refuses no row (prequential, as a `predict_one` / `learn_one` loop answers). Returns the
+        answer; when the screen refuses a row, nothing is learned and the caller decides about the
+        refused rows and the others. Rows the model still refuses while learning them (screened by
+        what it became within the batch: its warm-up fit, a refreshed warm-up reference) are listed
+        in `skipped_`, as for `learn_many`.
+
+        A cold `OnlineGMM`'s small batches (one model per key) are answered, screened and buffered
+        in one compiled call.
+
+        >>> import numpy as np, streamem as se
+        >>> model = se.OnlineGMM(2, features=("a", "b"), warmup=100)
+        >>> responsibilities, log_likelihood, screen = model.assign_and_learn_many(np.array([[0.1, 0.2]]))
+        >>> responsibilities.shape, bool(screen.outlier.any()), model.n_seen
+        ((1, 2), False, 1)
+        """
+        answer = self.assign_and_screen_many(X) if y is None else self.assign_and_screen_many(X, y)
+        if not answer[-1].outlier.any():
+            if y is None:
+                self.learn_many(X)
+            else:
+                self.learn_many(X, y)
+        return answer
+
     def statistics_of(self, X, responsibilities: np.ndarray, y=None):
         """The statistics of a batch from responsibilities an E-step under the parameters the model
         learns with gave already (`summarize`'s; `assign_many`'s and `assign_and_screen_many`'s too

@@ -17,7 +17,7 @@ from streamem._validation import (
     record_values_with_missing,
 )
 from streamem.families.base import log_responsibilities
-from streamem.families.cold_kernels import provisional_scores
+from streamem.families.cold_kernels import cold_answers, provisional_scores
 from streamem.families.gaussian import (
     COVARIANCE_TYPES,
     GaussianFamily,
@@ -28,11 +28,22 @@ from streamem.families.gaussian import (
 from streamem.families.gaussian_kernels import closest_distance
 from streamem.families.gaussian_linalg import LOG_2PI as _LOG_2PI
 from streamem.gaussian_mixture import GaussianMixture
-from streamem.outliers import DEFAULT_THRESHOLD, MAHALANOBIS, WARM_UP, OutlierScreen, make_screen
+from streamem.outliers import (
+    DEFAULT_THRESHOLD,
+    MAHALANOBIS,
+    MIN_REFERENCE,
+    TOO_LARGE,
+    WARM_UP,
+    OutlierScreen,
+    make_screen,
+    reference_size,
+)
 from streamem.schedules import StepSize
 from streamem.state import parse_fit
 
 __all__ = ["OnlineGMM"]
+
+_NO_REFERENCE = np.zeros(0)  # `cold_answers` without a warm-up reference
 
 
 class OnlineGMM(OnlineMixture, base.Clusterer):
@@ -475,6 +486,67 @@ class OnlineGMM(OnlineMixture, base.Clusterer):
             log_prob = self._gaussian.log_prob(batch, params)
             screen = self._screen_rows(rows, names, log_prob=log_prob)
             log_likelihood, log_resp = log_responsibilities(self._gaussian.weighted_log_prob(batch, params, log_prob))
+        return np.exp(log_resp), log_likelihood, screen
+
+    def assign_and_learn_many(self, X) -> tuple[np.ndarray, np.ndarray, OutlierScreen]:
+        fast = self._cold_assign_and_learn(X)
+        return fast if fast is not None else super().assign_and_learn_many(X)
+
+    assign_and_learn_many.__doc__ = OnlineMixture.assign_and_learn_many.__doc__
+
+    def _cold_assign_and_learn(self, X):
+        """`assign_and_learn_many` of a cold model's usual batch, in one compiled call: a float array
+        of the model's features, no value missing or too large, every row screened by one reference
+        (none before 20 buffered records, else the cached one of the first 20, 40, 80, ...), as
+        `learn_many` would screen them, and no warm-up fit within the batch. Then the answer's
+        screen is the learning's, so the rows it passes go straight into the buffer. None: the
+        general path answers (nothing was done)."""
+        names, count = self._feature_names, self._count
+        if (
+            self._engine is not None
+            or names is None
+            or self.missing == "marginalize"
+            or self._moved
+            or type(X) is not np.ndarray
+            or X.ndim != 2
+            or X.shape[1] != len(names)
+            or X.dtype != np.float64
+            or not 0 < X.shape[0] < self.warmup - count
+        ):
+            return None
+        n = X.shape[0]
+        if self._refused:  # refusals in the window cut learn_many's spans (`_screen_span`)
+            recent = sum(1 for i, _ in self._refused if i >= self._screened - self.batch_size)
+            if recent and n > max(1, self.batch_size // 2 + 1 - recent):
+                return None
+        centre = scale = _NO_REFERENCE
+        if self._distance_rule:
+            if count >= MIN_REFERENCE:
+                if count + n > 2 * reference_size(count):  # the reference refreshes within the batch
+                    return None
+                centre, scale = self._warm_up_reference()
+            elif count + n >= MIN_REFERENCE:  # the first reference, of the buffered rows and these
+                return None
+        rows = np.ascontiguousarray(X)
+        buffer = self._buffer if self._buffer is not None else rows[:0]
+        spherical = self.covariance_type == "spherical"
+        log_likelihood, log_resp, distance, blame, ok = cold_answers(
+            buffer, count, rows, self.n_components, spherical, centre, scale, TOO_LARGE
+        )
+        if not ok:
+            return None
+        threshold = self.outlier_threshold if self._distance_rule else None
+        outlier = ~(distance <= threshold) if threshold is not None else np.zeros(n, dtype=bool)
+        screen = OutlierScreen(distance, outlier, threshold, names, rows, np.full(n, WARM_UP), blame)
+        if not outlier.any():  # what learn_many does with rows its screen passes, short of a warm-up fit
+            self.skipped_ = ()
+            self._calls += 1
+            self._screened += n
+            self._ensure_buffer(len(names))
+            self._buffer[count : count + n] = rows
+            self._origins.extend((self._calls, position) for position in range(n))
+            self._count += n
+            self.n_seen += n
         return np.exp(log_resp), log_likelihood, screen
 
     def _cold_scores(self, rows: np.ndarray):

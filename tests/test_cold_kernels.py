@@ -3,7 +3,10 @@ general NumPy path they stand in for."""
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
+import orjson
 import pandas as pd
 import pytest
 from river import base as river_base
@@ -12,6 +15,7 @@ from scipy.special import logsumexp
 
 import streamem as se
 from streamem import outliers
+from streamem.families import cold_kernels
 from streamem.families.cold_kernels import provisional_scores, robust_distances
 from streamem.schedules import StepSize
 
@@ -99,3 +103,77 @@ def test_step_size_to_dict_is_rivers_params():
     step = StepSize(alpha=0.7, t0=3.0, eta_min=0.01)
     assert step.to_dict() == river_base.Base._get_params(step)
     assert StepSize(**step.to_dict()).to_dict() == step.to_dict()
+
+
+def _state(model) -> tuple:
+    """The model's document, and the book-keeping it does not hold (what the refusal window and the
+    warm-up report count on)."""
+    refused = [(i, call, position, row.tolist()) for i, (call, position, row) in model._refused]
+    document = orjson.dumps(model.to_dict(), option=orjson.OPT_SERIALIZE_NUMPY)
+    return document, model._screened, model._calls, list(model._origins), refused, model._moved
+
+
+@pytest.mark.parametrize(
+    "covariance_type, outlier_mode, threshold",
+    [("full", "skip", outliers.DEFAULT_THRESHOLD), ("spherical", "skip", 50.0), ("diag", "learn", None),
+     ("full", "raise", outliers.DEFAULT_THRESHOLD)],
+)
+def test_assign_and_learn_many_is_assign_and_screen_then_learn_many(covariance_type, outlier_mode, threshold, monkeypatch):
+    """Through a whole warm-up and beyond, in batches of 1-4 rows with outliers now and then: the same
+    answers, screens, refusals and state as `assign_and_screen_many` then `learn_many` on a twin, and
+    most of the cold batches take the one compiled call."""
+    compiled = []
+    monkeypatch.setattr(
+        se.online_gmm, "cold_answers", lambda *a: compiled.append(1) or cold_kernels.cold_answers(*a)
+    )
+    rng = np.random.default_rng(5)
+    model = se.OnlineGMM(
+        2, covariance_type=covariance_type, warmup=80, batch_size=8, features=("a", "b"), seed=0,
+        outliers=outlier_mode, outlier_threshold=threshold,
+    )
+    twin = copy.deepcopy(model)
+    cold_calls = refused = 0
+    while model.n_seen < 140:
+        X = rng.normal(size=(int(rng.integers(1, 5)), 2)) * [1.0, 20.0] + [0.0, 3.0]
+        if rng.random() < 0.08:
+            X[0, 1] += 1e6  # beyond any threshold: the warm-up screen refuses it once it has a reference
+        cold_calls += not model.is_warm
+        answer = model.assign_and_learn_many(X)
+        expected = twin.assign_and_screen_many(X)
+        if not expected[-1].outlier.any():
+            twin.learn_many(X)
+        refused += int(expected[-1].outlier.sum())
+        for got, want in zip(answer[:2], expected[:2], strict=True):
+            np.testing.assert_array_equal(got, want)
+        for field in ("distance", "outlier", "what", "blame", "threshold", "names"):
+            np.testing.assert_array_equal(getattr(answer[-1], field), getattr(expected[-1], field))
+        assert _state(model) == _state(twin)
+        assert [(i, str(e)) for i, e in model.skipped_] == [(i, str(e)) for i, e in twin.skipped_]
+        assert (model.n_outliers, model.warmup_needed) == (twin.n_outliers, twin.warmup_needed)
+    assert model.is_warm and (refused > 0) == (threshold is not None)
+    assert len(compiled) > cold_calls / 2
+
+
+def test_assign_and_learn_many_takes_the_general_path_for_what_the_compiled_call_cannot():
+    """A row with a value missing is refused as by learn_many (nothing learned); a regression mixture
+    (no compiled call) answers then learns as assign_and_screen_many then learn_many."""
+    model = se.OnlineGMM(2, features=("a", "b"), warmup=50)
+    model.assign_and_learn_many(np.ones((3, 2)))
+    with pytest.raises(ValueError, match="NaN|missing|finite"):
+        model.assign_and_learn_many(np.array([[1.0, np.nan]]))
+    assert model.n_seen == 3
+    rng = np.random.default_rng(2)
+    regression = se.OnlineRegressionMixture(2, warmup=40, batch_size=10, seed=0)
+    regression.add_features(["a"])
+    twin = copy.deepcopy(regression)
+    for _ in range(30):
+        X = rng.normal(size=(3, 1))
+        y = 2.0 * X[:, 0] + rng.normal(size=3)
+        answer = regression.assign_and_learn_many(X, y)
+        expected = twin.assign_and_screen_many(X, y)
+        if not expected[-1].outlier.any():
+            twin.learn_many(X, y)
+        for got, want in zip(answer[:3], expected[:3], strict=True):
+            np.testing.assert_array_equal(got, want)
+        assert _state(regression) == _state(twin)
+    assert regression.is_warm

@@ -18,7 +18,7 @@ import math
 import numba
 import numpy as np
 
-__all__ = ["provisional_scores", "robust_distances", "warm_up_cold_kernels"]
+__all__ = ["cold_answers", "provisional_scores", "robust_distances", "warm_up_cold_kernels"]
 
 _JIT = {"cache": True, "nogil": True}
 _LOG_2PI = math.log(2.0 * math.pi)
@@ -110,8 +110,29 @@ def robust_distances(rows, centre, scale):
     return distance, blame
 
 
+@numba.njit(**_JIT)
+def cold_answers(buffer, count, rows, n_components, spherical, centre, scale, too_large):
+    """`provisional_scores` and, with a reference (`centre` not empty), `robust_distances` of rows in
+    one call: (log-likelihood, log-responsibilities, distance, blame, ok). `ok` is False, and nothing
+    else is computed, when a value is NaN or not below `too_large` in size, or the provisional
+    parameters are not finite (the caller's general path then answers and screens those rows).
+    Without a reference every distance is 0."""
+    n, d = rows.shape
+    distance = np.zeros(n)
+    blame = np.zeros(n, dtype=np.int64)
+    for i in range(n):
+        for j in range(d):
+            if not (rows[i, j] < too_large and rows[i, j] > -too_large):  # NaN: not <
+                return np.empty(0), np.empty((0, n_components)), distance, blame, False
+    log_likelihood, log_resp, finite = provisional_scores(buffer, count, rows, n_components, spherical)
+    if finite and centre.shape[0]:
+        distance, blame = robust_distances(rows, centre, scale)
+    return log_likelihood, log_resp, distance, blame, finite
+
+
 def warm_up_cold_kernels() -> None:
     """Compile (or load from the cache) these kernels now, on tiny inputs of the types the hot path uses."""
     rows = np.zeros((1, 2))
     provisional_scores(np.zeros((4, 2)), 2, rows, 2, False)
     robust_distances(rows, np.zeros(2), np.ones(2))
+    cold_answers(np.zeros((4, 2)), 2, rows, 2, False, np.zeros(2), np.ones(2), 1e150)

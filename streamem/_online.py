@@ -717,14 +717,18 @@ class OnlineMixture:
                 raise StateError("model state has statistics but no feature names")
             stats = model._stats_type.from_dict(state.engine.stats)
             if stats.shapes != model._statistics_shapes(d):
-                raise StateError(f"model state statistics have shapes {stats.shapes}, expected "
-                                 f"{model._statistics_shapes(d)} for its {d} features")
+                raise StateError(
+                    f"model state statistics have shapes {stats.shapes}, expected "
+                    f"{model._statistics_shapes(d)} for its {d} features"
+                )
             model._restore_engine(state.engine.model_copy(update={"stats": stats}))
             if state.engine.pending is not None:
                 pending = model._stats_type.from_dict(state.engine.pending)
                 if pending.shapes != stats.shapes or not pending.count > 0:
-                    raise StateError(f"model state pending statistics have shapes {pending.shapes}, expected "
-                                     f"{stats.shapes}, and must summarise at least one record")
+                    raise StateError(
+                        f"model state pending statistics have shapes {pending.shapes}, expected "
+                        f"{stats.shapes}, and must summarise at least one record"
+                    )
                 model._pending = pending
         # the warm-up buffer is restored after the engine: its capacity depends on warmth
         model._restore_buffer(state.buffer)

@@ -326,8 +326,9 @@ class OnlineGMM(OnlineMixture, base.Clusterer):
         root = 1.0 / np.sqrt(variance)
         log_det = np.log(root).sum()  # the general path's sum of log diag P, component by component
         if self.covariance_type == "diag":
-            return GaussianParams(weights, means, np.tile(variance, (K, 1)), "diag", np.tile(root, (K, 1)),
-                                  np.full(K, log_det))
+            return GaussianParams(
+                weights, means, np.tile(variance, (K, 1)), "diag", np.tile(root, (K, 1)), np.full(K, log_det)
+            )
         diagonal = np.arange(d)
         covariance, chol = np.zeros((K, d, d)), np.zeros((K, d, d))  # np.diag and np.stack cost more than this
         covariance[:, diagonal, diagonal], chol[:, diagonal, diagonal] = variance, root
@@ -558,7 +559,10 @@ class OnlineGMM(OnlineMixture, base.Clusterer):
             return None
         buffer = self._buffer if self._buffer is not None else rows[:0]
         log_likelihood, log_resp, finite = provisional_scores(
-            buffer, self._count, np.ascontiguousarray(rows, dtype=float), self.n_components,
+            buffer,
+            self._count,
+            np.ascontiguousarray(rows, dtype=float),
+            self.n_components,
             self.covariance_type == "spherical",
         )
         return (log_likelihood, log_resp) if finite else None

@@ -115,21 +115,31 @@ def _state(model) -> tuple:
 
 @pytest.mark.parametrize(
     "covariance_type, outlier_mode, threshold",
-    [("full", "skip", outliers.DEFAULT_THRESHOLD), ("spherical", "skip", 50.0), ("diag", "learn", None),
-     ("full", "raise", outliers.DEFAULT_THRESHOLD)],
+    [
+        ("full", "skip", outliers.DEFAULT_THRESHOLD),
+        ("spherical", "skip", 50.0),
+        ("diag", "learn", None),
+        ("full", "raise", outliers.DEFAULT_THRESHOLD),
+    ],
 )
-def test_assign_and_learn_many_is_assign_and_screen_then_learn_many(covariance_type, outlier_mode, threshold, monkeypatch):
+def test_assign_and_learn_many_is_assign_and_screen_then_learn_many(
+    covariance_type, outlier_mode, threshold, monkeypatch
+):
     """Through a whole warm-up and beyond, in batches of 1-4 rows with outliers now and then: the same
     answers, screens, refusals and state as `assign_and_screen_many` then `learn_many` on a twin, and
     most of the cold batches take the one compiled call."""
     compiled = []
-    monkeypatch.setattr(
-        se.online_gmm, "cold_answers", lambda *a: compiled.append(1) or cold_kernels.cold_answers(*a)
-    )
+    monkeypatch.setattr(se.online_gmm, "cold_answers", lambda *a: compiled.append(1) or cold_kernels.cold_answers(*a))
     rng = np.random.default_rng(5)
     model = se.OnlineGMM(
-        2, covariance_type=covariance_type, warmup=80, batch_size=8, features=("a", "b"), seed=0,
-        outliers=outlier_mode, outlier_threshold=threshold,
+        2,
+        covariance_type=covariance_type,
+        warmup=80,
+        batch_size=8,
+        features=("a", "b"),
+        seed=0,
+        outliers=outlier_mode,
+        outlier_threshold=threshold,
     )
     twin = copy.deepcopy(model)
     cold_calls = refused = 0

@@ -124,8 +124,10 @@ def answered_batches(draw):
     resp = np.array(draw(st.lists(st.lists(number, min_size=k, max_size=k), min_size=n, max_size=n)))
     log_likelihood = np.array(draw(st.lists(number, min_size=n, max_size=n)))
     predictions = draw(st.one_of(st.none(), st.lists(number, min_size=n, max_size=n).map(np.array)))
-    model_key = draw(st.one_of(st.none(), st.text(max_size=8)))
-    return records, resp, log_likelihood, draw(st.integers(0, 2**62)), predictions, model_key
+    # one model key for all, or one per record (several keys' models answered together); likewise n_seen
+    model_key = draw(st.one_of(st.none(), st.text(max_size=8), st.lists(st.text(max_size=8), min_size=n, max_size=n)))
+    n_seen = draw(st.one_of(st.integers(0, 2**62), st.lists(st.integers(0, 2**62), min_size=n, max_size=n)))
+    return records, resp, log_likelihood, n_seen, predictions, model_key
 
 
 @settings(max_examples=300, deadline=None)
@@ -135,8 +137,8 @@ def test_assignment_bytes_are_those_of_a_dict_per_record(batch):
     documented order), whatever the topic, keys and numbers."""
     import orjson
 
-    records, resp, log_likelihood, first_n_seen, predictions, model_key = batch
-    outputs = assignments(records, "out", resp, log_likelihood, first_n_seen, predictions, model_key)
+    records, resp, log_likelihood, n_seen, predictions, model_key = batch
+    outputs = assignments(records, "out", resp, log_likelihood, n_seen, predictions, model_key)
     for j, (record, output) in enumerate(zip(records, outputs, strict=True)):
         key = record.key
         if key is not None:
@@ -150,11 +152,11 @@ def test_assignment_bytes_are_those_of_a_dict_per_record(batch):
             "component": int(np.argmax(resp[j])),
             "probabilities": resp[j].tolist(),
             "log_likelihood": float(log_likelihood[j]),
-            "n_seen": first_n_seen + j,
+            "n_seen": n_seen + j if isinstance(n_seen, int) else n_seen[j],
         }
         if predictions is not None:
             body["prediction"] = float(predictions[j])
         if model_key is not None:
-            body["model_key"] = model_key
+            body["model_key"] = model_key if isinstance(model_key, str) else model_key[j]
         assert output.value == orjson.dumps(body), j
         assert output.key == record.key and output.topic == "out"

@@ -297,11 +297,15 @@ def assignments(
     topic: str,
     responsibilities: np.ndarray,
     log_likelihoods: np.ndarray,
-    first_n_seen: int,
+    n_seen: int | list[int],
     predictions: np.ndarray | None = None,
-    model_key: str | None = None,
+    model_key: str | list[str] | None = None,
 ) -> list[OutputRecord]:
     """Assignment records for a batch: `records[j]` answered by row j of the arrays.
+
+    `n_seen`: the records the model had learned before the first record (the next ones count up
+    from it), or a list of each record's; `model_key`: the key of the model that answered them
+    all, or a list of each record's (several keys' models answered together).
 
     The hot path of the consumer. The numbers of the whole batch are formatted by
     orjson at once and spliced into a fixed layout (the same bytes as a dict and an
@@ -312,13 +316,12 @@ def assignments(
     probabilities = _json_rows(responsibilities)
     log_likelihood = _json_numbers(log_likelihoods)
     components = responsibilities.argmax(axis=1).tolist()
-    extra = b""
-    if model_key is not None:
-        extra = b',"model_key":' + _json_string(model_key)
-    if predictions is None:
-        endings = itertools.repeat(extra + b"}")
+    if model_key is None or isinstance(model_key, str):
+        endings = itertools.repeat((b"" if model_key is None else b',"model_key":' + _json_string(model_key)) + b"}")
     else:
-        endings = [b',"prediction":' + number + extra + b"}" for number in _json_numbers(predictions)]
+        endings = [b',"model_key":%s}' % _json_string(key) for key in model_key]
+    if predictions is not None:
+        endings = [b',"prediction":' + number + end for number, end in zip(_json_numbers(predictions), endings)]
     # Column by column, each pass in C (map, zip, bytes %): no Python call per record.
     where = list(zip(map(_TOPIC, records), map(_PARTITION, records)))
     heads = {
@@ -335,7 +338,7 @@ def assignments(
         components,
         probabilities,
         log_likelihood,
-        range(first_n_seen, first_n_seen + len(records)),
+        range(n_seen, n_seen + len(records)) if isinstance(n_seen, int) else n_seen,
         endings,
     )
     values = map(layout.__mod__, fields)

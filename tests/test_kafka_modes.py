@@ -5,9 +5,15 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import orjson
 import pytest
 
+import streamem as se
+from streamem.families.cold_kernels import cold_answers
+from streamem_connectors.kafka.checkpoint import DirectoryStore
+from streamem_connectors.kafka.modes import make_learner
 from streamem_connectors.kafka.pipeline import run_consumer
+from streamem_connectors.kafka.records import InputRecord
 from streamem_connectors.kafka.topics import ensure_topics
 from tests.kafka_helpers import produce, read_all, unique
 from tests.test_kafka_consumer import good_values, make_settings, stored_checkpoint
@@ -103,3 +109,59 @@ def test_unreadable_statistics_messages_are_skipped_not_fatal(broker):
     counters = run_consumer(settings)
     assert counters.assigned == total
     assert stored_checkpoint(settings).replica["model"]["n_seen"] == total
+
+
+def test_each_keys_model_answers_as_an_instance_model_fed_only_that_keys_records(broker, tmp_path, monkeypatch):
+    """Polls mixing 12 keys (about four records of a key a poll), with outliers and an undecodable record: each
+    key's outputs (assignments without their model key, dead letters, drift records) and its model equal
+    those of an instance learner fed only that key's records, poll for poll, through the warm-up (where a
+    poll's cold keys are answered and learned together, mostly in one compiled call a key) and after it."""
+    compiled = []
+    monkeypatch.setattr(se.online_gmm, "cold_answers", lambda *a: compiled.append(1) or cold_answers(*a))
+    topic = unique("keyed-vs-instance")
+    common = dict(warmup=30, batch_size=10, drift_every=25, checkpoint_dir=str(tmp_path))
+    keyed_settings = make_settings(broker, topic, model_key="site", **common)
+    ensure_topics(keyed_settings, input_partitions=2)
+    keyed = make_learner(keyed_settings, DirectoryStore(tmp_path))
+    instances = {}
+    rng = np.random.default_rng(8)
+    offsets = [0, 0]
+    for _ in range(25):
+        poll = []
+        for _ in range(48):
+            site = int(rng.integers(12))
+            partition = site % 2
+            a, b = (rng.normal(size=2) + [0.0, 4.0 * (site % 3)]).tolist()
+            if rng.random() < 0.02:
+                b += 1e7  # an outlier for the key's screen
+            value = orjson.dumps({"a": a, "b": b, "site": f"s{site}"})
+            if rng.random() < 0.01:
+                value = value[:-3]  # undecodable: a dead letter in either mode
+            poll.append(InputRecord(topic, partition, offsets[partition], f"s{site}".encode(), value))
+            offsets[partition] += 1
+        outputs = keyed.process(poll)
+        drifts = {}
+        for output in outputs[len(poll) :]:
+            drifts.setdefault(orjson.loads(output.value)["model_key"], []).append(output)
+        for site in {r.key.decode() for r in poll}:
+            instance = instances.get(site)
+            if instance is None:
+                settings = make_settings(broker, topic, group_id=f"{topic}-{site}", instance_id=site, **common)
+                instance = instances[site] = make_learner(settings, DirectoryStore(tmp_path))
+            mine = [j for j, r in enumerate(poll) if r.key.decode() == site]
+            expected = instance.process([poll[j] for j in mine])
+            got = [outputs[j] for j in mine] + drifts.get(site, [])
+            assert len(got) == len(expected)
+            for output, want in zip(got, expected, strict=True):
+                body, want_body = orjson.loads(output.value), orjson.loads(want.value)
+                assert output.topic == want.topic
+                # a keyed drift record is keyed by its model's key, as its body names it
+                assert output.key == (site.encode() if output.topic == keyed.topics["drift"] else want.key)
+                if "model_key" in body and "error" not in body:
+                    assert body.pop("model_key") == site
+                assert body == want_body
+    for site, instance in instances.items():
+        assert keyed.models[site].model.to_dict() == instance.state.model.to_dict(), site
+        assert keyed.models[site].detector.to_dict() == instance.state.detector.to_dict(), site
+    assert all(state.model.is_warm for state in keyed.models.values())
+    assert keyed.counters.dead_lettered > 0 and len(compiled) > 50  # of about 90 cold key batches

@@ -33,6 +33,7 @@ __all__ = [
     "Learner",
     "ModelState",
     "OffsetBook",
+    "assign_and_learn",
     "assign_and_screen",
     "model_type",
     "new_model",
@@ -98,6 +99,16 @@ def assign_and_screen(model, settings: ConsumerSettings, features: np.ndarray, t
         responsibilities, log_likelihood, screened = model.assign_and_screen_many(features)
         return responsibilities, log_likelihood, None, screened
     return model.assign_and_screen_many(features, target)
+
+
+def assign_and_learn(model, settings: ConsumerSettings, features: np.ndarray, target=None):
+    """`assign_and_screen`, then the rows learned when the screen refuses none of them, in one call
+    (`assign_and_learn_many`: a cold model's small batches are one compiled call)."""
+    model.set_outlier_rule("skip", outlier_threshold(settings))
+    if target is None:
+        responsibilities, log_likelihood, screened = model.assign_and_learn_many(features)
+        return responsibilities, log_likelihood, None, screened
+    return model.assign_and_learn_many(features, target)
 
 
 def model_type(settings: ConsumerSettings):
@@ -306,6 +317,27 @@ class Learner:
         taken[positions] = True
         taken[[int(positions[i]) for i, _ in model.skipped_]] = False
         return taken
+
+    def answer_warm_up(self, state: ModelState, values: np.ndarray):
+        """A cold model's rows answered and learned by its warm-up in one step, when its warm-up takes
+        them all without finishing: ((responsibilities, log-likelihoods, predictions or None, screen),
+        n_seen before them, {position: reason} of rows refused while learning) when learned; with
+        n_seen None when the screen refused a row and nothing was learned (`_answer` takes the
+        answer from there); None when the model is warm or its warm-up would finish within the rows.
+        What `_answer` does with such rows, short of building their records (the caller builds a
+        poll's at once) and of the drift path (a cold model's answers say nothing about drift)."""
+        model = state.model
+        if model.is_warm or values.shape[0] >= model.warmup_needed:
+            return None
+        X, target = self.model_columns(state, values)
+        seen_before = model.n_seen
+        answer = assign_and_learn(model, self.settings, X, target)
+        if answer[3] is not None and answer[3].outlier.any():
+            return answer, None, {}
+        refused = {int(i): str(error) for i, error in model.skipped_}
+        state.since_drift_record += values.shape[0] - len(refused)
+        state.dirty = True
+        return answer, seen_before, refused
 
     # -- the one way records are answered --------------------------------------------------------
     def model_columns(self, state: ModelState, values: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:

@@ -11,6 +11,7 @@ import logging
 
 import numpy as np
 
+from streamem_connectors.kafka import records as schemas
 from streamem_connectors.kafka.checkpoint import (
     CHECKPOINT_VERSION,
     Checkpoint,
@@ -206,21 +207,35 @@ class KeyedLearner(Learner):
         groups: dict[str, list[int]] = {}
         for j, key in enumerate(decoded.keys):
             groups.setdefault(str(key), []).append(j)
-        drifts = []
+        drifts, warming = [], WarmUpAnswers()
         for key, members in groups.items():
             state = self._model(key)
-            records = [batch[decoded.good[j]] for j in members]
-            learn = np.array(
-                [r.offset >= state.learned_through.get((r.topic, r.partition), 0) for r in records], dtype=bool
-            )
-            answered, key_drifts = self._answer(state, records, decoded.values[members], learn, model_key=key)
-            drifts.extend(key_drifts)
-            for j, output in zip(members, answered, strict=True):
-                outputs[decoded.good[j]] = output
+            positions = [decoded.good[j] for j in members]
+            records = [batch[i] for i in positions]
+            through = state.learned_through
+            learn = [r.offset >= through.get((r.topic, r.partition), 0) for r in records] if through else None
+            values = decoded.values[members]
+            warm_up = self.answer_warm_up(state, values) if learn is None or all(learn) else None
+            if warm_up is not None and warm_up[1] is not None:  # answered and learned: its records come below
+                warming.add(positions, records, key, *warm_up)
+            else:
+                to_learn = np.ones(len(records), dtype=bool) if learn is None else np.array(learn, dtype=bool)
+                scored = None if warm_up is None else warm_up[0]
+                answered, key_drifts = self._answer(state, records, values, to_learn, model_key=key, scored=scored)
+                drifts.extend(key_drifts)
+                for i, output in zip(positions, answered, strict=True):
+                    outputs[i] = output
             for r in records:
-                state.learned_through[(r.topic, r.partition)] = max(
-                    state.learned_through.get((r.topic, r.partition), 0), r.offset + 1
-                )
+                tp = (r.topic, r.partition)
+                if r.offset >= through.get(tp, 0):
+                    through[tp] = r.offset + 1
+        if warming.records:
+            for i, output in zip(warming.positions, warming.build(self.topics["assignments"]), strict=True):
+                outputs[i] = output
+            self.counters.assigned += len(warming.records)
+            for i, dead in zip(warming.positions, self._dead_letters(warming.records, warming.refused), strict=True):
+                outputs[i] = dead if dead is not None else outputs[i]
+            self.counters.assigned -= len(warming.refused)
         return outputs + drifts
 
     def checkpoint_entries(self) -> list[tuple[str, bytes]]:
@@ -247,3 +262,36 @@ class KeyedLearner(Learner):
         return []  # one set per key: see the drift topic
 
 
+class WarmUpAnswers:
+    """The rows of a poll that cold key models answered and learned (`Learner.answer_warm_up`), whose
+    assignment records are built in one call."""
+
+    def __init__(self):
+        self.positions: list[int] = []  # in the poll
+        self.records: list = []
+        self.keys: list[str] = []
+        self.n_seen: list[int] = []
+        self.refused: dict[int, str] = {}  # position in `records`: reason
+        self._responsibilities: list[np.ndarray] = []
+        self._log_likelihoods: list[np.ndarray] = []
+        self._predictions: list[np.ndarray] = []
+
+    def add(self, positions, records, key: str, answer, seen_before: int, refused: dict[int, str]) -> None:
+        responsibilities, log_likelihood, predictions, _ = answer
+        start = len(self.records)
+        self.positions += positions
+        self.records += records
+        self.keys += [key] * len(records)
+        self.n_seen += range(seen_before, seen_before + len(records))
+        self.refused.update({start + i: reason for i, reason in refused.items()})
+        self._responsibilities.append(responsibilities)
+        self._log_likelihoods.append(log_likelihood)
+        if predictions is not None:
+            self._predictions.append(predictions)
+
+    def build(self, topic: str) -> list:
+        predictions = np.concatenate(self._predictions) if self._predictions else None
+        responsibilities, log_likelihoods = np.vstack(self._responsibilities), np.concatenate(self._log_likelihoods)
+        return schemas.assignments(
+            self.records, topic, responsibilities, log_likelihoods, self.n_seen, predictions, self.keys
+        )

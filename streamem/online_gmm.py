@@ -37,6 +37,7 @@ from streamem.outliers import (
     OutlierScreen,
     make_screen,
     reference_size,
+    warm_up_reference,
 )
 from streamem.schedules import StepSize
 from streamem.state import parse_fit
@@ -498,7 +499,7 @@ class OnlineGMM(OnlineMixture, base.Clusterer):
     def _cold_assign_and_learn(self, X):
         """`assign_and_learn_many` of a cold model's usual batch, in one compiled call: a float array
         of the model's features, no value missing or too large, every row screened by one reference
-        (none before 20 buffered records, else the cached one of the first 20, 40, 80, ...), as
+        (none before 20 records, that of the first 20, then the cached one of the first 20, 40, 80, ...), as
         `learn_many` would screen them, and no warm-up fit within the batch. Then the answer's
         screen is the learning's, so the rows it passes go straight into the buffer. None: the
         general path answers (nothing was done)."""
@@ -520,16 +521,19 @@ class OnlineGMM(OnlineMixture, base.Clusterer):
             recent = sum(1 for i, _ in self._refused if i >= self._screened - self.batch_size)
             if recent and n > max(1, self.batch_size // 2 + 1 - recent):
                 return None
+        rows = np.ascontiguousarray(X)
+        buffer = self._buffer if self._buffer is not None else rows[:0]
         centre = scale = _NO_REFERENCE
+        first = None  # the first reference, when these rows complete the first 20
         if self._distance_rule:
             if count >= MIN_REFERENCE:
                 if count + n > 2 * reference_size(count):  # the reference refreshes within the batch
                     return None
                 centre, scale = self._warm_up_reference()
-            elif count + n >= MIN_REFERENCE:  # the first reference, of the buffered rows and these
+            elif count + n == MIN_REFERENCE:  # of the buffered rows and these, as learn_many's one span
+                centre, scale = first = warm_up_reference(buffer[:count], rows)
+            elif count + n > MIN_REFERENCE:  # learn_many would screen these in two spans
                 return None
-        rows = np.ascontiguousarray(X)
-        buffer = self._buffer if self._buffer is not None else rows[:0]
         spherical = self.covariance_type == "spherical"
         log_likelihood, log_resp, distance, blame, ok = cold_answers(
             buffer, count, rows, self.n_components, spherical, centre, scale, TOO_LARGE
@@ -548,6 +552,8 @@ class OnlineGMM(OnlineMixture, base.Clusterer):
             self._origins.extend((self._calls, position) for position in range(n))
             self._count += n
             self.n_seen += n
+            if first is not None:  # what `_warm_up_reference` takes from the same 20 rows, now buffered
+                self._reference = (MIN_REFERENCE, first)
         return np.exp(log_resp), log_likelihood, screen
 
     def _cold_scores(self, rows: np.ndarray):

@@ -444,3 +444,34 @@ def test_a_replica_refused_for_its_offsets_is_told_which_key_to_delete(broker, t
         run_consumer(settings.model_copy(update={"max_records": 10}))
     message = str(refused.value)
     assert "past its end 800" in message and f"delete {store.where(settings.checkpoint_key)}" in message, message
+
+
+@pytest.mark.parametrize("warm", [False, True])
+def test_a_keyed_models_document_written_fast_reads_back_as_the_validated_one(warm):
+    """`model_checkpoint` (a keyed model's document without pydantic's validation on write: thousands a
+    checkpoint) reads back equal to the document pydantic validates and dumps, for a cold and a warm model
+    with a detector that has seen records."""
+    import numpy as np
+
+    from streamem import OnlineGMM
+    from streamem.drift import WeightDriftDetector
+    from streamem_connectors.kafka.checkpoint import CHECKPOINT_VERSION, ModelCheckpoint, model_checkpoint
+
+    rng = np.random.default_rng(1)
+    model = OnlineGMM(2, features=("a", "b"), warmup=50, batch_size=20, seed=0)
+    model.learn_many(rng.normal(size=(80 if warm else 30, 2)))
+    detector = WeightDriftDetector(2)
+    detector.update_many(np.full((40, 2), 0.5))
+    through = {("in", 1): 812, ("in", 0): 7}
+    settings = {"model": "gmm", "features": ["a", "b"], "n_components": 2, "seed": 0, "target": None}
+    fast = model_checkpoint("site-1", model.to_dict(), detector.to_dict(), through, settings)
+    validated = ModelCheckpoint(
+        version=CHECKPOINT_VERSION,
+        model_key="site-1",
+        model=model.to_dict(),
+        detector=detector.to_dict(),
+        learned_through=[PartitionOffset(topic=t, partition=p, offset=o) for (t, p), o in sorted(through.items())],
+        settings=settings,
+    ).dump()
+    assert ModelCheckpoint.parse(fast) == ModelCheckpoint.parse(validated)
+    assert OnlineGMM.from_dict(ModelCheckpoint.parse(fast).model).to_dict() == model.to_dict()

@@ -41,6 +41,7 @@ __all__ = [
     "TopicStore",
     "is_warm_state",
     "make_store",
+    "model_checkpoint",
     "model_settings",
 ]
 
@@ -208,6 +209,30 @@ class ModelCheckpoint(_Document):
     detector: DetectorDocument
     learned_through: Offsets
     settings: dict[str, Any] | None = None
+
+
+def model_checkpoint(
+    model_key: str, model: dict, detector: dict, learned_through: dict[tuple[str, int], int], settings: dict | None
+) -> bytes:
+    """A keyed model's document (`ModelCheckpoint`), dumped without pydantic's validation on write.
+
+    The consumer writes one for every key learned since the last checkpoint (thousands each time),
+    and validating them cost three quarters of the time. Every field comes from the consumer's own
+    objects (a model's and its detector's `to_dict`, offsets it counted, `model_settings`), and
+    `ModelCheckpoint.parse` checks all of it when it is read.
+    """
+    document = {
+        "version": CHECKPOINT_VERSION,
+        "model_key": model_key,
+        "model": model,
+        "detector": detector,
+        "learned_through": [
+            {"topic": topic, "partition": partition, "offset": offset}
+            for (topic, partition), offset in sorted(learned_through.items())
+        ],
+        "settings": settings,
+    }
+    return orjson.dumps(document, option=orjson.OPT_SERIALIZE_NUMPY)
 
 
 def is_warm_state(state: dict | None) -> bool:

@@ -13,11 +13,11 @@ import numpy as np
 
 from streamem_connectors.kafka import records as schemas
 from streamem_connectors.kafka.checkpoint import (
-    CHECKPOINT_VERSION,
     Checkpoint,
     CheckpointError,
     ModelCheckpoint,
     is_warm_state,
+    model_checkpoint,
     model_settings,
     restore_detector,
     restore_model,
@@ -31,7 +31,6 @@ from streamem_connectors.kafka.learner import (
     model_type,
     new_model,
     new_state,
-    offset_list,
 )
 from streamem_connectors.kafka.resume import check_missing, check_resume, refuse_or_reset, resumed_or_reset
 from streamem_connectors.kafka.settings import ConsumerSettings
@@ -239,22 +238,15 @@ class KeyedLearner(Learner):
         return outputs + drifts
 
     def checkpoint_entries(self) -> list[tuple[str, bytes]]:
-        entries = []
+        entries, settings = [], model_settings(self.settings)
         for key, state in self.models.items():
             if not state.dirty:
                 continue
             # every record of the model's partitions up to the consumer's position is learned
             through = {tp: max(offset, self.offsets.get(tp, 0)) for tp, offset in state.learned_through.items()}
             state.learned_through = through
-            document = ModelCheckpoint(
-                version=CHECKPOINT_VERSION,
-                model_key=key,
-                model=state.model.to_dict(),
-                detector=state.detector.to_dict(),
-                learned_through=offset_list(through),
-                settings=model_settings(self.settings),
-            )
-            entries.append((self.prefix + key, document.dump()))
+            document = model_checkpoint(key, state.model.to_dict(), state.detector.to_dict(), through, settings)
+            entries.append((self.prefix + key, document))
             state.dirty = False
         return [*entries, (self.settings.checkpoint_key, self.instance_checkpoint().dump())]  # offsets and counters
 

@@ -522,7 +522,6 @@ class OnlineGMM(OnlineMixture, base.Clusterer):
             if recent and n > max(1, self.batch_size // 2 + 1 - recent):
                 return None
         rows = np.ascontiguousarray(X)
-        buffer = self._buffer if self._buffer is not None else rows[:0]
         centre = scale = _NO_REFERENCE
         first = None  # the first reference, when these rows complete the first 20
         if self._distance_rule:
@@ -531,24 +530,23 @@ class OnlineGMM(OnlineMixture, base.Clusterer):
                     return None
                 centre, scale = self._warm_up_reference()
             elif count + n == MIN_REFERENCE:  # of the buffered rows and these, as learn_many's one span
-                centre, scale = first = warm_up_reference(buffer[:count], rows)
+                buffered = self._buffer[:count] if self._buffer is not None else rows[:0]
+                centre, scale = first = warm_up_reference(buffered, rows)
             elif count + n > MIN_REFERENCE:  # learn_many would screen these in two spans
                 return None
-        spherical = self.covariance_type == "spherical"
-        log_likelihood, log_resp, distance, blame, ok = cold_answers(
-            buffer, count, rows, self.n_components, spherical, centre, scale, TOO_LARGE
-        )
-        if not ok:
-            return None
         threshold = self.outlier_threshold if self._distance_rule else None
-        outlier = ~(distance <= threshold) if threshold is not None else np.zeros(n, dtype=bool)
+        self._ensure_buffer(len(names))  # the compiled call buffers the rows if it passes them all
+        log_resp, log_likelihood, distance, blame, outlier, status = cold_answers(
+            self._buffer, count, rows, self.n_components, self.covariance_type == "spherical", centre, scale,
+            math.inf if threshold is None else threshold, TOO_LARGE,
+        )
+        if status == 0:
+            return None
         screen = OutlierScreen(distance, outlier, threshold, names, rows, np.full(n, WARM_UP), blame)
-        if not outlier.any():  # what learn_many does with rows its screen passes, short of a warm-up fit
+        if status == 1:  # buffered: the rest of what learn_many does with rows its screen passes
             self.skipped_ = ()
             self._calls += 1
             self._screened += n
-            self._ensure_buffer(len(names))
-            self._buffer[count : count + n] = rows
             self._origins.extend((self._calls, position) for position in range(n))
             self._count += n
             self.n_seen += n

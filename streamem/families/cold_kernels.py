@@ -111,23 +111,39 @@ def robust_distances(rows, centre, scale):
 
 
 @numba.njit(**_JIT)
-def cold_answers(buffer, count, rows, n_components, spherical, centre, scale, too_large):
-    """`provisional_scores` and, with a reference (`centre` not empty), `robust_distances` of rows in
-    one call: (log-likelihood, log-responsibilities, distance, blame, ok). `ok` is False, and nothing
-    else is computed, when a value is NaN or not below `too_large` in size, or the provisional
-    parameters are not finite (the caller's general path then answers and screens those rows).
-    Without a reference every distance is 0."""
+def cold_answers(buffer, count, rows, n_components, spherical, centre, scale, threshold, too_large):
+    """A cold model's answer to rows and its warm-up screen, in one call, and the rows buffered when
+    the screen passes them all: (log-responsibilities, log-likelihood, distance, blame, outlier,
+    status). (The caller takes the exponential with NumPy, as the general path does: a compiled
+    exp may differ from NumPy's in the last bit.)
+
+    The answer is `provisional_scores`'; the distances `robust_distances`' from the reference
+    (`centre`, `scale`; every distance 0 when `centre` is empty); a row is an outlier when its
+    distance is not <= `threshold`. Status 1: no row is an outlier, and they are copied into
+    `buffer` from `count` on; 2: some are, nothing is buffered; 0: a value is NaN or not below
+    `too_large` in size, or the provisional parameters are not finite, and nothing else is
+    computed (the caller's general path answers and screens those rows)."""
     n, d = rows.shape
     distance = np.zeros(n)
     blame = np.zeros(n, dtype=np.int64)
+    outlier = np.zeros(n, dtype=np.bool_)
     for i in range(n):
         for j in range(d):
             if not (rows[i, j] < too_large and rows[i, j] > -too_large):  # NaN: not <
-                return np.empty(0), np.empty((0, n_components)), distance, blame, False
+                return np.empty((0, n_components)), np.empty(0), distance, blame, outlier, 0
     log_likelihood, log_resp, finite = provisional_scores(buffer, count, rows, n_components, spherical)
-    if finite and centre.shape[0]:
+    if not finite:
+        return log_resp, log_likelihood, distance, blame, outlier, 0
+    if centre.shape[0]:
         distance, blame = robust_distances(rows, centre, scale)
-    return log_likelihood, log_resp, distance, blame, finite
+    status = 1
+    for i in range(n):
+        if not distance[i] <= threshold:
+            outlier[i] = True
+            status = 2
+    if status == 1:
+        buffer[count : count + n] = rows
+    return log_resp, log_likelihood, distance, blame, outlier, status
 
 
 def warm_up_cold_kernels() -> None:
@@ -135,4 +151,4 @@ def warm_up_cold_kernels() -> None:
     rows = np.zeros((1, 2))
     provisional_scores(np.zeros((4, 2)), 2, rows, 2, False)
     robust_distances(rows, np.zeros(2), np.ones(2))
-    cold_answers(np.zeros((4, 2)), 2, rows, 2, False, np.zeros(2), np.ones(2), 1e150)
+    cold_answers(np.zeros((4, 2)), 2, rows, 2, False, np.zeros(2), np.ones(2), 1e6, 1e150)

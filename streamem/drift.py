@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import numba
 import numpy as np
@@ -127,7 +128,7 @@ class WeightDriftDetector(base.DriftDetector):
         self.false_alarm = false_alarm
         self._steps = np.array([1.0 - 0.5 ** (1.0 / h) for h in self.half_lives])
         self._windows = np.array([_window(step) for step in self._steps], dtype=np.int64)
-        self._threshold = chi2.isf(false_alarm / len(self.half_lives), n_components - 1)
+        self._threshold = _chi2_threshold(false_alarm / len(self.half_lives), n_components - 1)
         self._reset()
 
     @classmethod
@@ -308,3 +309,10 @@ def _scan_rows(R, short, reference, since_anchor, steps, windows, reference_step
         if score > 1.0:
             return i, score
     return n - 1, score
+
+
+@functools.lru_cache(maxsize=64)
+def _chi2_threshold(tail: float, degrees: int) -> float:
+    """chi2's upper `tail` quantile: once per setting, not once per detector (scipy takes ~0.1 ms, and
+    the Kafka consumer makes a detector for each of thousands of keys)."""
+    return float(chi2.isf(tail, degrees))

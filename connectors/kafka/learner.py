@@ -196,6 +196,7 @@ class Learner:
         self.store = store
         self.topics = settings.topics
         self.decoder = schemas.RecordDecoder(settings.features, settings.target, settings.model_key)
+        self.feature_order = tuple(settings.features)  # the decoder's columns (then the target's)
         self.counters = Counters()
         self.book = OffsetBook(forget_lost=self.forgets_lost)
 
@@ -343,10 +344,10 @@ class Learner:
     def model_columns(self, state: ModelState, values: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         """(features in the model's column order, targets or None) of decoded rows (the decoder's
         columns are the settings' features, then the target)."""
-        features = self.settings.features
+        features = self.feature_order
         d = len(features)
         order = state.model.features_
-        X = values[:, :d] if tuple(order) == tuple(features) else values[:, [features.index(n) for n in order]]
+        X = values[:, :d] if order == features else values[:, [features.index(n) for n in order]]
         return X, None if self.settings.target is None else values[:, d]
 
     def _answer(

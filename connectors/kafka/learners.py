@@ -7,6 +7,7 @@ records), learns it, and says what to checkpoint. The consume loop
 
 from __future__ import annotations
 
+import itertools
 import logging
 
 import numpy as np
@@ -207,9 +208,10 @@ class KeyedLearner(Learner):
         for j, key in enumerate(decoded.keys):
             groups.setdefault(str(key), []).append(j)
         drifts, warming = [], WarmUpAnswers()
+        good, models = decoded.good, self.models
         for key, members in groups.items():
-            state = self._model(key)
-            positions = [decoded.good[j] for j in members]
+            state = models.get(key) or self._model(key)
+            positions = members if not decoded.errors else [good[j] for j in members]
             records = [batch[i] for i in positions]
             through = state.learned_through
             learn = [r.offset >= through.get((r.topic, r.partition), 0) for r in records] if through else None
@@ -228,13 +230,14 @@ class KeyedLearner(Learner):
                 tp = (r.topic, r.partition)
                 if r.offset >= through.get(tp, 0):
                     through[tp] = r.offset + 1
-        if warming.records:
-            for i, output in zip(warming.positions, warming.build(self.topics["assignments"]), strict=True):
+        if warming.groups:
+            positions, records, built, refused = warming.build(self.topics["assignments"])
+            for i, output in zip(positions, built, strict=True):
                 outputs[i] = output
-            self.counters.assigned += len(warming.records)
-            for i, dead in zip(warming.positions, self._dead_letters(warming.records, warming.refused), strict=True):
-                outputs[i] = dead if dead is not None else outputs[i]
-            self.counters.assigned -= len(warming.refused)
+            self.counters.assigned += len(records) - len(refused)
+            for i, dead in zip(positions, self._dead_letters(records, refused), strict=True):
+                if dead is not None:
+                    outputs[i] = dead
         return outputs + drifts
 
     def checkpoint_entries(self) -> list[tuple[str, bytes]]:
@@ -259,31 +262,27 @@ class WarmUpAnswers:
     assignment records are built in one call."""
 
     def __init__(self):
-        self.positions: list[int] = []  # in the poll
-        self.records: list = []
-        self.keys: list[str] = []
-        self.n_seen: list[int] = []
-        self.refused: dict[int, str] = {}  # position in `records`: reason
-        self._responsibilities: list[np.ndarray] = []
-        self._log_likelihoods: list[np.ndarray] = []
-        self._predictions: list[np.ndarray] = []
+        self.groups: list[tuple] = []  # (positions in the poll, records, key, answer, n_seen before, refused)
 
     def add(self, positions, records, key: str, answer, seen_before: int, refused: dict[int, str]) -> None:
-        responsibilities, log_likelihood, predictions, _ = answer
-        start = len(self.records)
-        self.positions += positions
-        self.records += records
-        self.keys += [key] * len(records)
-        self.n_seen += range(seen_before, seen_before + len(records))
-        self.refused.update({start + i: reason for i, reason in refused.items()})
-        self._responsibilities.append(responsibilities)
-        self._log_likelihoods.append(log_likelihood)
-        if predictions is not None:
-            self._predictions.append(predictions)
+        self.groups.append((positions, records, key, answer, seen_before, refused))
 
-    def build(self, topic: str) -> list:
-        predictions = np.concatenate(self._predictions) if self._predictions else None
-        responsibilities, log_likelihoods = np.vstack(self._responsibilities), np.concatenate(self._log_likelihoods)
-        return schemas.assignments(
-            self.records, topic, responsibilities, log_likelihoods, self.n_seen, predictions, self.keys
-        )
+    def build(self, topic: str) -> tuple[list[int], list, list, dict[int, str]]:
+        """(positions in the poll, records, their assignment records, {position in records: reason} of
+        those refused while learning)."""
+        groups = self.groups
+        positions = list(itertools.chain.from_iterable(group[0] for group in groups))
+        records = list(itertools.chain.from_iterable(group[1] for group in groups))
+        keys = list(itertools.chain.from_iterable(itertools.repeat(g[2], len(g[1])) for g in groups))
+        n_seen = list(itertools.chain.from_iterable(range(g[4], g[4] + len(g[1])) for g in groups))
+        refused, start = {}, 0
+        for group in groups:
+            if group[5]:
+                refused.update({start + i: reason for i, reason in group[5].items()})
+            start += len(group[1])
+        answers = [group[3] for group in groups]
+        responsibilities = np.vstack([answer[0] for answer in answers])
+        log_likelihoods = np.concatenate([answer[1] for answer in answers])
+        predictions = None if answers[0][2] is None else np.concatenate([answer[2] for answer in answers])
+        built = schemas.assignments(records, topic, responsibilities, log_likelihoods, n_seen, predictions, keys)
+        return positions, records, built, refused

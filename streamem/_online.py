@@ -30,7 +30,7 @@ from streamem.families.cold_kernels import robust_distances
 from streamem.schedules import StepSize
 from streamem.state import FORMAT_VERSION, StateError, parse_state
 
-__all__ = ["OUTLIER_MODES", "OnlineMixture"]
+__all__ = ["OUTLIER_MODES", "OnlineMixture", "check_distinct"]
 
 # "raise": an outlier raises OutlierError; "skip": it is dropped and counted in n_outliers;
 # "learn": no distance check (a value too large for the statistics still raises).
@@ -39,6 +39,17 @@ OUTLIER_MODES = ("raise", "skip", "learn")
 logger = logging.getLogger(__name__)
 
 _REFUSED_BEFORE = -2  # the origin of a warm-up row a re-warm took from the refused records
+
+
+def check_distinct(models) -> None:
+    """`assign_and_learn_each`'s models: at least one, each once (a model's second batch would be
+    answered from the state before its first), all with one number of components."""
+    if not models:
+        raise ValueError("assign_and_learn_each needs at least one model")
+    if len({id(model) for model in models}) != len(models):
+        raise ValueError("a model appears twice in assign_and_learn_each: give it its rows as one batch")
+    if len({model.n_components for model in models}) > 1:
+        raise ValueError("assign_and_learn_each answers models of one n_components (one responsibilities array)")
 
 
 class OnlineMixture:
@@ -551,6 +562,46 @@ class OnlineMixture:
             else:
                 self.learn_many(X, y)
         return answer
+
+    @classmethod
+    def assign_and_learn_each(cls, models, X, bounds, y=None):
+        """`assign_and_learn_many` of many models, each on its own rows: model i answers and learns
+        `X[bounds[i]:bounds[i + 1]]` (and `y`'s), as `models[i].assign_and_learn_many` would; each
+        model at most once, all with one `n_components`, at least one (ValueError otherwise). The
+        models answer in turn: an error (a row with a value missing, say) stops the call at that
+        model, those before it having learned. Returns (responsibilities (n, K), log-likelihoods (n,), predictions (n,)
+        or None, screens): `screens[i]` is model i's `OutlierScreen` when it refused a row (nothing
+        of that model's rows was learned then), None when it learned them all.
+
+        One model per key with a record or two each (the Kafka consumer's `--model-key`): cold
+        `OnlineGMM`s are answered, screened and buffered in one compiled call for all of them.
+
+        >>> import numpy as np, streamem as se
+        >>> models = [se.OnlineGMM(2, features=("a", "b"), warmup=100) for _ in range(3)]
+        >>> X = np.array([[0.1, 0.2], [1.0, 1.5], [0.3, 0.1], [2.0, 2.0]])
+        >>> responsibilities, log_likelihood, predictions, screens = se.OnlineGMM.assign_and_learn_each(
+        ...     models, X, [0, 1, 3, 4])
+        >>> responsibilities.shape, [model.n_seen for model in models], screens
+        ((4, 2), [1, 2, 1], [None, None, None])
+        """
+        check_distinct(models)
+        answers = [
+            model.assign_and_learn_many(X[a:b]) if y is None else model.assign_and_learn_many(X[a:b], y[a:b])
+            for model, a, b in zip(models, bounds[:-1], bounds[1:], strict=True)
+        ]
+        return cls._joined_answers(answers)
+
+    @staticmethod
+    def _joined_answers(answers: list) -> tuple:
+        """One (responsibilities, log-likelihoods, predictions or None, screens) of per-model answers."""
+        screens = [answer[-1] if answer[-1] is not None and answer[-1].outlier.any() else None for answer in answers]
+        predictions = None if len(answers[0]) == 3 else np.concatenate([answer[2] for answer in answers])
+        return (
+            np.vstack([answer[0] for answer in answers]),
+            np.concatenate([answer[1] for answer in answers]),
+            predictions,
+            screens,
+        )
 
     def statistics_of(self, X, responsibilities: np.ndarray, y=None):
         """The statistics of a batch from responsibilities an E-step under the parameters the model

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
 import pandas as pd
 from river import base
 
-from streamem._online import OnlineMixture
+from streamem._online import OnlineMixture, check_distinct
 from streamem._validation import (
     check_choice,
     check_positive,
@@ -17,7 +18,7 @@ from streamem._validation import (
     record_values_with_missing,
 )
 from streamem.families.base import log_responsibilities
-from streamem.families.cold_kernels import cold_answers, provisional_scores
+from streamem.families.cold_kernels import cold_answers, cold_answers_each, provisional_scores
 from streamem.families.gaussian import (
     COVARIANCE_TYPES,
     GaussianFamily,
@@ -496,13 +497,72 @@ class OnlineGMM(OnlineMixture, base.Clusterer):
 
     assign_and_learn_many.__doc__ = OnlineMixture.assign_and_learn_many.__doc__
 
-    def _cold_assign_and_learn(self, X):
-        """`assign_and_learn_many` of a cold model's usual batch, in one compiled call: a float array
-        of the model's features, no value missing or too large, every row screened by one reference
-        (none before 20 records, that of the first 20, then the cached one of the first 20, 40, 80, ...), as
-        `learn_many` would screen them, and no warm-up fit within the batch. Then the answer's
-        screen is the learning's, so the rows it passes go straight into the buffer. None: the
-        general path answers (nothing was done)."""
+    @classmethod
+    def assign_and_learn_each(cls, models, X, bounds, y=None):
+        if y is not None:
+            raise TypeError("an OnlineGMM has no target: call assign_and_learn_each(models, X, bounds)")
+        check_distinct(models)
+        shape, plans = None, {}  # one compiled call answers models of one shape: the others answer alone
+        for i, model in enumerate(models):
+            plan = model._cold_plan(X[bounds[i] : bounds[i + 1]]) if type(model) is cls else None
+            if plan is not None:
+                shape = shape or (model.n_components, model.covariance_type, plan[0].shape[1])
+                if (model.n_components, model.covariance_type, plan[0].shape[1]) == shape:
+                    plans[i] = plan
+        finish = cls._cold_answers_each(models, plans, shape[2]) if plans else {}
+        # in the models' order: the compiled call changed none of them, so an error (a value missing, say)
+        # leaves those before it learned and those after it as they were
+        joined = []
+        for i, model in enumerate(models):
+            if i in finish:
+                joined.append(finish[i](model))
+            else:
+                joined.append(model.assign_and_learn_many(X[bounds[i] : bounds[i + 1]]))
+        return cls._joined_answers(joined)
+
+    @staticmethod
+    def _cold_answers_each(models, plans: dict, d: int) -> dict:
+        """{model position: a function of the model that finishes its answer} from one compiled call for
+        the planned models (`_cold_plan`)."""
+        order = list(plans)
+        counts = [models[i]._count for i in order]
+        buffers = [models[i]._buffer[:count] for i, count in zip(order, counts, strict=True) if count]
+        rows_of = [plans[i][0] for i in order]
+        referenced = np.array([plans[i][1] is not _NO_REFERENCE for i in order])
+        centres, scales = np.zeros((len(order), d)), np.ones((len(order), d))
+        for g in np.flatnonzero(referenced):
+            centres[g], scales[g] = plans[order[g]][1], plans[order[g]][2]
+        log_resp, log_likelihood, distance, blame, outlier, status = cold_answers_each(
+            np.concatenate(buffers) if buffers else np.zeros((0, d)),
+            np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
+            np.concatenate(rows_of),
+            np.concatenate([[0], np.cumsum([rows.shape[0] for rows in rows_of])]).astype(np.int64),
+            models[order[0]].n_components,
+            models[order[0]].covariance_type == "spherical",
+            centres,
+            scales,
+            referenced,
+            np.array([math.inf if plans[i][4] is None else plans[i][4] for i in order]),
+            TOO_LARGE,
+        )
+        responsibilities = np.exp(log_resp)
+        finish, start = {}, 0
+        for g, i in enumerate(order):
+            rows, _, _, first, threshold = plans[i]
+            end = start + rows.shape[0]
+            if status[g] != 0:
+                part = (start, end, counts[g], first, threshold, status[g] == 1)
+                finish[i] = functools.partial(
+                    _finish_cold_answer, rows, part, responsibilities, log_likelihood, distance, blame, outlier
+                )
+            start = end
+        return finish
+
+    assign_and_learn_each.__func__.__doc__ = OnlineMixture.assign_and_learn_each.__func__.__doc__
+
+    def _cold_plan(self, X):
+        """(rows, reference centre, scale, the first reference or None, threshold) when the compiled call
+        takes this batch of a cold model (`_cold_assign_and_learn`), else None."""
         names, count = self._feature_names, self._count
         if (
             self._engine is not None
@@ -534,24 +594,41 @@ class OnlineGMM(OnlineMixture, base.Clusterer):
                 centre, scale = first = warm_up_reference(buffered, rows)
             elif count + n > MIN_REFERENCE:  # learn_many would screen these in two spans
                 return None
-        threshold = self.outlier_threshold if self._distance_rule else None
-        self._ensure_buffer(len(names))  # the compiled call buffers the rows if it passes them all
+        return rows, centre, scale, first, self.outlier_threshold if self._distance_rule else None
+
+    def _cold_learned(self, n: int, first) -> None:
+        """The rest of what learn_many does with `n` rows its screen passed, once they are buffered."""
+        self.skipped_ = ()
+        self._calls += 1
+        self._screened += n
+        self._origins.extend((self._calls, position) for position in range(n))
+        self._count += n
+        self.n_seen += n
+        if first is not None:  # what `_warm_up_reference` takes from the same 20 rows, now buffered
+            self._reference = (MIN_REFERENCE, first)
+
+    def _cold_assign_and_learn(self, X):
+        """`assign_and_learn_many` of a cold model's usual batch, in one compiled call: a float array
+        of the model's features, no value missing or too large, every row screened by one reference
+        (none before 20 records, that of the first 20, then the cached one of the first 20, 40, 80,
+        ...), as `learn_many` would screen them, and no warm-up fit within the batch. Then the
+        answer's screen is the learning's, so the rows it passes go straight into the buffer. None:
+        the general path answers (nothing was done)."""
+        plan = self._cold_plan(X)
+        if plan is None:
+            return None
+        rows, centre, scale, first, threshold = plan
+        n, count = rows.shape[0], self._count
+        self._ensure_buffer(rows.shape[1])  # the compiled call buffers the rows if it passes them all
         log_resp, log_likelihood, distance, blame, outlier, status = cold_answers(
             self._buffer, count, rows, self.n_components, self.covariance_type == "spherical", centre, scale,
             math.inf if threshold is None else threshold, TOO_LARGE,
         )
         if status == 0:
             return None
-        screen = OutlierScreen(distance, outlier, threshold, names, rows, np.full(n, WARM_UP), blame)
-        if status == 1:  # buffered: the rest of what learn_many does with rows its screen passes
-            self.skipped_ = ()
-            self._calls += 1
-            self._screened += n
-            self._origins.extend((self._calls, position) for position in range(n))
-            self._count += n
-            self.n_seen += n
-            if first is not None:  # what `_warm_up_reference` takes from the same 20 rows, now buffered
-                self._reference = (MIN_REFERENCE, first)
+        screen = OutlierScreen(distance, outlier, threshold, self._feature_names, rows, np.full(n, WARM_UP), blame)
+        if status == 1:
+            self._cold_learned(n, first)
         return np.exp(log_resp), log_likelihood, screen
 
     def _cold_scores(self, rows: np.ndarray):
@@ -643,6 +720,21 @@ class OnlineGMM(OnlineMixture, base.Clusterer):
         model._feature_names = tuple(fit.features)
         model._start_from_fit(fit)
         return model
+
+
+def _finish_cold_answer(rows, part, responsibilities, log_likelihood, distance, blame, outlier, model):
+    """A model's answer from `OnlineGMM._cold_answers_each`'s compiled call: its rows buffered and
+    learned when its screen passed them all, else its screen (nothing learned)."""
+    start, end, count, first, threshold, passed = part
+    screen = None
+    if passed:
+        model._ensure_buffer(rows.shape[1])
+        model._buffer[count : count + rows.shape[0]] = rows
+        model._cold_learned(rows.shape[0], first)
+    else:
+        screen = OutlierScreen(distance[start:end], outlier[start:end], threshold, model._feature_names, rows,
+                               np.full(rows.shape[0], WARM_UP), blame[start:end])
+    return responsibilities[start:end], log_likelihood[start:end], screen
 
 
 def _frame_values(X: pd.DataFrame, names: tuple, allow_missing: bool = False) -> np.ndarray:

@@ -190,3 +190,62 @@ def test_assign_and_learn_many_takes_the_general_path_for_what_the_compiled_call
             np.testing.assert_array_equal(got, want)
         assert _state(regression) == _state(twin)
     assert regression.is_warm
+
+
+def test_assign_and_learn_each_is_assign_and_learn_many_model_by_model(monkeypatch):
+    """Rounds of batches of 1-3 rows for 20 of 30 cold mixtures (two of them spherical, some with another
+    threshold), outliers now and then, through their warm-ups: the same answers,
+    screens and states as `assign_and_learn_many` model by model on twins, and most batches in the
+    compiled call for all."""
+    calls = []
+    monkeypatch.setattr(
+        se.online_gmm, "cold_answers_each", lambda *a: calls.append(len(a[3]) - 1) or cold_kernels.cold_answers_each(*a)
+    )
+    rng = np.random.default_rng(9)
+
+    def make(i):
+        if i < 2:
+            return se.OnlineGMM(2, covariance_type="spherical", warmup=40, batch_size=8, features=("a", "b"), seed=i)
+        threshold = 50.0 if i % 5 == 0 else outliers.DEFAULT_THRESHOLD
+        return se.OnlineGMM(2, warmup=40, batch_size=8, features=("a", "b"), seed=i, outlier_threshold=threshold)
+
+    models = [make(i) for i in range(30)]
+    twins = copy.deepcopy(models)
+    for _ in range(70):  # warm-ups of 40 rows, a model's batch in about 3 rounds of 5
+        chosen = [i for i in rng.permutation(30)[:20] if rng.random() < 0.9]
+        sizes = rng.integers(1, 4, size=len(chosen))
+        X = rng.normal(size=(int(sizes.sum()), 2)) * [1.0, 5.0] + [2.0, 0.0]
+        X[rng.random(len(X)) < 0.03, 0] += 1e5
+        bounds = np.concatenate([[0], np.cumsum(sizes)]).tolist()
+        resp, log_likelihood, predictions, screens = se.OnlineGMM.assign_and_learn_each(
+            [models[i] for i in chosen], X, bounds
+        )
+        assert predictions is None
+        for g, i in enumerate(chosen):
+            a, b = bounds[g], bounds[g + 1]
+            want = twins[i].assign_and_learn_many(X[a:b])
+            np.testing.assert_array_equal(resp[a:b], want[0])
+            np.testing.assert_array_equal(log_likelihood[a:b], want[1])
+            assert (screens[g] is None) == (not want[2].outlier.any())
+            if screens[g] is not None:
+                for field in ("distance", "outlier", "what", "blame", "threshold", "names"):
+                    np.testing.assert_array_equal(getattr(screens[g], field), getattr(want[2], field))
+        for model, twin in zip(models, twins, strict=True):
+            assert _state(model) == _state(twin)
+    assert all(model.is_warm for model in models[2:])
+    assert sum(calls) > 300  # model batches answered by the compiled call for all
+
+
+def test_assign_and_learn_each_refuses_a_model_twice_and_stops_at_a_bad_row():
+    models = [se.OnlineGMM(2, features=("a", "b"), warmup=50) for _ in range(3)]
+    X = np.ones((3, 2))
+    with pytest.raises(ValueError, match="twice"):
+        se.OnlineGMM.assign_and_learn_each([models[0], models[0]], X[:2], [0, 1, 2])
+    with pytest.raises(ValueError, match="at least one"):
+        se.OnlineGMM.assign_and_learn_each([], X[:0], [0])
+    with pytest.raises(ValueError, match="one n_components"):
+        se.OnlineGMM.assign_and_learn_each([models[0], se.OnlineGMM(3, features=("a", "b"))], X[:2], [0, 1, 2])
+    X[1, 0] = np.nan
+    with pytest.raises(ValueError, match="NaN|missing|finite"):
+        se.OnlineGMM.assign_and_learn_each(models, X, [0, 1, 2, 3])
+    assert [model.n_seen for model in models] == [1, 0, 0]  # those before the bad row learned, the others not

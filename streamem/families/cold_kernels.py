@@ -18,7 +18,7 @@ import math
 import numba
 import numpy as np
 
-__all__ = ["cold_answers", "provisional_scores", "robust_distances", "warm_up_cold_kernels"]
+__all__ = ["cold_answers", "cold_answers_each", "provisional_scores", "robust_distances", "warm_up_cold_kernels"]
 
 _JIT = {"cache": True, "nogil": True}
 _LOG_2PI = math.log(2.0 * math.pi)
@@ -111,18 +111,9 @@ def robust_distances(rows, centre, scale):
 
 
 @numba.njit(**_JIT)
-def cold_answers(buffer, count, rows, n_components, spherical, centre, scale, threshold, too_large):
-    """A cold model's answer to rows and its warm-up screen, in one call, and the rows buffered when
-    the screen passes them all: (log-responsibilities, log-likelihood, distance, blame, outlier,
-    status). (The caller takes the exponential with NumPy, as the general path does: a compiled
-    exp may differ from NumPy's in the last bit.)
-
-    The answer is `provisional_scores`'; the distances `robust_distances`' from the reference
-    (`centre`, `scale`; every distance 0 when `centre` is empty); a row is an outlier when its
-    distance is not <= `threshold`. Status 1: no row is an outlier, and they are copied into
-    `buffer` from `count` on; 2: some are, nothing is buffered; 0: a value is NaN or not below
-    `too_large` in size, or the provisional parameters are not finite, and nothing else is
-    computed (the caller's general path answers and screens those rows)."""
+def _answer_and_screen(buffer, count, rows, n_components, spherical, centre, scale, threshold, too_large):
+    """(log-responsibilities, log-likelihood, distance, blame, outlier, status) of `cold_answers`,
+    nothing buffered."""
     n, d = rows.shape
     distance = np.zeros(n)
     blame = np.zeros(n, dtype=np.int64)
@@ -141,8 +132,59 @@ def cold_answers(buffer, count, rows, n_components, spherical, centre, scale, th
         if not distance[i] <= threshold:
             outlier[i] = True
             status = 2
-    if status == 1:
-        buffer[count : count + n] = rows
+    return log_resp, log_likelihood, distance, blame, outlier, status
+
+
+@numba.njit(**_JIT)
+def cold_answers(buffer, count, rows, n_components, spherical, centre, scale, threshold, too_large):
+    """A cold model's answer to rows and its warm-up screen, in one call, and the rows buffered when
+    the screen passes them all: (log-responsibilities, log-likelihood, distance, blame, outlier,
+    status). (The caller takes the exponential with NumPy, as the general path does: a compiled
+    exp may differ from NumPy's in the last bit.)
+
+    The answer is `provisional_scores`'; the distances `robust_distances`' from the reference
+    (`centre`, `scale`; every distance 0 when `centre` is empty); a row is an outlier when its
+    distance is not <= `threshold`. Status 1: no row is an outlier, and they are copied into
+    `buffer` from `count` on; 2: some are, nothing is buffered; 0: a value is NaN or not below
+    `too_large` in size, or the provisional parameters are not finite, and nothing else is
+    computed (the caller's general path answers and screens those rows)."""
+    answer = _answer_and_screen(buffer, count, rows, n_components, spherical, centre, scale, threshold, too_large)
+    if answer[5] == 1:
+        buffer[count : count + rows.shape[0]] = rows
+    return answer
+
+
+@numba.njit(**_JIT)
+def cold_answers_each(buffers, buffer_starts, rows, row_starts, n_components, spherical, centres, scales,
+                      referenced, thresholds, too_large):
+    """`cold_answers` of many cold models at once, nothing buffered: model g's buffered rows are
+    `buffers[buffer_starts[g]:buffer_starts[g + 1]]`, its rows `rows[row_starts[g]:row_starts[g + 1]]`,
+    its reference `centres[g]`, `scales[g]` where `referenced[g]`, its threshold `thresholds[g]`.
+    Returns the rows' (log-responsibilities, log-likelihoods, distances, blame, outlier) and each
+    model's status (the rows of a model with status 0 hold nothing)."""
+    n, d = rows.shape
+    G = row_starts.shape[0] - 1
+    log_resp = np.zeros((n, n_components))
+    log_likelihood = np.zeros(n)
+    distance = np.zeros(n)
+    blame = np.zeros(n, dtype=np.int64)
+    outlier = np.zeros(n, dtype=np.bool_)
+    status = np.zeros(G, dtype=np.int64)
+    none = np.zeros(0)
+    for g in range(G):
+        a, b = row_starts[g], row_starts[g + 1]
+        buffered = buffers[buffer_starts[g] : buffer_starts[g + 1]]
+        centre, scale = (centres[g], scales[g]) if referenced[g] else (none, none)
+        answer = _answer_and_screen(
+            buffered, buffered.shape[0], rows[a:b], n_components, spherical, centre, scale, thresholds[g], too_large
+        )
+        status[g] = answer[5]
+        if answer[5] != 0:
+            log_resp[a:b] = answer[0]
+            log_likelihood[a:b] = answer[1]
+            distance[a:b] = answer[2]
+            blame[a:b] = answer[3]
+            outlier[a:b] = answer[4]
     return log_resp, log_likelihood, distance, blame, outlier, status
 
 
@@ -152,3 +194,8 @@ def warm_up_cold_kernels() -> None:
     provisional_scores(np.zeros((4, 2)), 2, rows, 2, False)
     robust_distances(rows, np.zeros(2), np.ones(2))
     cold_answers(np.zeros((4, 2)), 2, rows, 2, False, np.zeros(2), np.ones(2), 1e6, 1e150)
+    starts = np.array([0, 1])
+    cold_answers_each(
+        np.zeros((1, 2)), starts, rows, starts, 2, False, np.zeros((1, 2)), np.ones((1, 2)),
+        np.ones(1, dtype=np.bool_), np.ones(1), 1e150,
+    )

@@ -16,6 +16,7 @@ to the model).
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 import math
 
@@ -319,26 +320,44 @@ class Learner:
         taken[[int(positions[i]) for i, _ in model.skipped_]] = False
         return taken
 
-    def answer_warm_up(self, state: ModelState, values: np.ndarray):
-        """A cold model's rows answered and learned by its warm-up in one step, when its warm-up takes
-        them all without finishing: ((responsibilities, log-likelihoods, predictions or None, screen),
-        n_seen before them, {position: reason} of rows refused while learning) when learned; with
-        n_seen None when the screen refused a row and nothing was learned (`_answer` takes the
-        answer from there); None when the model is warm or its warm-up would finish within the rows.
-        What `_answer` does with such rows, short of building their records (the caller builds a
-        poll's at once) and of the drift path (a cold model's answers say nothing about drift)."""
+    def can_answer_warm_up(self, state: ModelState, n_rows: int) -> bool:
+        """Whether `answer_warm_ups` takes `n_rows` rows of this model, all to be learned: its warm-up
+        takes them all without finishing, and its columns are the decoder's."""
         model = state.model
-        if model.is_warm or values.shape[0] >= model.warmup_needed:
-            return None
-        X, target = self.model_columns(state, values)
-        seen_before = model.n_seen
-        answer = assign_and_learn(model, self.settings, X, target)
-        if answer[3] is not None and answer[3].outlier.any():
-            return answer, None, {}
-        refused = {int(i): str(error) for i, error in model.skipped_}
-        state.since_drift_record += values.shape[0] - len(refused)
-        state.dirty = True
-        return answer, seen_before, refused
+        return not model.is_warm and n_rows < model.warmup_needed and model.features_ == self.feature_order
+
+    def answer_warm_ups(self, groups: list, values: np.ndarray):
+        """Cold models' rows answered and learned in one call for all (`assign_and_learn_each`: one
+        compiled call for cold Gaussian mixtures), each as `_answer` answers them: `groups` are (model
+        key, state, records, their positions in the poll) whose rows follow each other in `values`
+        (`can_answer_warm_up`).
+
+        Returns (WarmUpAnswers of the models that learned their rows, whose records the caller builds
+        for the whole poll at once; [(positions, outputs, drift records)] of the models whose screen
+        refused a row, answered by `_answer` from the same answers)."""
+        models = [group[1].model for group in groups]
+        bounds = [0, *itertools.accumulate(len(group[2]) for group in groups)]
+        seen = [model.n_seen for model in models]
+        X, target = self.model_columns(groups[0][1], values)
+        responsibilities, log_likelihood, predictions, screens = type(models[0]).assign_and_learn_each(
+            models, X, bounds, target
+        )
+        learned, refused_answers = WarmUpAnswers(), []
+        for g, (key, state, records, positions) in enumerate(groups):
+            a, b = bounds[g], bounds[g + 1]
+            answer = (responsibilities[a:b], log_likelihood[a:b], None if predictions is None else predictions[a:b])
+            if screens[g] is not None:  # nothing learned: `_answer` dead-letters, offers and learns as always
+                scored = (*answer, screens[g])
+                answered, drifts = self._answer(
+                    state, records, values[a:b], np.ones(b - a, dtype=bool), model_key=key, scored=scored
+                )
+                refused_answers.append((positions, answered, drifts))
+                continue
+            refused = {int(i): str(error) for i, error in models[g].skipped_}
+            state.since_drift_record += b - a - len(refused)  # a cold model's answers say nothing of drift
+            state.dirty = True
+            learned.add(positions, records, key, answer, seen[g], refused)
+        return learned, refused_answers
 
     # -- the one way records are answered --------------------------------------------------------
     def model_columns(self, state: ModelState, values: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
@@ -466,3 +485,34 @@ def padded(resp: np.ndarray, width: int) -> np.ndarray:
     if resp.shape[1] == width:
         return resp
     return np.hstack([resp, np.zeros((resp.shape[0], width - resp.shape[1]))])
+
+
+class WarmUpAnswers:
+    """Rows that cold models answered and learned (`Learner.answer_warm_ups`), whose assignment records
+    are built in one call."""
+
+    def __init__(self):
+        self.groups: list[tuple] = []  # (positions in the poll, records, model key, answer, n_seen before, refused)
+
+    def add(self, positions, records, key: str, answer, seen_before: int, refused: dict[int, str]) -> None:
+        self.groups.append((positions, records, key, answer, seen_before, refused))
+
+    def build(self, topic: str) -> tuple[list[int], list, list, dict[int, str]]:
+        """(positions in the poll, records, their assignment records, {position in records: reason} of
+        those refused while learning)."""
+        groups = self.groups
+        positions = list(itertools.chain.from_iterable(group[0] for group in groups))
+        records = list(itertools.chain.from_iterable(group[1] for group in groups))
+        keys = list(itertools.chain.from_iterable(itertools.repeat(g[2], len(g[1])) for g in groups))
+        n_seen = list(itertools.chain.from_iterable(range(g[4], g[4] + len(g[1])) for g in groups))
+        refused, start = {}, 0
+        for group in groups:
+            if group[5]:
+                refused.update({start + i: reason for i, reason in group[5].items()})
+            start += len(group[1])
+        answers = [group[3] for group in groups]
+        responsibilities = np.vstack([answer[0] for answer in answers])
+        log_likelihoods = np.concatenate([answer[1] for answer in answers])
+        predictions = None if answers[0][2] is None else np.concatenate([answer[2] for answer in answers])
+        built = schemas.assignments(records, topic, responsibilities, log_likelihoods, n_seen, predictions, keys)
+        return positions, records, built, refused

@@ -12,7 +12,6 @@ import logging
 
 import numpy as np
 
-from streamem_connectors.kafka import records as schemas
 from streamem_connectors.kafka.checkpoint import (
     Checkpoint,
     CheckpointError,
@@ -207,7 +206,7 @@ class KeyedLearner(Learner):
         groups: dict[str, list[int]] = {}
         for j, key in enumerate(decoded.keys):
             groups.setdefault(str(key), []).append(j)
-        drifts, warming = [], WarmUpAnswers()
+        drifts, cold, cold_members = [], [], []
         good, models = decoded.good, self.models
         for key, members in groups.items():
             state = models.get(key) or self._model(key)
@@ -215,14 +214,12 @@ class KeyedLearner(Learner):
             records = [batch[i] for i in positions]
             through = state.learned_through
             learn = [r.offset >= through.get((r.topic, r.partition), 0) for r in records] if through else None
-            values = decoded.values[members]
-            warm_up = self.answer_warm_up(state, values) if learn is None or all(learn) else None
-            if warm_up is not None and warm_up[1] is not None:  # answered and learned: its records come below
-                warming.add(positions, records, key, *warm_up)
+            if (learn is None or all(learn)) and self.can_answer_warm_up(state, len(records)):
+                cold.append((key, state, records, positions))  # answered below, all the poll's cold models at once
+                cold_members.append(members)
             else:
                 to_learn = np.ones(len(records), dtype=bool) if learn is None else np.array(learn, dtype=bool)
-                scored = None if warm_up is None else warm_up[0]
-                answered, key_drifts = self._answer(state, records, values, to_learn, model_key=key, scored=scored)
+                answered, key_drifts = self._answer(state, records, decoded.values[members], to_learn, model_key=key)
                 drifts.extend(key_drifts)
                 for i, output in zip(positions, answered, strict=True):
                     outputs[i] = output
@@ -230,14 +227,21 @@ class KeyedLearner(Learner):
                 tp = (r.topic, r.partition)
                 if r.offset >= through.get(tp, 0):
                     through[tp] = r.offset + 1
-        if warming.groups:
-            positions, records, built, refused = warming.build(self.topics["assignments"])
-            for i, output in zip(positions, built, strict=True):
-                outputs[i] = output
-            self.counters.assigned += len(records) - len(refused)
-            for i, dead in zip(positions, self._dead_letters(records, refused), strict=True):
-                if dead is not None:
-                    outputs[i] = dead
+        if cold:
+            values = decoded.values[list(itertools.chain.from_iterable(cold_members))]
+            learned, refused_answers = self.answer_warm_ups(cold, values)
+            for positions, answered, key_drifts in refused_answers:
+                drifts.extend(key_drifts)
+                for i, output in zip(positions, answered, strict=True):
+                    outputs[i] = output
+            if learned.groups:
+                positions, records, built, refused = learned.build(self.topics["assignments"])
+                for i, output in zip(positions, built, strict=True):
+                    outputs[i] = output
+                self.counters.assigned += len(records) - len(refused)
+                for i, dead in zip(positions, self._dead_letters(records, refused), strict=True):
+                    if dead is not None:
+                        outputs[i] = dead
         return outputs + drifts
 
     def checkpoint_entries(self) -> list[tuple[str, bytes]]:
@@ -256,33 +260,3 @@ class KeyedLearner(Learner):
     def weights(self) -> list[float]:
         return []  # one set per key: see the drift topic
 
-
-class WarmUpAnswers:
-    """The rows of a poll that cold key models answered and learned (`Learner.answer_warm_up`), whose
-    assignment records are built in one call."""
-
-    def __init__(self):
-        self.groups: list[tuple] = []  # (positions in the poll, records, key, answer, n_seen before, refused)
-
-    def add(self, positions, records, key: str, answer, seen_before: int, refused: dict[int, str]) -> None:
-        self.groups.append((positions, records, key, answer, seen_before, refused))
-
-    def build(self, topic: str) -> tuple[list[int], list, list, dict[int, str]]:
-        """(positions in the poll, records, their assignment records, {position in records: reason} of
-        those refused while learning)."""
-        groups = self.groups
-        positions = list(itertools.chain.from_iterable(group[0] for group in groups))
-        records = list(itertools.chain.from_iterable(group[1] for group in groups))
-        keys = list(itertools.chain.from_iterable(itertools.repeat(g[2], len(g[1])) for g in groups))
-        n_seen = list(itertools.chain.from_iterable(range(g[4], g[4] + len(g[1])) for g in groups))
-        refused, start = {}, 0
-        for group in groups:
-            if group[5]:
-                refused.update({start + i: reason for i, reason in group[5].items()})
-            start += len(group[1])
-        answers = [group[3] for group in groups]
-        responsibilities = np.vstack([answer[0] for answer in answers])
-        log_likelihoods = np.concatenate([answer[1] for answer in answers])
-        predictions = None if answers[0][2] is None else np.concatenate([answer[2] for answer in answers])
-        built = schemas.assignments(records, topic, responsibilities, log_likelihoods, n_seen, predictions, keys)
-        return positions, records, built, refused

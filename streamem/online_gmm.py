@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import math
 
 import numpy as np
@@ -509,54 +508,64 @@ class OnlineGMM(OnlineMixture, base.Clusterer):
                 shape = shape or (model.n_components, model.covariance_type, plan[0].shape[1])
                 if (model.n_components, model.covariance_type, plan[0].shape[1]) == shape:
                     plans[i] = plan
-        finish = cls._cold_answers_each(models, plans, shape[2]) if plans else {}
+        if not plans:
+            return super().assign_and_learn_each(models, X, bounds)
+        order = list(plans)
+        counts = [models[i]._count for i in order]
+        answered = cls._cold_answers_each([models[i] for i in order], [plans[i] for i in order], counts, shape[2])
+        responsibilities, log_likelihood, distance, blame, outlier, status = answered
         # in the models' order: the compiled call changed none of them, so an error (a value missing, say)
         # leaves those before it learned and those after it as they were
-        joined = []
+        joined, start, g = [], 0, 0
         for i, model in enumerate(models):
-            if i in finish:
-                joined.append(finish[i](model))
+            if g < len(order) and order[g] == i and status[g] != 0:
+                rows, _, _, first, threshold = plans[i]
+                n = rows.shape[0]
+                screen = None
+                if status[g] == 1:  # buffered, learned: the rest of what learn_many does with them
+                    model._ensure_buffer(rows.shape[1])
+                    model._buffer[counts[g] : counts[g] + n] = rows
+                    model._cold_learned(n, first)
+                else:  # a row refused: nothing learned
+                    what = np.full(n, WARM_UP)
+                    part = slice(start, start + n)
+                    screen = OutlierScreen(distance[part], outlier[part], threshold, model._feature_names, rows,
+                                           what, blame[part])
+                joined.append((responsibilities[start : start + n], log_likelihood[start : start + n], screen))
             else:
                 joined.append(model.assign_and_learn_many(X[bounds[i] : bounds[i + 1]]))
+            if g < len(order) and order[g] == i:
+                start += plans[i][0].shape[0]
+                g += 1
+        if len(order) == len(models) and (status != 0).all():  # every row answered by the compiled call
+            screens = [answer[2] for answer in joined]
+            return responsibilities, log_likelihood, None, screens
         return cls._joined_answers(joined)
 
     @staticmethod
-    def _cold_answers_each(models, plans: dict, d: int) -> dict:
-        """{model position: a function of the model that finishes its answer} from one compiled call for
-        the planned models (`_cold_plan`)."""
-        order = list(plans)
-        counts = [models[i]._count for i in order]
-        buffers = [models[i]._buffer[:count] for i, count in zip(order, counts, strict=True) if count]
-        rows_of = [plans[i][0] for i in order]
-        referenced = np.array([plans[i][1] is not _NO_REFERENCE for i in order])
-        centres, scales = np.zeros((len(order), d)), np.ones((len(order), d))
+    def _cold_answers_each(models, plans: list, counts: list[int], d: int) -> tuple:
+        """(responsibilities, log-likelihoods, distances, blame, outlier, status per model) of the
+        planned models' rows (`_cold_plan`), one after the other, from one compiled call."""
+        buffers = [model._buffer[:count] for model, count in zip(models, counts, strict=True) if count]
+        rows_of = [plan[0] for plan in plans]
+        referenced = np.array([plan[1] is not _NO_REFERENCE for plan in plans])
+        centres, scales = np.zeros((len(plans), d)), np.ones((len(plans), d))
         for g in np.flatnonzero(referenced):
-            centres[g], scales[g] = plans[order[g]][1], plans[order[g]][2]
+            centres[g], scales[g] = plans[g][1], plans[g][2]
         log_resp, log_likelihood, distance, blame, outlier, status = cold_answers_each(
             np.concatenate(buffers) if buffers else np.zeros((0, d)),
             np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
             np.concatenate(rows_of),
             np.concatenate([[0], np.cumsum([rows.shape[0] for rows in rows_of])]).astype(np.int64),
-            models[order[0]].n_components,
-            models[order[0]].covariance_type == "spherical",
+            models[0].n_components,
+            models[0].covariance_type == "spherical",
             centres,
             scales,
             referenced,
-            np.array([math.inf if plans[i][4] is None else plans[i][4] for i in order]),
+            np.array([math.inf if plan[4] is None else plan[4] for plan in plans]),
             TOO_LARGE,
         )
-        responsibilities = np.exp(log_resp)
-        finish, start = {}, 0
-        for g, i in enumerate(order):
-            rows, _, _, first, threshold = plans[i]
-            end = start + rows.shape[0]
-            if status[g] != 0:
-                part = (start, end, counts[g], first, threshold, status[g] == 1)
-                finish[i] = functools.partial(
-                    _finish_cold_answer, rows, part, responsibilities, log_likelihood, distance, blame, outlier
-                )
-            start = end
-        return finish
+        return np.exp(log_resp), log_likelihood, distance, blame, outlier, status
 
     assign_and_learn_each.__func__.__doc__ = OnlineMixture.assign_and_learn_each.__func__.__doc__
 
@@ -720,21 +729,6 @@ class OnlineGMM(OnlineMixture, base.Clusterer):
         model._feature_names = tuple(fit.features)
         model._start_from_fit(fit)
         return model
-
-
-def _finish_cold_answer(rows, part, responsibilities, log_likelihood, distance, blame, outlier, model):
-    """A model's answer from `OnlineGMM._cold_answers_each`'s compiled call: its rows buffered and
-    learned when its screen passed them all, else its screen (nothing learned)."""
-    start, end, count, first, threshold, passed = part
-    screen = None
-    if passed:
-        model._ensure_buffer(rows.shape[1])
-        model._buffer[count : count + rows.shape[0]] = rows
-        model._cold_learned(rows.shape[0], first)
-    else:
-        screen = OutlierScreen(distance[start:end], outlier[start:end], threshold, model._feature_names, rows,
-                               np.full(rows.shape[0], WARM_UP), blame[start:end])
-    return responsibilities[start:end], log_likelihood[start:end], screen
 
 
 def _frame_values(X: pd.DataFrame, names: tuple, allow_missing: bool = False) -> np.ndarray:

@@ -353,7 +353,8 @@ class Learner:
                 )
                 refused_answers.append((positions, answered, drifts))
                 continue
-            refused = {int(i): str(error) for i, error in models[g].skipped_}
+            skipped = models[g].skipped_
+            refused = {int(i): str(error) for i, error in skipped} if skipped else {}
             state.since_drift_record += b - a - len(refused)  # a cold model's answers say nothing of drift
             state.dirty = True
             learned.add(positions, records, key, answer, seen[g], refused)

@@ -502,8 +502,9 @@ class OnlineGMM(OnlineMixture, base.Clusterer):
             raise TypeError("an OnlineGMM has no target: call assign_and_learn_each(models, X, bounds)")
         check_distinct(models)
         shape, plans = None, {}  # one compiled call answers models of one shape: the others answer alone
+        is_float_rows = type(X) is np.ndarray and X.ndim == 2 and X.dtype == np.float64 and X.flags.c_contiguous
         for i, model in enumerate(models):
-            plan = model._cold_plan(X[bounds[i] : bounds[i + 1]]) if type(model) is cls else None
+            plan = model._cold_plan(X[bounds[i] : bounds[i + 1]], is_float_rows) if type(model) is cls else None
             if plan is not None:
                 shape = shape or (model.n_components, model.covariance_type, plan[0].shape[1])
                 if (model.n_components, model.covariance_type, plan[0].shape[1]) == shape:
@@ -523,7 +524,8 @@ class OnlineGMM(OnlineMixture, base.Clusterer):
                 n = rows.shape[0]
                 screen = None
                 if status[g] == 1:  # buffered, learned: the rest of what learn_many does with them
-                    model._ensure_buffer(rows.shape[1])
+                    if not counts[g]:  # else the buffer is there, of the warm-up's size
+                        model._ensure_buffer(rows.shape[1])
                     model._buffer[counts[g] : counts[g] + n] = rows
                     model._cold_learned(n, first)
                 else:  # a row refused: nothing learned
@@ -548,10 +550,10 @@ class OnlineGMM(OnlineMixture, base.Clusterer):
         planned models' rows (`_cold_plan`), one after the other, from one compiled call."""
         buffers = [model._buffer[:count] for model, count in zip(models, counts, strict=True) if count]
         rows_of = [plan[0] for plan in plans]
-        referenced = np.array([plan[1] is not _NO_REFERENCE for plan in plans])
-        centres, scales = np.zeros((len(plans), d)), np.ones((len(plans), d))
-        for g in np.flatnonzero(referenced):
-            centres[g], scales[g] = plans[g][1], plans[g][2]
+        referenced = [plan[1] is not _NO_REFERENCE for plan in plans]
+        zeros, ones = np.zeros(d), np.ones(d)
+        centres = np.array([plan[1] if known else zeros for plan, known in zip(plans, referenced, strict=True)])
+        scales = np.array([plan[2] if known else ones for plan, known in zip(plans, referenced, strict=True)])
         log_resp, log_likelihood, distance, blame, outlier, status = cold_answers_each(
             np.concatenate(buffers) if buffers else np.zeros((0, d)),
             np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
@@ -561,7 +563,7 @@ class OnlineGMM(OnlineMixture, base.Clusterer):
             models[0].covariance_type == "spherical",
             centres,
             scales,
-            referenced,
+            np.array(referenced),
             np.array([math.inf if plan[4] is None else plan[4] for plan in plans]),
             TOO_LARGE,
         )
@@ -569,19 +571,18 @@ class OnlineGMM(OnlineMixture, base.Clusterer):
 
     assign_and_learn_each.__func__.__doc__ = OnlineMixture.assign_and_learn_each.__func__.__doc__
 
-    def _cold_plan(self, X):
+    def _cold_plan(self, X, is_float_rows: bool = False):
         """(rows, reference centre, scale, the first reference or None, threshold) when the compiled call
-        takes this batch of a cold model (`_cold_assign_and_learn`), else None."""
+        takes this batch of a cold model (`_cold_assign_and_learn`), else None. `is_float_rows`: X is
+        known to be a C-contiguous 2-D float array (its width is still checked)."""
         names, count = self._feature_names, self._count
         if (
             self._engine is not None
             or names is None
             or self.missing == "marginalize"
             or self._moved
-            or type(X) is not np.ndarray
-            or X.ndim != 2
+            or not (is_float_rows or (type(X) is np.ndarray and X.ndim == 2 and X.dtype == np.float64))
             or X.shape[1] != len(names)
-            or X.dtype != np.float64
             or not 0 < X.shape[0] < self.warmup - count
         ):
             return None
@@ -590,7 +591,7 @@ class OnlineGMM(OnlineMixture, base.Clusterer):
             recent = sum(1 for i, _ in self._refused if i >= self._screened - self.batch_size)
             if recent and n > max(1, self.batch_size // 2 + 1 - recent):
                 return None
-        rows = np.ascontiguousarray(X)
+        rows = X if is_float_rows else np.ascontiguousarray(X)
         centre = scale = _NO_REFERENCE
         first = None  # the first reference, when these rows complete the first 20
         if self._distance_rule:

@@ -517,31 +517,38 @@ class OnlineGMM(OnlineMixture, base.Clusterer):
         responsibilities, log_likelihood, distance, blame, outlier, status = answered
         # in the models' order: the compiled call changed none of them, so an error (a value missing, say)
         # leaves those before it learned and those after it as they were
-        joined, start, g = [], 0, 0
+        status, screens, alone, spans = status.tolist(), [], {}, {}
+        start = g = 0
         for i, model in enumerate(models):
-            if g < len(order) and order[g] == i and status[g] != 0:
-                rows, _, _, first, threshold = plans[i]
+            plan = plans.get(i)
+            if plan is None or status[g] == 0:
+                alone[i] = model.assign_and_learn_many(X[bounds[i] : bounds[i + 1]])
+                screens.append(None)
+            else:
+                rows, _, _, first, threshold = plan
                 n = rows.shape[0]
-                screen = None
+                spans[i] = (start, start + n)
                 if status[g] == 1:  # buffered, learned: the rest of what learn_many does with them
                     if not counts[g]:  # else the buffer is there, of the warm-up's size
                         model._ensure_buffer(rows.shape[1])
                     model._buffer[counts[g] : counts[g] + n] = rows
                     model._cold_learned(n, first)
+                    screens.append(None)
                 else:  # a row refused: nothing learned
-                    what = np.full(n, WARM_UP)
                     part = slice(start, start + n)
                     screen = OutlierScreen(distance[part], outlier[part], threshold, model._feature_names, rows,
-                                           what, blame[part])
-                joined.append((responsibilities[start : start + n], log_likelihood[start : start + n], screen))
-            else:
-                joined.append(model.assign_and_learn_many(X[bounds[i] : bounds[i + 1]]))
-            if g < len(order) and order[g] == i:
-                start += plans[i][0].shape[0]
+                                           np.full(n, WARM_UP), blame[part])
+                    screens.append(screen)
+            if plan is not None:
+                start += plan[0].shape[0]
                 g += 1
-        if len(order) == len(models) and (status != 0).all():  # every row answered by the compiled call
-            screens = [answer[2] for answer in joined]
+        if not alone:  # every row answered by the compiled call, in the models' order
             return responsibilities, log_likelihood, None, screens
+        spans = {i: slice(*span) for i, span in spans.items()}
+        joined = [
+            alone[i] if i in alone else (responsibilities[spans[i]], log_likelihood[spans[i]], screens[i])
+            for i in range(len(models))
+        ]
         return cls._joined_answers(joined)
 
     @staticmethod
@@ -611,7 +618,10 @@ class OnlineGMM(OnlineMixture, base.Clusterer):
         self.skipped_ = ()
         self._calls += 1
         self._screened += n
-        self._origins.extend((self._calls, position) for position in range(n))
+        if n == 1:
+            self._origins.append((self._calls, 0))
+        else:
+            self._origins.extend((self._calls, position) for position in range(n))
         self._count += n
         self.n_seen += n
         if first is not None:  # what `_warm_up_reference` takes from the same 20 rows, now buffered

@@ -342,12 +342,16 @@ class Learner:
         responsibilities, log_likelihood, predictions, screens = type(models[0]).assign_and_learn_each(
             models, X, bounds, target
         )
-        learned, refused_answers = WarmUpAnswers(), []
+        learned, refused_answers = WarmUpAnswers(responsibilities, log_likelihood, predictions), []
         for g, (key, state, records, positions) in enumerate(groups):
             a, b = bounds[g], bounds[g + 1]
-            answer = (responsibilities[a:b], log_likelihood[a:b], None if predictions is None else predictions[a:b])
             if screens[g] is not None:  # nothing learned: `_answer` dead-letters, offers and learns as always
-                scored = (*answer, screens[g])
+                scored = (
+                    responsibilities[a:b],
+                    log_likelihood[a:b],
+                    None if predictions is None else predictions[a:b],
+                    screens[g],
+                )
                 answered, drifts = self._answer(
                     state, records, values[a:b], np.ones(b - a, dtype=bool), model_key=key, scored=scored
                 )
@@ -357,7 +361,7 @@ class Learner:
             refused = {int(i): str(error) for i, error in skipped} if skipped else {}
             state.since_drift_record += b - a - len(refused)  # a cold model's answers say nothing of drift
             state.dirty = True
-            learned.add(positions, records, key, answer, seen[g], refused)
+            learned.add(positions, records, key, (a, b), seen[g], refused)
         return learned, refused_answers
 
     # -- the one way records are answered --------------------------------------------------------
@@ -490,13 +494,15 @@ def padded(resp: np.ndarray, width: int) -> np.ndarray:
 
 class WarmUpAnswers:
     """Rows that cold models answered and learned (`Learner.answer_warm_ups`), whose assignment records
-    are built in one call."""
+    are built in one call: the answers of all the models answered together, and which rows of them
+    each learned model's are."""
 
-    def __init__(self):
-        self.groups: list[tuple] = []  # (positions in the poll, records, model key, answer, n_seen before, refused)
+    def __init__(self, responsibilities: np.ndarray, log_likelihoods: np.ndarray, predictions):
+        self.answers = (responsibilities, log_likelihoods, predictions)
+        self.groups: list[tuple] = []  # (positions in the poll, records, model key, rows, n_seen before, refused)
 
-    def add(self, positions, records, key: str, answer, seen_before: int, refused: dict[int, str]) -> None:
-        self.groups.append((positions, records, key, answer, seen_before, refused))
+    def add(self, positions, records, key: str, rows: tuple[int, int], seen_before: int, refused: dict) -> None:
+        self.groups.append((positions, records, key, rows, seen_before, refused))
 
     def build(self, topic: str) -> tuple[list[int], list, list, dict[int, str]]:
         """(positions in the poll, records, their assignment records, {position in records: reason} of
@@ -511,9 +517,10 @@ class WarmUpAnswers:
             if group[5]:
                 refused.update({start + i: reason for i, reason in group[5].items()})
             start += len(group[1])
-        answers = [group[3] for group in groups]
-        responsibilities = np.vstack([answer[0] for answer in answers])
-        log_likelihoods = np.concatenate([answer[1] for answer in answers])
-        predictions = None if answers[0][2] is None else np.concatenate([answer[2] for answer in answers])
+        responsibilities, log_likelihoods, predictions = self.answers
+        if len(records) != len(log_likelihoods):  # some models' rows went elsewhere: take the others'
+            rows = np.fromiter(itertools.chain.from_iterable(range(*g[3]) for g in groups), dtype=np.int64)
+            responsibilities, log_likelihoods = responsibilities[rows], log_likelihoods[rows]
+            predictions = None if predictions is None else predictions[rows]
         built = schemas.assignments(records, topic, responsibilities, log_likelihoods, n_seen, predictions, keys)
         return positions, records, built, refused

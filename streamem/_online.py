@@ -30,7 +30,7 @@ from streamem.families.cold_kernels import robust_distances
 from streamem.schedules import StepSize
 from streamem.state import FORMAT_VERSION, StateError, parse_state
 
-__all__ = ["OUTLIER_MODES", "OnlineMixture", "check_distinct"]
+__all__ = ["OUTLIER_MODES", "OnlineMixture"]
 
 # "raise": an outlier raises OutlierError; "skip": it is dropped and counted in n_outliers;
 # "learn": no distance check (a value too large for the statistics still raises).

@@ -490,7 +490,9 @@ class OnlineGMM(OnlineMixture, base.Clusterer):
             log_likelihood, log_resp = log_responsibilities(self._gaussian.weighted_log_prob(batch, params, log_prob))
         return np.exp(log_resp), log_likelihood, screen
 
-    def assign_and_learn_many(self, X) -> tuple[np.ndarray, np.ndarray, OutlierScreen]:
+    def assign_and_learn_many(self, X, y=None) -> tuple[np.ndarray, np.ndarray, OutlierScreen]:
+        if y is not None:
+            raise TypeError("an OnlineGMM has no target: call assign_and_learn_many(X)")
         fast = self._cold_assign_and_learn(X)
         return fast if fast is not None else super().assign_and_learn_many(X)
 

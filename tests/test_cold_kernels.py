@@ -156,6 +156,11 @@ def test_assign_and_learn_many_is_assign_and_screen_then_learn_many(
         if not expected[-1].outlier.any():
             twin.learn_many(X)
         refused += int(expected[-1].outlier.sum())
+        if outlier_mode == "skip" and expected[-1].outlier.any():
+            # offered anyway, as the Kafka consumer offers refused rows: the refusal window fills, and
+            # later batches take the fast path only where learn_many's spans would be the same
+            model.learn_many(X[expected[-1].outlier])
+            twin.learn_many(X[expected[-1].outlier])
         for got, want in zip(answer[:2], expected[:2], strict=True):
             np.testing.assert_array_equal(got, want)
         for field in ("distance", "outlier", "what", "blame", "threshold", "names"):
@@ -237,6 +242,8 @@ def test_assign_and_learn_each_is_assign_and_learn_many_model_by_model(monkeypat
 
 
 def test_assign_and_learn_each_refuses_a_model_twice_and_stops_at_a_bad_row():
+    """A model given twice, no model, or models of different n_components: ValueError; a row with a value
+    missing stops the call at its model, those before it having learned and those after untouched."""
     models = [se.OnlineGMM(2, features=("a", "b"), warmup=50) for _ in range(3)]
     X = np.ones((3, 2))
     with pytest.raises(ValueError, match="twice"):

@@ -9,8 +9,9 @@ import orjson
 import pytest
 
 import streamem as se
+from streamem.drift import WeightDriftDetector
 from streamem.families.cold_kernels import cold_answers_each
-from streamem_connectors.kafka.checkpoint import DirectoryStore
+from streamem_connectors.kafka.checkpoint import DirectoryStore, model_checkpoint, model_settings
 from streamem_connectors.kafka.modes import make_learner
 from streamem_connectors.kafka.pipeline import run_consumer
 from streamem_connectors.kafka.records import InputRecord
@@ -99,11 +100,21 @@ def test_unreadable_statistics_messages_are_skipped_not_fatal(broker):
     settings = make_settings(broker, topic, replicate=True, max_records=total)
     ensure_topics(settings, input_partitions=1)
     good = {"kind": "update", "origin": "x", "sequence": 1, "count": 5, "sources": [], "statistics": {}}
-    zero = {"type": "GaussianStats", "shift": [0.0, 0.0], "mass": [0.0, 0.0], "first": [[0.0] * 2] * 2,
-            "second": [[0.0] * 3] * 2}
-    bad = [b"not json", b"[]", json.dumps({**good, "sources": None}).encode(),
-           json.dumps({**good, "count": 1e308}).encode(), json.dumps({**good, "statistics": zero}).encode(),
-           json.dumps({**good, "sources": [{"topic": topic, "partition": 0, "from": 5, "to": 2}]}).encode()]
+    zero = {
+        "type": "GaussianStats",
+        "shift": [0.0, 0.0],
+        "mass": [0.0, 0.0],
+        "first": [[0.0] * 2] * 2,
+        "second": [[0.0] * 3] * 2,
+    }
+    bad = [
+        b"not json",
+        b"[]",
+        json.dumps({**good, "sources": None}).encode(),
+        json.dumps({**good, "count": 1e308}).encode(),
+        json.dumps({**good, "statistics": zero}).encode(),
+        json.dumps({**good, "sources": [{"topic": topic, "partition": 0, "from": 5, "to": 2}]}).encode(),
+    ]
     produce(broker.bootstrap_servers, settings.topics["statistics"], bad)
     produce(broker.bootstrap_servers, topic, good_values(total, seed=6))
     counters = run_consumer(settings)
@@ -129,6 +140,11 @@ def test_each_keys_model_answers_as_an_instance_model_fed_only_that_keys_records
     keyed_settings = make_settings(broker, topic, model_key="site", **common)
     ensure_topics(keyed_settings, input_partitions=2)
     keyed = make_learner(keyed_settings, DirectoryStore(tmp_path))
+    warm_ups = []  # how many cold models answer_warm_ups took, call by call
+    answer_warm_ups = keyed.answer_warm_ups
+    monkeypatch.setattr(
+        keyed, "answer_warm_ups", lambda groups, values: warm_ups.append(len(groups)) or answer_warm_ups(groups, values)
+    )
     instances = {}
     rng = np.random.default_rng(8)
     offsets = [0, 0]
@@ -171,4 +187,34 @@ def test_each_keys_model_answers_as_an_instance_model_fed_only_that_keys_records
         assert keyed.models[site].detector.to_dict() == instance.state.detector.to_dict(), site
     assert all(state.model.is_warm for state in keyed.models.values())
     assert keyed.counters.dead_lettered > 0
-    assert sum(compiled) > 50 if target is None else not compiled  # of about 90 cold key batches
+    assert sum(warm_ups) > 60  # of about 90 cold key batches
+    assert sum(compiled) > 50 if target is None else not compiled
+
+
+def test_a_restored_cold_key_model_takes_this_runs_threshold_and_another_shape_answers_alone(broker, tmp_path):
+    """Key models restored cold: one written under the default --outlier-threshold refuses what this run's
+    threshold (10) refuses, and one of an older checkpoint (no settings) with 3 components, polled beside a
+    fresh 2-component key, answers alone instead of stopping the poll."""
+    topic = unique("keyed-restored")
+    settings = make_settings(broker, topic, model_key="site", checkpoint_dir=str(tmp_path), outlier_threshold=10.0)
+    ensure_topics(settings, input_partitions=1)
+    rng = np.random.default_rng(3)
+    store = DirectoryStore(tmp_path)
+    documents = []
+    for key, n_components, written in (("default", 2, model_settings(settings)), ("older", 3, None)):
+        model = se.OnlineGMM(n_components, features=("a", "b"), warmup=200, batch_size=50, outliers="skip")
+        model.learn_many(rng.normal(size=(25, 2)))  # cold, with its warm-up reference (threshold 1e6)
+        detector = WeightDriftDetector(max(2, n_components)).to_dict()
+        document = model_checkpoint(key, model.to_dict(), detector, {}, written)
+        documents.append((f"{settings.group_id}/model/{key}", document))
+    store.save_all(documents)
+    learner = make_learner(settings, store)
+
+    def record(offset, site, a, b):
+        return InputRecord(topic, 0, offset, site.encode(), orjson.dumps({"a": a, "b": b, "site": site}))
+
+    poll = [record(0, "default", 8.0, 0.0), record(1, "older", 0.1, 0.2), record(2, "fresh", 0.3, 0.1)]
+    outputs = [orjson.loads(output.value) for output in learner.process(poll)]
+    assert "error" in outputs[0] and "threshold 10" in outputs[0]["error"]  # squared robust distance ~64 > 10
+    assert len(outputs[1]["probabilities"]) == 3 and len(outputs[2]["probabilities"]) == 2
+    assert learner.models["older"].model.n_seen == 26 and learner.models["fresh"].model.n_seen == 1

@@ -219,8 +219,11 @@ def model_checkpoint(
     The consumer writes one for every key learned since the last checkpoint (thousands each time),
     and validating them cost three quarters of the time. Every field comes from the consumer's own
     objects (a model's and its detector's `to_dict`, offsets it counted, `model_settings`), and
-    `ModelCheckpoint.parse` checks all of it when it is read.
+    `ModelCheckpoint.parse` checks all of it when it is read. The detector's state, the one part made
+    of computed numbers a model's own checks do not cover, is still validated (a NaN would be written
+    as null and refused on resume, replacing the last good document).
     """
+    DetectorDocument.model_validate(detector)
     document = {
         "version": CHECKPOINT_VERSION,
         "model_key": model_key,

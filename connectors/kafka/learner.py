@@ -34,7 +34,6 @@ __all__ = [
     "Learner",
     "ModelState",
     "OffsetBook",
-    "assign_and_learn",
     "assign_and_screen",
     "model_type",
     "new_model",
@@ -100,16 +99,6 @@ def assign_and_screen(model, settings: ConsumerSettings, features: np.ndarray, t
         responsibilities, log_likelihood, screened = model.assign_and_screen_many(features)
         return responsibilities, log_likelihood, None, screened
     return model.assign_and_screen_many(features, target)
-
-
-def assign_and_learn(model, settings: ConsumerSettings, features: np.ndarray, target=None):
-    """`assign_and_screen`, then the rows learned when the screen refuses none of them, in one call
-    (`assign_and_learn_many`: a cold model's small batches are one compiled call)."""
-    model.set_outlier_rule("skip", outlier_threshold(settings))
-    if target is None:
-        responsibilities, log_likelihood, screened = model.assign_and_learn_many(features)
-        return responsibilities, log_likelihood, None, screened
-    return model.assign_and_learn_many(features, target)
 
 
 def model_type(settings: ConsumerSettings):
@@ -322,9 +311,15 @@ class Learner:
 
     def can_answer_warm_up(self, state: ModelState, n_rows: int) -> bool:
         """Whether `answer_warm_ups` takes `n_rows` rows of this model, all to be learned: its warm-up
-        takes them all without finishing, and its columns are the decoder's."""
+        takes them all without finishing, its columns are the decoder's and its components this run's
+        (a model restored from an older checkpoint may have others: it answers alone, in `_answer`)."""
         model = state.model
-        return not model.is_warm and n_rows < model.warmup_needed and model.features_ == self.feature_order
+        return (
+            not model.is_warm
+            and n_rows < model.warmup_needed
+            and model.features_ == self.feature_order
+            and model.n_components == self.settings.n_components
+        )
 
     def answer_warm_ups(self, groups: list, values: np.ndarray):
         """Cold models' rows answered and learned in one call for all (`assign_and_learn_each`: one
@@ -336,6 +331,9 @@ class Learner:
         for the whole poll at once; [(positions, outputs, drift records)] of the models whose screen
         refused a row, answered by `_answer` from the same answers)."""
         models = [group[1].model for group in groups]
+        threshold = outlier_threshold(self.settings)
+        for model in models:  # this run's rule (a restored model keeps its own otherwise), as `assign_and_screen`
+            model.set_outlier_rule("skip", threshold)
         bounds = [0, *itertools.accumulate(len(group[2]) for group in groups)]
         seen = [model.n_seen for model in models]
         X, target = self.model_columns(groups[0][1], values)
@@ -359,9 +357,17 @@ class Learner:
                 continue
             skipped = models[g].skipped_
             refused = {int(i): str(error) for i, error in skipped} if skipped else {}
-            state.since_drift_record += b - a - len(refused)  # a cold model's answers say nothing of drift
             state.dirty = True
             learned.add(positions, records, key, (a, b), seen[g], refused)
+            if not models[g].is_warm:  # the usual case: a cold model's answers say nothing of drift
+                state.since_drift_record += b - a - len(refused)
+                continue
+            # a warm-up finished within the rows after all (a re-warm from refused records): the drift
+            # path as `_answer` runs it, for the periodic record
+            to_learn = np.ones(b - a, dtype=bool)
+            to_learn[list(refused)] = False
+            drifts = self._drift(state, records, responsibilities[a:b], to_learn, False, seen[g], key)
+            refused_answers.append(([], [], drifts))
         return learned, refused_answers
 
     # -- the one way records are answered --------------------------------------------------------

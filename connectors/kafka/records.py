@@ -338,7 +338,7 @@ def assignments(
         components,
         probabilities,
         log_likelihood,
-        range(n_seen, n_seen + len(records)) if isinstance(n_seen, int) else n_seen,
+        n_seen if isinstance(n_seen, (list, tuple)) else range(n_seen, n_seen + len(records)),
         endings,
     )
     values = map(layout.__mod__, fields)

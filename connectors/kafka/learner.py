@@ -328,8 +328,9 @@ class Learner:
         (`can_answer_warm_up`).
 
         Returns (WarmUpAnswers of the models that learned their rows, whose records the caller builds
-        for the whole poll at once; [(positions, outputs, drift records)] of the models whose screen
-        refused a row, answered by `_answer` from the same answers)."""
+        for the whole poll at once; [(positions, outputs, drift records)] of the others: those whose
+        screen refused a row, answered by `_answer` from the same answers, and, with no outputs, the
+        drift records of a model whose warm-up finished within its rows after all)."""
         models = [group[1].model for group in groups]
         threshold = outlier_threshold(self.settings)
         for model in models:  # this run's rule (a restored model keeps its own otherwise), as `assign_and_screen`
@@ -340,7 +341,7 @@ class Learner:
         responsibilities, log_likelihood, predictions, screens = type(models[0]).assign_and_learn_each(
             models, X, bounds, target
         )
-        learned, refused_answers = WarmUpAnswers(responsibilities, log_likelihood, predictions), []
+        learned, others = WarmUpAnswers(responsibilities, log_likelihood, predictions), []
         for g, (key, state, records, positions) in enumerate(groups):
             a, b = bounds[g], bounds[g + 1]
             if screens[g] is not None:  # nothing learned: `_answer` dead-letters, offers and learns as always
@@ -353,7 +354,7 @@ class Learner:
                 answered, drifts = self._answer(
                     state, records, values[a:b], np.ones(b - a, dtype=bool), model_key=key, scored=scored
                 )
-                refused_answers.append((positions, answered, drifts))
+                others.append((positions, answered, drifts))
                 continue
             skipped = models[g].skipped_
             refused = {int(i): str(error) for i, error in skipped} if skipped else {}
@@ -367,8 +368,8 @@ class Learner:
             to_learn = np.ones(b - a, dtype=bool)
             to_learn[list(refused)] = False
             drifts = self._drift(state, records, responsibilities[a:b], to_learn, False, seen[g], key)
-            refused_answers.append(([], [], drifts))
-        return learned, refused_answers
+            others.append(([], [], drifts))
+        return learned, others
 
     # -- the one way records are answered --------------------------------------------------------
     def model_columns(self, state: ModelState, values: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:

@@ -229,8 +229,8 @@ class KeyedLearner(Learner):
                     through[tp] = r.offset + 1
         if cold:
             values = decoded.values[list(itertools.chain.from_iterable(cold_members))]
-            learned, refused_answers = self.answer_warm_ups(cold, values)
-            for positions, answered, key_drifts in refused_answers:
+            learned, others = self.answer_warm_ups(cold, values)
+            for positions, answered, key_drifts in others:
                 drifts.extend(key_drifts)
                 for i, output in zip(positions, answered, strict=True):
                     outputs[i] = output

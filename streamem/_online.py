@@ -569,9 +569,11 @@ class OnlineMixture:
         `X[bounds[i]:bounds[i + 1]]` (and `y`'s), as `models[i].assign_and_learn_many` would; each
         model at most once, all with one `n_components`, at least one (ValueError otherwise). The
         models answer in turn: an error (a row with a value missing, say) stops the call at that
-        model, those before it having learned. Returns (responsibilities (n, K), log-likelihoods (n,), predictions (n,)
-        or None, screens): `screens[i]` is model i's `OutlierScreen` when it refused a row (nothing
-        of that model's rows was learned then), None when it learned them all.
+        model, those before it having learned.
+
+        Returns (responsibilities (n, K), log-likelihoods (n,), predictions (n,) or None, screens):
+        `screens[i]` is model i's `OutlierScreen` when it refused a row (nothing of that model's rows
+        was learned then), None when it learned them all.
 
         One model per key with a record or two each (the Kafka consumer's `--model-key`): cold
         `OnlineGMM`s are answered, screened and buffered in one compiled call for all of them.

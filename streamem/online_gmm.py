@@ -17,7 +17,7 @@ from streamem._validation import (
     record_values_with_missing,
 )
 from streamem.families.base import log_responsibilities
-from streamem.families.cold_kernels import cold_answers, cold_answers_each, provisional_scores
+from streamem.families.cold_kernels import cold_answers_each, provisional_scores
 from streamem.families.gaussian import (
     COVARIANCE_TYPES,
     GaussianFamily,
@@ -44,7 +44,7 @@ from streamem.state import parse_fit
 
 __all__ = ["OnlineGMM"]
 
-_NO_REFERENCE = np.zeros(0)  # `cold_answers` without a warm-up reference
+_NO_REFERENCE = np.zeros(0)  # a cold model's plan without a warm-up reference
 
 
 class OnlineGMM(OnlineMixture, base.Clusterer):
@@ -530,11 +530,8 @@ class OnlineGMM(OnlineMixture, base.Clusterer):
                 rows, _, _, first, threshold = plan
                 n = rows.shape[0]
                 spans[i] = (start, start + n)
-                if status[g] == 1:  # buffered, learned: the rest of what learn_many does with them
-                    if not counts[g]:  # else the buffer is there, of the warm-up's size
-                        model._ensure_buffer(rows.shape[1])
-                    model._buffer[counts[g] : counts[g] + n] = rows
-                    model._cold_learned(n, first)
+                if status[g] == 1:  # passed: learned
+                    model._take_cold_rows(rows, counts[g], first)
                     screens.append(None)
                 else:  # a row refused: nothing learned
                     part = slice(start, start + n)
@@ -615,8 +612,13 @@ class OnlineGMM(OnlineMixture, base.Clusterer):
                 return None
         return rows, centre, scale, first, self.outlier_threshold if self._distance_rule else None
 
-    def _cold_learned(self, n: int, first) -> None:
-        """The rest of what learn_many does with `n` rows its screen passed, once they are buffered."""
+    def _take_cold_rows(self, rows: np.ndarray, count: int, first) -> None:
+        """What learn_many does with a cold model's rows its screen passed (`count` were buffered
+        before them; `first`: the first reference, when they complete the first 20)."""
+        n = rows.shape[0]
+        if not count:  # else the buffer is there, of the warm-up's size
+            self._ensure_buffer(rows.shape[1])
+        self._buffer[count : count + n] = rows
         self.skipped_ = ()
         self._calls += 1
         self._screened += n
@@ -639,19 +641,18 @@ class OnlineGMM(OnlineMixture, base.Clusterer):
         plan = self._cold_plan(X)
         if plan is None:
             return None
-        rows, centre, scale, first, threshold = plan
-        n, count = rows.shape[0], self._count
-        self._ensure_buffer(rows.shape[1])  # the compiled call buffers the rows if it passes them all
-        log_resp, log_likelihood, distance, blame, outlier, status = cold_answers(
-            self._buffer, count, rows, self.n_components, self.covariance_type == "spherical", centre, scale,
-            math.inf if threshold is None else threshold, TOO_LARGE,
+        rows, _, _, first, threshold = plan
+        count = self._count
+        resp, log_likelihood, distance, blame, outlier, status = self._cold_answers_each(
+            [self], [plan], [count], rows.shape[1]
         )
-        if status == 0:
+        if status[0] == 0:
             return None
-        screen = OutlierScreen(distance, outlier, threshold, self._feature_names, rows, np.full(n, WARM_UP), blame)
-        if status == 1:
-            self._cold_learned(n, first)
-        return np.exp(log_resp), log_likelihood, screen
+        if status[0] == 1:
+            self._take_cold_rows(rows, count, first)
+        what = np.full(len(rows), WARM_UP)
+        screen = OutlierScreen(distance, outlier, threshold, self._feature_names, rows, what, blame)
+        return resp, log_likelihood, screen
 
     def _cold_scores(self, rows: np.ndarray):
         """(log-likelihoods, log-responsibilities) of rows under a cold model's provisional parameters in

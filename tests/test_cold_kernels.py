@@ -129,7 +129,9 @@ def test_assign_and_learn_many_is_assign_and_screen_then_learn_many(
     answers, screens, refusals and state as `assign_and_screen_many` then `learn_many` on a twin, and
     most of the cold batches take the one compiled call."""
     compiled = []
-    monkeypatch.setattr(se.online_gmm, "cold_answers", lambda *a: compiled.append(1) or cold_kernels.cold_answers(*a))
+    monkeypatch.setattr(
+        se.online_gmm, "cold_answers_each", lambda *a: compiled.append(1) or cold_kernels.cold_answers_each(*a)
+    )
     rng = np.random.default_rng(5)
     model = se.OnlineGMM(
         2,

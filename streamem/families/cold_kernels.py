@@ -18,7 +18,7 @@ import math
 import numba
 import numpy as np
 
-__all__ = ["cold_answers", "cold_answers_each", "provisional_scores", "robust_distances", "warm_up_cold_kernels"]
+__all__ = ["cold_answers_each", "provisional_scores", "robust_distances", "warm_up_cold_kernels"]
 
 _JIT = {"cache": True, "nogil": True}
 _LOG_2PI = math.log(2.0 * math.pi)
@@ -112,8 +112,15 @@ def robust_distances(rows, centre, scale):
 
 @numba.njit(**_JIT)
 def _answer_and_screen(buffer, count, rows, n_components, spherical, centre, scale, threshold, too_large):
-    """(log-responsibilities, log-likelihood, distance, blame, outlier, status) of `cold_answers`,
-    nothing buffered."""
+    """One cold model's answer to rows and its warm-up screen: (log-responsibilities, log-likelihood,
+    distance, blame, outlier, status).
+
+    The answer is `provisional_scores`'; the distances `robust_distances`' from the reference
+    (`centre`, `scale`; every distance 0 when `centre` is empty); a row is an outlier when its
+    distance is not <= `threshold`. Status 1: no row is an outlier; 2: some are; 0: a value is NaN
+    or not below `too_large` in size, or the provisional parameters are not finite, and nothing else
+    is computed (the caller's general path answers and screens those rows). The caller takes the
+    exponential with NumPy, as the general path does: a compiled exp may differ in the last bit."""
     n, d = rows.shape
     distance = np.zeros(n)
     blame = np.zeros(n, dtype=np.int64)
@@ -136,28 +143,10 @@ def _answer_and_screen(buffer, count, rows, n_components, spherical, centre, sca
 
 
 @numba.njit(**_JIT)
-def cold_answers(buffer, count, rows, n_components, spherical, centre, scale, threshold, too_large):
-    """A cold model's answer to rows and its warm-up screen, in one call, and the rows buffered when
-    the screen passes them all: (log-responsibilities, log-likelihood, distance, blame, outlier,
-    status). (The caller takes the exponential with NumPy, as the general path does: a compiled
-    exp may differ from NumPy's in the last bit.)
-
-    The answer is `provisional_scores`'; the distances `robust_distances`' from the reference
-    (`centre`, `scale`; every distance 0 when `centre` is empty); a row is an outlier when its
-    distance is not <= `threshold`. Status 1: no row is an outlier, and they are copied into
-    `buffer` from `count` on; 2: some are, nothing is buffered; 0: a value is NaN or not below
-    `too_large` in size, or the provisional parameters are not finite, and nothing else is
-    computed (the caller's general path answers and screens those rows)."""
-    answer = _answer_and_screen(buffer, count, rows, n_components, spherical, centre, scale, threshold, too_large)
-    if answer[5] == 1:
-        buffer[count : count + rows.shape[0]] = rows
-    return answer
-
-
-@numba.njit(**_JIT)
 def cold_answers_each(buffers, buffer_starts, rows, row_starts, n_components, spherical, centres, scales,
                       referenced, thresholds, too_large):
-    """`cold_answers` of many cold models at once, nothing buffered: model g's buffered rows are
+    """The answers and warm-up screens of many cold models at once (nothing is buffered here): model
+    g's buffered rows are
     `buffers[buffer_starts[g]:buffer_starts[g + 1]]`, its rows `rows[row_starts[g]:row_starts[g + 1]]`,
     its reference `centres[g]`, `scales[g]` where `referenced[g]`, its threshold `thresholds[g]`.
     Returns the rows' (log-responsibilities, log-likelihoods, distances, blame, outlier) and each
@@ -193,7 +182,6 @@ def warm_up_cold_kernels() -> None:
     rows = np.zeros((1, 2))
     provisional_scores(np.zeros((4, 2)), 2, rows, 2, False)
     robust_distances(rows, np.zeros(2), np.ones(2))
-    cold_answers(np.zeros((4, 2)), 2, rows, 2, False, np.zeros(2), np.ones(2), 1e6, 1e150)
     starts = np.array([0, 1])
     cold_answers_each(
         np.zeros((1, 2)), starts, rows, starts, 2, False, np.zeros((1, 2)), np.ones((1, 2)),

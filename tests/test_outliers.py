@@ -419,3 +419,27 @@ def test_warm_up_reference_is_the_median_and_scaled_mad_of_each_column(missing):
         np.testing.assert_allclose(centre, [np.median(c[~np.isnan(c)]) for c in rows.T], rtol=1e-15)
         mad = stats.median_abs_deviation(rows, axis=0, scale="normal", nan_policy="omit")
         np.testing.assert_allclose(scale, 1.4826 * mad * stats.norm.ppf(0.75), rtol=1e-12)  # 1.4826 MAD
+
+
+@pytest.mark.parametrize("n", [20, 21, 40, 80, 161])
+def test_the_robust_reference_is_the_median_and_scaled_mad_of_each_column(n):
+    """`robust_reference` (median, then 1.4826 MAD, else 1.2533 mean absolute deviation, else max(|median|, 1))
+    equals NumPy's and SciPy's statistics, exactly, with and without a missing value, for an odd and an even
+    number of rows, tied values, a column constant but for one value, and a constant column."""
+    from streamem.outliers import robust_reference
+
+    rng = np.random.default_rng(n)
+    rows = np.column_stack([rng.normal(size=n), rng.integers(0, 3, size=n).astype(float), np.full(n, 4.0),
+                            np.full(n, -7.5)])
+    rows[0, 3] = 2.0  # the MAD is 0, the mean absolute deviation is not
+    for missing in (False, True):
+        if missing:
+            rows[3, 0] = rows[5, 1] = np.nan
+        centre, scale = robust_reference(rows)
+        median = np.nanmedian(rows, axis=0)
+        mad = stats.median_abs_deviation(rows, axis=0, nan_policy="omit", scale=1 / 1.4826)
+        mean_deviation = 1.2533 * np.nanmean(np.abs(rows - median), axis=0)
+        expected = np.where(mad > 0, mad, np.where(mean_deviation > 0, mean_deviation, np.maximum(abs(median), 1)))
+        np.testing.assert_array_equal(centre, median)
+        np.testing.assert_allclose(scale, expected, rtol=1e-15)
+        assert scale[2] == 4.0 and scale[3] == pytest.approx(1.2533 * 9.5 / n)

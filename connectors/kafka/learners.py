@@ -11,6 +11,7 @@ import itertools
 import logging
 
 import numpy as np
+import orjson
 
 from streamem_connectors.kafka.checkpoint import (
     Checkpoint,
@@ -245,7 +246,7 @@ class KeyedLearner(Learner):
         return outputs + drifts
 
     def checkpoint_entries(self) -> list[tuple[str, bytes]]:
-        entries, settings = [], model_settings(self.settings)
+        entries, settings = [], orjson.Fragment(orjson.dumps(model_settings(self.settings)))  # once for all keys
         for key, state in self.models.items():
             if not state.dirty:
                 continue

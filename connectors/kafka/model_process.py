@@ -308,6 +308,11 @@ def _serve(settings: ConsumerSettings, connection, logs, level: int, consumer: i
     # Everything alive now (modules, the model, the clients) lives as long as the process: spare
     # the collector from walking it again on every full collection (a fifth of the model's time).
     gc.freeze()
+    # And collect the youngest objects every 10,000 net allocations, not 700: nearly every object a
+    # batch makes is freed by its reference count anyway, and each collection that reaches the oldest
+    # generation walks every live object, which with one model per key is hundreds of thousands
+    # (2.2 s of a 14 s keyed run went to the collector; 0.35 s at this threshold).
+    gc.set_threshold(10_000, 10, 10)
     try:
         while True:
             try:

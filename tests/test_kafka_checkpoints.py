@@ -475,3 +475,58 @@ def test_a_keyed_models_document_written_fast_reads_back_as_the_validated_one(wa
     ).dump()
     assert ModelCheckpoint.parse(fast) == ModelCheckpoint.parse(validated)
     assert OnlineGMM.from_dict(ModelCheckpoint.parse(fast).model).to_dict() == model.to_dict()
+
+
+def test_a_keyed_models_document_with_a_detector_that_is_not_finite_is_refused_naming_the_key():
+    """A keyed model's document whose drift detector holds a NaN or an infinity is refused on write, naming
+    the key (JSON would store null, which a restart then refuses, replacing the last good document)."""
+    from streamem.drift import WeightDriftDetector
+    from streamem_connectors.kafka.checkpoint import model_checkpoint
+
+    for bad in (float("nan"), float("inf")):
+        detector = WeightDriftDetector(2).to_dict()
+        detector["short"][1][0] = bad
+        with pytest.raises(ValueError, match="'site-7'.*detector.*not finite"):
+            model_checkpoint("site-7", {}, detector, {("in", 0): 3}, None)
+
+
+@pytest.mark.parametrize("in_child", [True, False])
+def test_a_checkpoint_stored_while_the_next_batch_is_answered_covers_only_the_batches_before_it(broker, in_child):
+    """The loop stores a checkpoint (documents built by the model process, sent from the loop's process)
+    while the model process answers the batch polled after it: that checkpoint's model and offsets are
+    those of the batches before it, and the next checkpoint's include the batch."""
+    from streamem_connectors.kafka.model_process import AnswererHandle
+    from streamem_connectors.kafka.records import InputBatch
+    from tests.test_kafka_consumer import stored_checkpoint
+
+    topic = unique("ckpt-then")
+    settings = make_settings(broker, topic, warmup=100)
+    ensure_topics(settings, input_partitions=1)
+    values = good_values(300)
+
+    def batch(start: int, stop: int) -> InputBatch:
+        return InputBatch(topic, [0] * (stop - start), list(range(start, stop)), [None] * (stop - start),
+                          values[start:stop])
+
+    handle = AnswererHandle(settings, in_child=in_child)
+    try:
+        first, then = batch(0, 200), batch(200, 300)
+        handle.submit(handle.decoded(first))
+        handle.advance(first.next_offsets())
+        handle.request_checkpoint()
+        handle.collect()
+        documents = handle.checkpoint_documents()
+        handle.submit(handle.decoded(then))  # answered while the checkpoint is stored
+        handle.advance(then.next_offsets())
+        handle.store(documents)
+        stored = stored_checkpoint(settings)
+        assert [(o.partition, o.offset) for o in stored.offsets] == [(0, 200)]
+        assert stored.model["n_seen"] == 200 and stored.counters.records_in == 200
+        assert handle.collect().counters["records_in"] == 300
+        handle.request_checkpoint()
+        handle.store(handle.checkpoint_documents())
+        stored = stored_checkpoint(settings)
+        assert [(o.partition, o.offset) for o in stored.offsets] == [(0, 300)]
+        assert stored.model["n_seen"] == 300
+    finally:
+        handle.close()

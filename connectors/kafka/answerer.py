@@ -1,10 +1,11 @@
-"""The output side of the consumer: answer and learn each batch, send the answers, store checkpoints.
+"""The output side of the consumer: answer and learn each batch, send the answers, write checkpoints.
 
-An `Answerer` owns the learner, the producer of every output topic and the
-checkpoint store. The consume loop (`streamem_connectors.kafka.pipeline`) owns the input
-side: it polls, hands batches over and commits offsets once a checkpoint is
-stored. An answerer runs in a child process by default (`streamem_connectors.kafka.model_process`),
-so producing and learning run beside the polling, each under its own interpreter lock.
+An `Answerer` owns the learner and the producer of every output topic; it builds the
+checkpoints' documents (and reads stored ones through its own store). The consume loop
+(`streamem_connectors.kafka.pipeline`) owns the input side: it polls, hands batches over,
+stores each checkpoint and then commits its offsets. An answerer runs in a child process
+by default (`streamem_connectors.kafka.model_process`), so producing and learning run
+beside the polling, each under its own interpreter lock.
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ class Report(NamedTuple):
 
 
 class Answerer:
-    """The learner (instance, keyed or replicated, as the settings say), its sink and checkpoint store."""
+    """The learner (instance, keyed or replicated, as the settings say), its sink, and the checkpoint store
+    it reads stored models from."""
 
     def __init__(self, settings: ConsumerSettings):
         self.sink = make_sink(settings)
@@ -43,16 +45,17 @@ class Answerer:
         self.drift_topic = settings.topics["drift"]
 
     def process(self, batch: InputBatch) -> Report:
-        """Answer, learn and send; the answers are acknowledged by the next `checkpoint`."""
+        """Answer, learn and send; the answers are acknowledged by the next `checkpoint_entries`."""
         outputs = self.learner.process(batch.records(), batch.decoded)
         self.sink.send(outputs)
         drifts = [o for o in outputs[batch.size :] if o.topic == self.drift_topic]
         return Report(dataclasses.asdict(self.learner.counters), self.learner.weights(), drifts)
 
-    def checkpoint(self) -> None:
-        """Every answer acknowledged (or `DeliveryFailed`), then the checkpoint stored."""
+    def checkpoint_entries(self) -> list[tuple[str, bytes]]:
+        """Every answer acknowledged (or `DeliveryFailed`), then the checkpoint's documents, for the
+        loop to store (`AnswererHandle.store_checkpoint`) while this answers the next batch."""
         self.sink.flush()
-        self.store.save_all(self.learner.checkpoint_entries())
+        return self.learner.checkpoint_entries()
 
     # -- the learner's books, in the order the loop kept them -------------------------------------
     def revoked(self, partitions) -> None:

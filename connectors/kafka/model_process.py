@@ -2,9 +2,11 @@
 
 Why a child: kafka-python is Python code, so in one process polling, producing and
 the model's work take turns under one interpreter lock. With the answerer (the
-model, the producer, the checkpoint store) in a child, the loop polls batch N+2
-while the child answers, learns and sends batch N, on a second core, with batch N+1
+model and the producer of its answers) in a child, the loop polls batch N+2 while
+the child answers, learns and sends batch N, on a second core, with batch N+1
 already handed over (so the child never waits for the loop between two batches).
+The child builds each checkpoint's documents; the loop's process stores them, while
+the child answers the batch polled after the checkpoint.
 
 `AnswererHandle` offers the same calls either way (`--no-model-process` keeps the
 answerer in this process). Calls that only keep books (the rebalance callbacks,
@@ -33,8 +35,8 @@ import threading
 import traceback
 
 from streamem_connectors.kafka.answerer import Answerer, Report
-from streamem_connectors.kafka.checkpoint import CheckpointError
-from streamem_connectors.kafka.clients import DeliveryFailed
+from streamem_connectors.kafka.checkpoint import CheckpointError, make_store
+from streamem_connectors.kafka.clients import DeliveryFailed, make_sink
 from streamem_connectors.kafka.learner import Counters, OffsetBook, Partition
 from streamem_connectors.kafka.records import InputBatch, RecordDecoder
 from streamem_connectors.kafka.settings import ConsumerSettings
@@ -69,6 +71,14 @@ class AnswererHandle:
         self._deferred: list[tuple[str, tuple]] = []
         self._books_lock = threading.Lock()  # rebalance callbacks may run on the client's IO thread
         self._decoder = RecordDecoder(settings.features, settings.target, settings.model_key)
+        # Checkpoints are stored from here, while the model process answers the next batch (with one
+        # model per key, sending their documents took a sixth of that process's time).
+        try:
+            self._sink = None if settings.checkpoint_dir is not None else make_sink(settings)
+            self._store = make_store(settings, self._sink)
+        except BaseException:
+            self._transport.close()
+            raise
 
     # -- answered here, forwarded with the next request ------------------------------------
     def revoked(self, partitions: list[Partition]) -> None:
@@ -105,9 +115,21 @@ class AnswererHandle:
             setattr(self.counters, name, value)
         return report
 
-    def checkpoint(self) -> None:
-        """Every answer sent so far acknowledged, then the checkpoint stored."""
-        self._call("checkpoint")
+    def request_checkpoint(self) -> None:
+        """Ask for a checkpoint of the batches submitted so far: once they are answered, every answer
+        acknowledged, then the checkpoint's documents built (batches submitted after this are not in
+        it). Collect those batches, then take the documents with `checkpoint_documents`."""
+        self._request("checkpoint_entries")
+
+    def checkpoint_documents(self) -> list[tuple[str, bytes]]:
+        """The documents of the checkpoint asked for (`DeliveryFailed` if its answers were not all
+        acknowledged). Taken before the next batch is submitted: the two are the large messages
+        between the processes, and each side would otherwise wait for the other to read."""
+        return self._transport.receive()
+
+    def store(self, documents: list[tuple[str, bytes]]) -> None:
+        """Store a checkpoint's documents (from this process, while the model process answers on)."""
+        self._store.save_all(documents)
 
     def idle(self) -> None:
         self._call("idle")
@@ -116,7 +138,11 @@ class AnswererHandle:
         self._call("finish")
 
     def close(self) -> None:
-        self._transport.close()
+        try:
+            self._transport.close()
+        finally:
+            if self._sink is not None:
+                self._sink.close()
 
     def _call(self, name: str) -> None:
         self._request(name)

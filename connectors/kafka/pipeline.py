@@ -99,19 +99,52 @@ def run_consumer(
     started = time.monotonic()
     lag, lag_at = None, -float("inf")  # records behind the end of the input, and when last asked
 
-    def checkpoint() -> None:
+    def hand_over(batch: schemas.InputBatch, polled_at: float) -> None:
+        next_offsets = batch.next_offsets()
+        answerer.submit(batch)  # answered while the next poll runs
+        answerer.advance(next_offsets)  # before that poll, whose rebalance may ask for it
+        submitted.append(_Submitted(batch, next_offsets, polled_at))
+
+    def checkpoint(ahead: list[tuple[schemas.InputBatch, float]] = ()) -> None:
+        """Checkpoint the batches handed over so far; `ahead`, batches polled after them (with when),
+        are answered while this process stores the checkpoint. (No poll, so no rebalance, comes
+        between the checkpoint's documents and its commit.)"""
         nonlocal unsaved, last_checkpoint
-        if unsaved:
+        if unsaved or submitted:
             # blocks through a broker outage (up to delivery_timeout_s): /readyz says so meanwhile
             with observability.delivering() if observability is not None else contextlib.nullcontext():
-                answerer.checkpoint()  # 1. every output acknowledged, 2. checkpoint stored
+                answerer.request_checkpoint()  # 1. every output acknowledged, then the documents built
+                while submitted:
+                    collect(submitted.popleft())
+                documents = answerer.checkpoint_documents()
+                for batch, polled_at in ahead:
+                    hand_over(batch, polled_at)
+                answerer.store(documents)  # 2. checkpoint stored
                 owned = source.assigned()  # a partition lost in a rebalance is its new owner's to commit
                 for tp in [tp for tp in uncommitted if tp not in owned]:
                     del uncommitted[tp]
                 if not uncommitted or source.commit(dict(uncommitted)):  # 3. committed (or retried next time)
                     uncommitted.clear()
             unsaved = 0
+        else:
+            for batch, polled_at in ahead:
+                hand_over(batch, polled_at)
         last_checkpoint = time.monotonic()
+
+    def poll(timeout_ms: int) -> tuple[schemas.InputBatch, float] | None:
+        """The next batch, decoded, and when it was polled; None once `max_records` are polled."""
+        nonlocal polled
+        limit = settings.max_poll_records
+        if settings.max_records is not None:
+            limit = min(limit, settings.max_records - polled)
+            if limit <= 0:
+                return None
+        batch = source.poll(limit, timeout_ms)
+        polled_at = time.monotonic()
+        if batch.size:
+            polled += batch.size
+            batch = answerer.decoded(batch)  # while the answerer is busy with the batches before
+        return batch, polled_at
 
     def collect(submitted: _Submitted) -> None:
         nonlocal unsaved, lag, lag_at
@@ -153,34 +186,32 @@ def run_consumer(
             while not stopper.event.is_set():
                 if observability is not None:
                     observability.turned()
-                limit = settings.max_poll_records
-                if settings.max_records is not None:
-                    limit = min(limit, settings.max_records - polled)
-                    if limit <= 0:
-                        break
                 # While a batch is being answered, take only records already fetched: on a quiet
                 # topic its answers are then collected at once instead of after a poll timeout.
-                batch = source.poll(limit, 0 if submitted else settings.poll_timeout_ms)
-                polled_at = time.monotonic()
-                if batch.size:
-                    batch = answerer.decoded(batch)  # while the answerer is busy with the batches before
+                polled_batch = poll(0 if submitted else settings.poll_timeout_ms)
+                if polled_batch is None:
+                    break
+                batch, polled_at = polled_batch
+                waiting = unsaved + sum(s.batch.size for s in submitted)
+                if waiting >= settings.checkpoint_every or (
+                    waiting and time.monotonic() - last_checkpoint >= settings.checkpoint_interval_s
+                ):
+                    # with as many batches as the answerer holds at a time, taken from what is fetched
+                    # already, to answer while the checkpoint is stored
+                    ahead = [polled_batch] if batch.size else []
+                    while ahead and len(ahead) < _IN_FLIGHT and not stopper.event.is_set():
+                        more = poll(0)
+                        if more is None or not more[0].size:
+                            break
+                        ahead.append(more)
+                    checkpoint(ahead)
+                    continue
                 if len(submitted) == _IN_FLIGHT or (submitted and not batch.size):
                     collect(submitted.popleft())
                 elif not submitted and not batch.size:
                     answerer.idle()
                 if batch.size:
-                    polled += batch.size
-                    next_offsets = batch.next_offsets()
-                    answerer.submit(batch)  # answered while the next poll runs
-                    answerer.advance(next_offsets)  # before that poll, whose rebalance may ask for it
-                    submitted.append(_Submitted(batch, next_offsets, polled_at))
-                waiting = unsaved + sum(s.batch.size for s in submitted)
-                if waiting >= settings.checkpoint_every or (
-                    waiting and time.monotonic() - last_checkpoint >= settings.checkpoint_interval_s
-                ):
-                    while submitted:
-                        collect(submitted.popleft())
-                    checkpoint()
+                    hand_over(batch, polled_at)
             while submitted:
                 collect(submitted.popleft())
             answerer.finish()

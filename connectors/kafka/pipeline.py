@@ -1,10 +1,12 @@
 """The consume loop: poll -> decode -> hand the batch to the answerer -> checkpoint -> commit.
 
-The loop owns the input side (polling, decoding, offsets, commits); an `Answerer`
-(`streamem_connectors.kafka.answerer`) owns the output side: it predicts, learns, sends the
-answers (or dead letters, for records the decoder refused), and stores checkpoints. By default
-the answerer runs in a child process (`streamem_connectors.kafka.model_process`): the loop
-polls and decodes batch N+2 while batch N is answered and batch N+1 waits for it.
+The loop owns the input side (polling, decoding, offsets, commits) and stores checkpoints; an
+`Answerer` (`streamem_connectors.kafka.answerer`) owns the output side: it predicts, learns,
+sends the answers (or dead letters, for records the decoder refused), and builds each
+checkpoint's documents. By default the answerer runs in a child process
+(`streamem_connectors.kafka.model_process`): the loop polls and decodes batch N+2 while batch N
+is answered and batch N+1 waits for it, and stores a checkpoint while the child answers the
+batches polled after it (no poll comes between a checkpoint's documents and its commit).
 
 Guarantee: at-least-once. Every input offset ends in exactly one assignment or
 one dead-letter record. Every `checkpoint_every` records or `checkpoint_interval_s`

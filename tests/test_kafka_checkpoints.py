@@ -530,3 +530,47 @@ def test_a_checkpoint_stored_while_the_next_batch_is_answered_covers_only_the_ba
         assert stored.model["n_seen"] == 300
     finally:
         handle.close()
+
+
+def test_a_rebalance_at_any_poll_answers_every_record_once_and_learns_it_once(broker, monkeypatch):
+    """Every poll that may find records already fetched (timeout 0: between batches, and around a checkpoint)
+    also runs an eager rebalance that takes every partition away and gives it back: the loop's books say
+    where each partition resumes, so every record is answered exactly once and learned exactly once."""
+    from kafka import TopicPartition
+
+    from streamem_connectors.kafka import pipeline
+
+    topic = unique("rebalance-every-poll")
+    settings = make_settings(
+        broker, topic, max_records=900, max_poll_records=40, checkpoint_every=100, model_process=False
+    )
+    ensure_topics(settings, input_partitions=2)
+    produce(broker.bootstrap_servers, topic, good_values(900))
+    real_make_source = pipeline.make_source
+    rebalances = []
+
+    def make_source(settings, start_offsets, revoked):
+        source = real_make_source(settings, start_offsets, revoked)
+        real_poll = source.poll
+
+        def poll(max_records, timeout_ms):
+            owned = sorted(source.assigned())
+            if timeout_ms == 0 and owned:  # as kafka-python runs a rebalance inside poll, before fetching
+                revoked(owned)
+                for (name, partition), offset in start_offsets(owned).items():
+                    source._consumer.seek(TopicPartition(name, partition), offset)
+                rebalances.append(owned)
+            return real_poll(max_records, timeout_ms)
+
+        source.poll = poll
+        return source
+
+    monkeypatch.setattr(pipeline, "make_source", make_source)
+    counters = run_consumer(settings)
+    assignments = read_all(broker.bootstrap_servers, settings.topics["assignments"])
+    assert len(rebalances) > 10
+    assert counters.records_in == 900
+    assert sorted(offsets_of(assignments)) == sorted(set(offsets_of(assignments))) and len(assignments) == 900
+    from tests.test_kafka_consumer import stored_checkpoint
+
+    assert stored_checkpoint(settings).model["n_seen"] == 900

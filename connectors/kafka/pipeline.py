@@ -107,10 +107,12 @@ def run_consumer(
         answerer.advance(next_offsets)  # before that poll, whose rebalance may ask for it
         submitted.append(_Submitted(batch, next_offsets, polled_at))
 
-    def checkpoint(ahead: list[tuple[schemas.InputBatch, float]] = ()) -> None:
-        """Checkpoint the batches handed over so far; `ahead`, batches polled after them (with when),
-        are answered while this process stores the checkpoint. (No poll, so no rebalance, comes
-        between the checkpoint's documents and its commit.)"""
+    def checkpoint(then: schemas.InputBatch | None = None, polled_at: float = 0.0) -> None:
+        """Checkpoint the batches handed over so far; `then`, the batch polled after them, is answered
+        while this process stores the checkpoint. No poll comes between the checkpoint's documents
+        and its commit (a rebalance there could hand a partition to a consumer that reads its models
+        before they are stored), nor between `then`'s poll and its hand-over (the books a rebalance
+        reads must hold every batch polled)."""
         nonlocal unsaved, last_checkpoint
         if unsaved or submitted:
             # blocks through a broker outage (up to delivery_timeout_s): /readyz says so meanwhile
@@ -119,8 +121,8 @@ def run_consumer(
                 while submitted:
                     collect(submitted.popleft())
                 documents = answerer.checkpoint_documents()
-                for batch, polled_at in ahead:
-                    hand_over(batch, polled_at)
+                if then is not None:
+                    hand_over(then, polled_at)
                 answerer.store(documents)  # 2. checkpoint stored
                 owned = source.assigned()  # a partition lost in a rebalance is its new owner's to commit
                 for tp in [tp for tp in uncommitted if tp not in owned]:
@@ -128,9 +130,8 @@ def run_consumer(
                 if not uncommitted or source.commit(dict(uncommitted)):  # 3. committed (or retried next time)
                     uncommitted.clear()
             unsaved = 0
-        else:
-            for batch, polled_at in ahead:
-                hand_over(batch, polled_at)
+        elif then is not None:
+            hand_over(then, polled_at)
         last_checkpoint = time.monotonic()
 
     def poll(timeout_ms: int) -> tuple[schemas.InputBatch, float] | None:
@@ -198,15 +199,7 @@ def run_consumer(
                 if waiting >= settings.checkpoint_every or (
                     waiting and time.monotonic() - last_checkpoint >= settings.checkpoint_interval_s
                 ):
-                    # with as many batches as the answerer holds at a time, taken from what is fetched
-                    # already, to answer while the checkpoint is stored
-                    ahead = [polled_batch] if batch.size else []
-                    while ahead and len(ahead) < _IN_FLIGHT and not stopper.event.is_set():
-                        more = poll(0)
-                        if more is None or not more[0].size:
-                            break
-                        ahead.append(more)
-                    checkpoint(ahead)
+                    checkpoint(batch if batch.size else None, polled_at)
                     continue
                 if len(submitted) == _IN_FLIGHT or (submitted and not batch.size):
                     collect(submitted.popleft())

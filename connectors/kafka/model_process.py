@@ -6,7 +6,7 @@ model and the producer of its answers) in a child, the loop polls batch N+2 whil
 the child answers, learns and sends batch N, on a second core, with batch N+1
 already handed over (so the child never waits for the loop between two batches).
 The child builds each checkpoint's documents; the loop's process stores them, while
-the child answers the batch polled after the checkpoint.
+the child answers the batches polled after the checkpoint.
 
 `AnswererHandle` offers the same calls either way (`--no-model-process` keeps the
 answerer in this process). Calls that only keep books (the rebalance callbacks,

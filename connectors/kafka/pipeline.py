@@ -6,7 +6,7 @@ sends the answers (or dead letters, for records the decoder refused), and builds
 checkpoint's documents. By default the answerer runs in a child process
 (`streamem_connectors.kafka.model_process`): the loop polls and decodes batch N+2 while batch N
 is answered and batch N+1 waits for it, and stores a checkpoint while the child answers the
-batches polled after it (no poll comes between a checkpoint's documents and its commit).
+two batches polled after it (of a partition a rebalance took meanwhile, no document is stored).
 
 Guarantee: at-least-once. Every input offset ends in exactly one assignment or
 one dead-letter record. Every `checkpoint_every` records or `checkpoint_interval_s`
@@ -33,6 +33,7 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 from streamem_connectors.kafka import records as schemas
+from streamem_connectors.kafka.checkpoint import document_partitions
 from streamem_connectors.kafka.clients import Partition, make_source
 from streamem_connectors.kafka.learner import Counters
 from streamem_connectors.kafka.model_process import AnswererHandle
@@ -108,11 +109,9 @@ def run_consumer(
         submitted.append(_Submitted(batch, next_offsets, polled_at))
 
     def checkpoint(then: schemas.InputBatch | None = None, polled_at: float = 0.0) -> None:
-        """Checkpoint the batches handed over so far; `then`, the batch polled after them, is answered
-        while this process stores the checkpoint. No poll comes between the checkpoint's documents
-        and its commit (a rebalance there could hand a partition to a consumer that reads its models
-        before they are stored), nor between `then`'s poll and its hand-over (the books a rebalance
-        reads must hold every batch polled)."""
+        """Checkpoint the batches handed over so far; `then`, the batch polled after them, and one more
+        (`one_more_batch`) are answered while this process stores the checkpoint. No poll comes
+        between a batch's poll and its hand-over: the books a rebalance reads hold every batch polled."""
         nonlocal unsaved, last_checkpoint
         if unsaved or submitted:
             # blocks through a broker outage (up to delivery_timeout_s): /readyz says so meanwhile
@@ -123,6 +122,7 @@ def run_consumer(
                 documents = answerer.checkpoint_documents()
                 if then is not None:
                     hand_over(then, polled_at)
+                    documents = one_more_batch(documents)
                 answerer.store(documents)  # 2. checkpoint stored
                 owned = source.assigned()  # a partition lost in a rebalance is its new owner's to commit
                 for tp in [tp for tp in uncommitted if tp not in owned]:
@@ -133,6 +133,20 @@ def run_consumer(
         elif then is not None:
             hand_over(then, polled_at)
         last_checkpoint = time.monotonic()
+
+    def one_more_batch(documents: list[tuple[str, bytes]]) -> list[tuple[str, bytes]]:
+        """Hand over a second batch from what is fetched already, for the answerer to answer while a
+        checkpoint is stored. Its poll may run a rebalance: the documents of a partition it takes away
+        are then not stored (the answerer drops those models, and their next owner resumes from the
+        checkpoint before; stored now, they could replace the documents it writes)."""
+        owned = source.assigned()
+        more = poll(0)
+        if more is not None and more[0].size:
+            hand_over(*more)
+        lost = owned - source.assigned()
+        if not lost:
+            return documents
+        return [(key, value) for key, value in documents if not document_partitions(value) & lost]
 
     def poll(timeout_ms: int) -> tuple[schemas.InputBatch, float] | None:
         """The next batch, decoded, and when it was polled; None once `max_records` are polled."""

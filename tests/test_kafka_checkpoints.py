@@ -666,3 +666,59 @@ def test_a_documents_partitions_are_those_of_its_keyed_model_or_filter_and_none_
     instance = Checkpoint(version=CHECKPOINT_VERSION, key="g/0", model=None, detector=None,
                           offsets=[PartitionOffset(topic="in", partition=0, offset=1)], counters=counters)
     assert document_partitions(instance.dump()) == set()
+
+
+def test_a_keyed_model_whose_partition_is_revoked_while_stored_and_given_back_is_stored_later(broker, monkeypatch):
+    """A poll that revokes the partitions (assigning none yet, as confluent-kafka and a lost group membership
+    do) while a checkpoint is stored, then gives them back in a later poll: the documents left out then are
+    written by the next checkpoint, so a key that gets no more records still has its whole model stored."""
+    from kafka import TopicPartition
+
+    from streamem_connectors.kafka import pipeline
+    from streamem_connectors.kafka.checkpoint import ModelCheckpoint
+    from streamem_connectors.kafka.model_process import AnswererHandle
+    from streamem_connectors.kafka.records import InputBatch
+
+    topic = unique("revoked-while-stored")
+    settings = make_settings(broker, topic, max_records=600, max_poll_records=40, checkpoint_every=100,
+                             model_key="id_mod", model_process=False, warmup=50)
+    ensure_topics(settings, input_partitions=1)
+    keys = ["k0"] * 100 + [f"k{1 + i % 5}" for i in range(500)]  # k0's records all come before the first checkpoint
+    values = [json.dumps({**json.loads(v), "id_mod": k}).encode() for v, k in zip(good_values(600), keys, strict=True)]
+    produce(broker.bootstrap_servers, topic, values)
+    real_make_source, real_documents = pipeline.make_source, AnswererHandle.checkpoint_documents
+    state = {"armed": False, "revoked": None, "given_back": False}
+
+    def checkpoint_documents(self):
+        documents = real_documents(self)
+        state["armed"] = state["revoked"] is None and any(name.endswith("/model/k0") for name, _ in documents)
+        return documents
+
+    def make_source(settings, start_offsets, revoked):
+        source = real_make_source(settings, start_offsets, revoked)
+        real_poll, real_assigned = source.poll, source.assigned
+
+        def poll(max_records, timeout_ms):
+            if state["armed"]:  # revoked in this poll, assigned in the next
+                state["armed"] = False
+                state["revoked"] = sorted(real_assigned())
+                revoked(state["revoked"])
+                return InputBatch(topic, [], [], [], [])
+            if state["revoked"] and not state["given_back"]:
+                state["given_back"] = True
+                for (name, partition), offset in start_offsets(state["revoked"]).items():
+                    source._consumer.seek(TopicPartition(name, partition), offset)
+            return real_poll(max_records, timeout_ms)
+
+        def assigned():
+            return set() if state["revoked"] and not state["given_back"] else real_assigned()
+
+        source.poll, source.assigned = poll, assigned
+        return source
+
+    monkeypatch.setattr(pipeline, "make_source", make_source)
+    monkeypatch.setattr(AnswererHandle, "checkpoint_documents", checkpoint_documents)
+    run_consumer(settings)
+    assert state["given_back"], "the revocation never came while a checkpoint was stored"
+    raw = TopicStore(settings, sink=None).load(f"{settings.group_id}/model/k0")
+    assert raw is not None and ModelCheckpoint.parse(raw).model["n_seen"] == 100

@@ -70,6 +70,9 @@ class Answerer:
     def idle(self) -> None:
         self.learner.idle()
 
+    def unstored(self, names) -> None:
+        self.learner.unstored(names)
+
     def finish(self) -> None:
         self.learner.finish()
 

@@ -228,8 +228,8 @@ Revoked = Callable[[list[Partition]], None]
 
 def make_source(settings: ConsumerSettings, start_offsets: StartOffsets, revoked: Revoked | None = None) -> Source:
     """A group consumer of the input topic. On assignment, `start_offsets` says where to resume each
-    partition (others resume from the group's committed offset); `revoked` runs before partitions
-    are taken away, so their progress can be checkpointed and committed first."""
+    partition (others resume from the group's committed offset); `revoked` is told of partitions
+    taken away. Both run inside `poll`, and only keep books."""
     if settings.client == "confluent":
         return ConfluentSource(settings, start_offsets, revoked)
     return KafkaPythonSource(settings, start_offsets, revoked)

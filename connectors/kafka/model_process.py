@@ -71,7 +71,7 @@ class AnswererHandle:
         self._deferred: list[tuple[str, tuple]] = []
         self._books_lock = threading.Lock()  # rebalance callbacks may run on the client's IO thread
         self._decoder = RecordDecoder(settings.features, settings.target, settings.model_key)
-        # Checkpoints are stored from here, while the model process answers the next batch (with one
+        # Checkpoints are stored from here, while the model process answers the next batches (with one
         # model per key, sending their documents took a sixth of that process's time).
         try:
             self._sink = None if settings.checkpoint_dir is not None else make_sink(settings)
@@ -91,6 +91,11 @@ class AnswererHandle:
         with self._books_lock:
             self._deferred.append(("start_offsets", (assigned,)))
             return self._book.resume(assigned)[0]
+
+    def unstored(self, names: list[str]) -> None:
+        """Documents of the checkpoint just taken that the loop did not store (`Learner.unstored`)."""
+        with self._books_lock:
+            self._deferred.append(("unstored", (names,)))
 
     def advance(self, offsets: dict[Partition, int]) -> None:
         """The batch just submitted is learned through these offsets once it is answered."""

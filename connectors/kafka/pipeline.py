@@ -6,7 +6,8 @@ sends the answers (or dead letters, for records the decoder refused), and builds
 checkpoint's documents. By default the answerer runs in a child process
 (`streamem_connectors.kafka.model_process`): the loop polls and decodes batch N+2 while batch N
 is answered and batch N+1 waits for it, and stores a checkpoint while the child answers the
-two batches polled after it (of a partition a rebalance took meanwhile, no document is stored).
+batch polled after it and one more if fetched already (a partition a rebalance revokes meanwhile
+has its documents written by the next checkpoint instead, if it comes back).
 
 Guarantee: at-least-once. Every input offset ends in exactly one assignment or
 one dead-letter record. Every `checkpoint_every` records or `checkpoint_interval_s`
@@ -110,8 +111,9 @@ def run_consumer(
 
     def checkpoint(then: schemas.InputBatch | None = None, polled_at: float = 0.0) -> None:
         """Checkpoint the batches handed over so far; `then`, the batch polled after them, and one more
-        (`one_more_batch`) are answered while this process stores the checkpoint. No poll comes
-        between a batch's poll and its hand-over: the books a rebalance reads hold every batch polled."""
+        if fetched already (`one_more_batch`) are answered while this process stores the checkpoint. No
+        poll comes between a batch's poll and its hand-over: the books a rebalance reads hold every
+        batch polled."""
         nonlocal unsaved, last_checkpoint
         if unsaved or submitted:
             # blocks through a broker outage (up to delivery_timeout_s): /readyz says so meanwhile
@@ -135,18 +137,21 @@ def run_consumer(
         last_checkpoint = time.monotonic()
 
     def one_more_batch(documents: list[tuple[str, bytes]]) -> list[tuple[str, bytes]]:
-        """Hand over a second batch from what is fetched already, for the answerer to answer while a
-        checkpoint is stored. Its poll may run a rebalance: the documents of a partition it takes away
-        are then not stored (the answerer drops those models, and their next owner resumes from the
-        checkpoint before; stored now, they could replace the documents it writes)."""
+        """Hand over a second batch, if one is fetched already, for the answerer to answer while a
+        checkpoint is stored. Its poll may start a rebalance: the documents of a partition it revokes
+        are not stored now (its next owner may already be reading them, and a late one could replace
+        its own), and the answerer writes them with its next checkpoint if the partition comes back."""
         owned = source.assigned()
         more = poll(0)
         if more is not None and more[0].size:
             hand_over(*more)
-        lost = owned - source.assigned()
-        if not lost:
+        revoked = owned - source.assigned()
+        if not revoked:
             return documents
-        return [(key, value) for key, value in documents if not document_partitions(value) & lost]
+        kept = [(name, value) for name, value in documents if not document_partitions(value) & revoked]
+        if len(kept) < len(documents):
+            answerer.unstored([name for name, value in documents if document_partitions(value) & revoked])
+        return kept
 
     def poll(timeout_ms: int) -> tuple[schemas.InputBatch, float] | None:
         """The next batch, decoded, and when it was polled; None once `max_records` are polled."""

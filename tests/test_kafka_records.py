@@ -160,3 +160,18 @@ def test_assignment_bytes_are_those_of_a_dict_per_record(batch):
             body["model_key"] = model_key if isinstance(model_key, str) else model_key[j]
         assert output.value == orjson.dumps(body), j
         assert output.key == record.key and output.topic == "out"
+
+
+def test_a_poll_batch_splits_into_batches_of_at_most_a_size_in_order():
+    """`InputBatch.split`: consecutive batches of at most `size` records, every column cut alike; an empty
+    batch splits into none, a small one into itself."""
+    from streamem_connectors.kafka.records import InputBatch
+
+    batch = InputBatch("in", [0, 1, 0, 1, 1], [10, 20, 11, 21, 22], [b"a", None, b"c", b"d", None],
+                       [b"1", b"2", b"3", b"4", b"5"])
+    parts = batch.split(2)
+    assert [part.size for part in parts] == [2, 2, 1]
+    for column in ("partitions", "offsets", "keys", "values"):
+        assert sum((getattr(part, column) for part in parts), []) == getattr(batch, column)
+    assert all(part.topic == "in" and part.decoded is None for part in parts)
+    assert batch.split(5) == [batch] and InputBatch("in", [], [], [], []).split(3) == []

@@ -53,7 +53,7 @@ class Answerer:
 
     def checkpoint_entries(self) -> list[tuple[str, bytes]]:
         """Every answer acknowledged (or `DeliveryFailed`), then the checkpoint's documents, for the
-        loop to store (`AnswererHandle.store`) while this answers the next batches."""
+        loop to store (`AnswererHandle.store_checkpoint`) while this answers the next batch."""
         self.sink.flush()
         return self.learner.checkpoint_entries()
 
@@ -69,9 +69,6 @@ class Answerer:
 
     def idle(self) -> None:
         self.learner.idle()
-
-    def unstored(self, names) -> None:
-        self.learner.unstored(names)
 
     def finish(self) -> None:
         self.learner.finish()

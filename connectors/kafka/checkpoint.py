@@ -39,7 +39,6 @@ __all__ = [
     "DirectoryStore",
     "ModelCheckpoint",
     "TopicStore",
-    "document_partitions",
     "is_warm_state",
     "make_store",
     "model_checkpoint",
@@ -244,19 +243,6 @@ def model_checkpoint(
         "settings": settings,
     }
     return orjson.dumps(document, option=orjson.OPT_SERIALIZE_NUMPY)
-
-
-def document_partitions(value: bytes) -> set[tuple[str, int]]:
-    """The input partitions a stored document belongs to: those a keyed model has learned through
-    (`ModelCheckpoint`), or a partition's filter's (`FilterCheckpoint`); none for an instance's or a
-    replica's document, which move with no partition."""
-    document = orjson.loads(value)
-    if "learned_through" in document:
-        return {(entry["topic"], entry["partition"]) for entry in document["learned_through"]}
-    if "stream" in document:  # regimes.stream_name: "<topic>/<partition>" (topic names hold no '/')
-        topic, _, partition = document["stream"].rpartition("/")
-        return {(topic, int(partition))}
-    return set()
 
 
 def is_warm_state(state: dict | None) -> bool:

@@ -178,11 +178,6 @@ class Learner:
     def idle(self) -> None:
         """Called when a poll brought no records."""
 
-    def unstored(self, names: list[str]) -> None:
-        """These documents of the last checkpoint were not stored (a rebalance revoked their partition
-        while it was stored): write them again with the next one, if their models are still held.
-        Only documents of a partition (`checkpoint.document_partitions`) are ever left out."""
-
     def close(self) -> None:
         """Release the learner's own clients, if any."""
 

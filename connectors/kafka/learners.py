@@ -258,12 +258,6 @@ class KeyedLearner(Learner):
             state.dirty = False
         return [*entries, (self.settings.checkpoint_key, self.instance_checkpoint().dump())]  # offsets and counters
 
-    def unstored(self, names: list[str]) -> None:
-        for name in names:
-            state = self.models.get(name.removeprefix(self.prefix))
-            if state is not None:
-                state.dirty = True
-
     def weights(self) -> list[float]:
         return []  # one set per key: see the drift topic
 

@@ -6,7 +6,7 @@ model and the producer of its answers) in a child, the loop polls batch N+2 whil
 the child answers, learns and sends batch N, on a second core, with batch N+1
 already handed over (so the child never waits for the loop between two batches).
 The child builds each checkpoint's documents; the loop's process stores them, while
-the child answers the batches polled after the checkpoint.
+the child answers the batch polled after the checkpoint.
 
 `AnswererHandle` offers the same calls either way (`--no-model-process` keeps the
 answerer in this process). Calls that only keep books (the rebalance callbacks,
@@ -91,11 +91,6 @@ class AnswererHandle:
         with self._books_lock:
             self._deferred.append(("start_offsets", (assigned,)))
             return self._book.resume(assigned)[0]
-
-    def unstored(self, names: list[str]) -> None:
-        """Documents of the checkpoint just taken that the loop did not store (`Learner.unstored`)."""
-        with self._books_lock:
-            self._deferred.append(("unstored", (names,)))
 
     def advance(self, offsets: dict[Partition, int]) -> None:
         """The batch just submitted is learned through these offsets once it is answered."""

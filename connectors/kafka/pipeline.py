@@ -6,8 +6,7 @@ sends the answers (or dead letters, for records the decoder refused), and builds
 checkpoint's documents. By default the answerer runs in a child process
 (`streamem_connectors.kafka.model_process`): the loop polls and decodes batch N+2 while batch N
 is answered and batch N+1 waits for it, and stores a checkpoint while the child answers the
-batch polled after it and one more if fetched already (a partition a rebalance revokes meanwhile
-has its documents written by the next checkpoint instead, if it comes back).
+batches polled after it (no poll comes between a checkpoint's documents and its commit).
 
 Guarantee: at-least-once. Every input offset ends in exactly one assignment or
 one dead-letter record. Every `checkpoint_every` records or `checkpoint_interval_s`
@@ -34,7 +33,6 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 from streamem_connectors.kafka import records as schemas
-from streamem_connectors.kafka.checkpoint import document_partitions
 from streamem_connectors.kafka.clients import Partition, make_source
 from streamem_connectors.kafka.learner import Counters
 from streamem_connectors.kafka.model_process import AnswererHandle
@@ -109,11 +107,12 @@ def run_consumer(
         answerer.advance(next_offsets)  # before that poll, whose rebalance may ask for it
         submitted.append(_Submitted(batch, next_offsets, polled_at))
 
-    def checkpoint(then: schemas.InputBatch | None = None, polled_at: float = 0.0) -> None:
-        """Checkpoint the batches handed over so far; `then`, the batch polled after them, and one more
-        if fetched already (`one_more_batch`) are answered while this process stores the checkpoint. No
-        poll comes between a batch's poll and its hand-over: the books a rebalance reads hold every
-        batch polled."""
+    def checkpoint(then: list[schemas.InputBatch] = (), polled_at: float = 0.0) -> None:
+        """Checkpoint the batches handed over so far; `then`, polled after them (in one poll), is
+        answered while this process stores the checkpoint. No poll comes between the checkpoint's
+        documents and its commit (a rebalance there could hand a partition to a consumer that reads
+        its models before they are stored), nor between a batch's poll and its hand-over (the books a
+        rebalance reads must hold every batch polled)."""
         nonlocal unsaved, last_checkpoint
         if unsaved or submitted:
             # blocks through a broker outage (up to delivery_timeout_s): /readyz says so meanwhile
@@ -122,9 +121,8 @@ def run_consumer(
                 while submitted:
                     collect(submitted.popleft())
                 documents = answerer.checkpoint_documents()
-                if then is not None:
-                    hand_over(then, polled_at)
-                    documents = one_more_batch(documents)
+                for batch in then:
+                    hand_over(batch, polled_at)
                 answerer.store(documents)  # 2. checkpoint stored
                 owned = source.assigned()  # a partition lost in a rebalance is its new owner's to commit
                 for tp in [tp for tp in uncommitted if tp not in owned]:
@@ -132,41 +130,25 @@ def run_consumer(
                 if not uncommitted or source.commit(dict(uncommitted)):  # 3. committed (or retried next time)
                     uncommitted.clear()
             unsaved = 0
-        elif then is not None:
-            hand_over(then, polled_at)
+        else:
+            for batch in then:
+                hand_over(batch, polled_at)
         last_checkpoint = time.monotonic()
 
-    def one_more_batch(documents: list[tuple[str, bytes]]) -> list[tuple[str, bytes]]:
-        """Hand over a second batch, if one is fetched already, for the answerer to answer while a
-        checkpoint is stored. Its poll may start a rebalance: the documents of a partition it revokes
-        are not stored now (its next owner may already be reading them, and a late one could replace
-        its own), and the answerer writes them with its next checkpoint if the partition comes back."""
-        owned = source.assigned()
-        more = poll(0)
-        if more is not None and more[0].size:
-            hand_over(*more)
-        revoked = owned - source.assigned()
-        if not revoked:
-            return documents
-        kept = [(name, value) for name, value in documents if not document_partitions(value) & revoked]
-        if len(kept) < len(documents):
-            answerer.unstored([name for name, value in documents if document_partitions(value) & revoked])
-        return kept
-
-    def poll(timeout_ms: int) -> tuple[schemas.InputBatch, float] | None:
-        """The next batch, decoded, and when it was polled; None once `max_records` are polled."""
+    def poll(timeout_ms: int, batches: int = 1) -> tuple[list[schemas.InputBatch], float] | None:
+        """Up to `batches` batches of `max_poll_records` records, from one poll, decoded, and when they
+        were polled (no batch when nothing came); None once `max_records` are polled."""
         nonlocal polled
-        limit = settings.max_poll_records
+        limit = settings.max_poll_records * batches
         if settings.max_records is not None:
             limit = min(limit, settings.max_records - polled)
             if limit <= 0:
                 return None
         batch = source.poll(limit, timeout_ms)
         polled_at = time.monotonic()
-        if batch.size:
-            polled += batch.size
-            batch = answerer.decoded(batch)  # while the answerer is busy with the batches before
-        return batch, polled_at
+        polled += batch.size
+        # each decoded while the answerer is busy with the batches before
+        return [answerer.decoded(part) for part in batch.split(settings.max_poll_records)], polled_at
 
     def collect(submitted: _Submitted) -> None:
         nonlocal unsaved, lag, lag_at
@@ -208,23 +190,25 @@ def run_consumer(
             while not stopper.event.is_set():
                 if observability is not None:
                     observability.turned()
-                # While a batch is being answered, take only records already fetched: on a quiet
-                # topic its answers are then collected at once instead of after a poll timeout.
-                polled_batch = poll(0 if submitted else settings.poll_timeout_ms)
-                if polled_batch is None:
-                    break
-                batch, polled_at = polled_batch
                 waiting = unsaved + sum(s.batch.size for s in submitted)
-                if waiting >= settings.checkpoint_every or (
+                due = waiting >= settings.checkpoint_every or (
                     waiting and time.monotonic() - last_checkpoint >= settings.checkpoint_interval_s
-                ):
-                    checkpoint(batch if batch.size else None, polled_at)
+                )
+                # While a batch is being answered, take only records already fetched: on a quiet
+                # topic its answers are then collected at once instead of after a poll timeout. Before a
+                # checkpoint, two batches' worth: the answerer answers them while it is stored.
+                polled_batches = poll(0 if submitted else settings.poll_timeout_ms, batches=2 if due else 1)
+                if polled_batches is None:
+                    break
+                batches, polled_at = polled_batches
+                if due:
+                    checkpoint(batches, polled_at)
                     continue
-                if len(submitted) == _IN_FLIGHT or (submitted and not batch.size):
+                if len(submitted) == _IN_FLIGHT or (submitted and not batches):
                     collect(submitted.popleft())
-                elif not submitted and not batch.size:
+                elif not submitted and not batches:
                     answerer.idle()
-                if batch.size:
+                for batch in batches:
                     hand_over(batch, polled_at)
             while submitted:
                 collect(submitted.popleft())

@@ -109,6 +109,16 @@ class InputBatch(NamedTuple):
         columns = zip(itertools.repeat(self.topic), self.partitions, self.offsets, self.keys, self.values)
         return list(map(_new_tuple, itertools.repeat(InputRecord), columns))
 
+    def split(self, size: int) -> list[InputBatch]:
+        """This batch (not decoded yet) in batches of at most `size` records, in order; none if empty."""
+        if self.size <= size:
+            return [self] if self.size else []
+        return [
+            InputBatch(self.topic, self.partitions[i : i + size], self.offsets[i : i + size], self.keys[i : i + size],
+                       self.values[i : i + size])
+            for i in range(0, self.size, size)
+        ]
+
     def decoded_by(self, decoder: RecordDecoder) -> InputBatch:
         """This batch with its values decoded (`decoded`)."""
         return self._replace(decoded=decoder.decode_batch(self.values, self.keys))

@@ -507,11 +507,5 @@ class ReplicatedRegimeLearner(RegimeLearner):
         self.state.dirty = False
         return entries
 
-    def unstored(self, names: list[str]) -> None:
-        for name in names:
-            stream = name.removeprefix(self.filter_prefix)
-            if stream in self.at:  # still held (a partition lost for good has had its filter dropped)
-                self.changed.add(stream)
-
     def close(self) -> None:
         self.log.close()

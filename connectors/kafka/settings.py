@@ -103,7 +103,12 @@ class ConsumerSettings(BaseSettings):
         description="stop cleanly after this many input records in this run "
         "(those of earlier runs, restored from the checkpoint, do not count)",
     )
-    max_poll_records: int = Field(1024, ge=1, description="records per poll")
+    max_poll_records: int = Field(
+        1024,
+        ge=1,
+        description="records per poll, answered as one batch (the poll before a checkpoint takes up to twice "
+        "as many, answered as two batches while the checkpoint is stored)",
+    )
     model_process: bool = Field(
         True, description="run the model in a child process, beside the Kafka client (a second core)"
     )

@@ -577,9 +577,9 @@ def test_a_rebalance_at_any_poll_answers_every_record_once_and_learns_it_once(br
 
 
 def test_a_keyed_model_whose_partition_is_revoked_then_given_back_in_a_later_poll_is_stored_whole(broker, monkeypatch):
-    """A poll right after a checkpoint's documents are built that revokes the partitions (assigning none yet,
-    as confluent-kafka and a lost group membership do), which a later poll gives back: a key that gets no more
-    records still has its whole model stored (no checkpoint's documents are left out or marked saved unstored)."""
+    """A poll on the turn after a checkpoint that revokes the partitions (assigning none yet, as confluent-kafka
+    and a lost group membership do), which a later poll gives back: a key that gets no more records still has
+    its whole model stored."""
     from kafka import TopicPartition
 
     from streamem_connectors.kafka import pipeline
@@ -630,3 +630,17 @@ def test_a_keyed_model_whose_partition_is_revoked_then_given_back_in_a_later_pol
     assert state["given_back"], "the revocation never came"
     raw = TopicStore(settings, sink=None).load(f"{settings.group_id}/model/k0")
     assert raw is not None and ModelCheckpoint.parse(raw).model["n_seen"] == 100
+
+
+def test_a_checkpoint_directory_that_cannot_be_written_stops_the_consumer_with_one_error(broker, tmp_path):
+    """A --checkpoint-dir that cannot be written (here: under a file) stops the consumer with a DeliveryFailed
+    naming the checkpoint and the OS error, committing nothing (the CLI prints it as one line)."""
+    from streamem_connectors.kafka.clients import DeliveryFailed
+
+    topic = unique("unwritable-dir")
+    (tmp_path / "a-file").write_text("not a directory")
+    settings = make_settings(broker, topic, max_records=100, checkpoint_dir=tmp_path / "a-file" / "checkpoints")
+    ensure_topics(settings, input_partitions=1)
+    produce(broker.bootstrap_servers, topic, good_values(100))
+    with pytest.raises(DeliveryFailed, match=r"checkpoint could not be stored: .*a-file"):
+        run_consumer(settings)

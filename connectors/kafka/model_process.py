@@ -6,7 +6,7 @@ model and the producer of its answers) in a child, the loop polls batch N+2 whil
 the child answers, learns and sends batch N, on a second core, with batch N+1
 already handed over (so the child never waits for the loop between two batches).
 The child builds each checkpoint's documents; the loop's process stores them, while
-the child answers the batch polled after the checkpoint.
+the child answers the batches polled after the checkpoint.
 
 `AnswererHandle` offers the same calls either way (`--no-model-process` keeps the
 answerer in this process). Calls that only keep books (the rebalance callbacks,
@@ -128,8 +128,13 @@ class AnswererHandle:
         return self._transport.receive()
 
     def store(self, documents: list[tuple[str, bytes]]) -> None:
-        """Store a checkpoint's documents (from this process, while the model process answers on)."""
-        self._store.save_all(documents)
+        """Store a checkpoint's documents (from this process, while the model process answers on);
+        `DeliveryFailed` if they cannot be (the state topic's outage outlasts delivery_timeout_s, or the
+        checkpoint directory cannot be written)."""
+        try:
+            self._store.save_all(documents)
+        except OSError as error:  # e.g. a full disk: one line, as an undelivered checkpoint record
+            raise DeliveryFailed(f"the checkpoint could not be stored: {error}") from None
 
     def idle(self) -> None:
         self._call("idle")

@@ -53,7 +53,7 @@ class Answerer:
 
     def checkpoint_entries(self) -> list[tuple[str, bytes]]:
         """Every answer acknowledged (or `DeliveryFailed`), then the checkpoint's documents, for the
-        loop to store (`AnswererHandle.store_checkpoint`) while this answers the next batch."""
+        loop to store (`AnswererHandle.store`) while this answers the next batches."""
         self.sink.flush()
         return self.learner.checkpoint_entries()
 

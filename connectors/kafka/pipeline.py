@@ -6,7 +6,8 @@ sends the answers (or dead letters, for records the decoder refused), and builds
 checkpoint's documents. By default the answerer runs in a child process
 (`streamem_connectors.kafka.model_process`): the loop polls and decodes batch N+2 while batch N
 is answered and batch N+1 waits for it, and stores a checkpoint while the child answers the
-batches polled after it (no poll comes between a checkpoint's documents and its commit).
+two batches polled (in one poll) after it: no poll comes between a checkpoint's documents and
+its commit.
 
 Guarantee: at-least-once. Every input offset ends in exactly one assignment or
 one dead-letter record. Every `checkpoint_every` records or `checkpoint_interval_s`
@@ -108,31 +109,27 @@ def run_consumer(
         submitted.append(_Submitted(batch, next_offsets, polled_at))
 
     def checkpoint(then: list[schemas.InputBatch] = (), polled_at: float = 0.0) -> None:
-        """Checkpoint the batches handed over so far; `then`, polled after them (in one poll), is
-        answered while this process stores the checkpoint. No poll comes between the checkpoint's
-        documents and its commit (a rebalance there could hand a partition to a consumer that reads
-        its models before they are stored), nor between a batch's poll and its hand-over (the books a
-        rebalance reads must hold every batch polled)."""
+        """Checkpoint the batches handed over so far; `then`, polled after them (in one poll), is answered
+        in the model process while this one stores the checkpoint. No poll comes between the
+        checkpoint's documents and its commit (a rebalance there could hand a partition to a consumer
+        that reads its models before they are stored), nor between a batch's poll and its hand-over
+        (the books a rebalance reads must hold every batch polled)."""
         nonlocal unsaved, last_checkpoint
-        if unsaved or submitted:
-            # blocks through a broker outage (up to delivery_timeout_s): /readyz says so meanwhile
-            with observability.delivering() if observability is not None else contextlib.nullcontext():
-                answerer.request_checkpoint()  # 1. every output acknowledged, then the documents built
-                while submitted:
-                    collect(submitted.popleft())
-                documents = answerer.checkpoint_documents()
-                for batch in then:
-                    hand_over(batch, polled_at)
-                answerer.store(documents)  # 2. checkpoint stored
-                owned = source.assigned()  # a partition lost in a rebalance is its new owner's to commit
-                for tp in [tp for tp in uncommitted if tp not in owned]:
-                    del uncommitted[tp]
-                if not uncommitted or source.commit(dict(uncommitted)):  # 3. committed (or retried next time)
-                    uncommitted.clear()
-            unsaved = 0
-        else:
+        # blocks through a broker outage (up to delivery_timeout_s): /readyz says so meanwhile
+        with observability.delivering() if observability is not None else contextlib.nullcontext():
+            answerer.request_checkpoint()  # 1. every output acknowledged, then the documents built
+            while submitted:
+                collect(submitted.popleft())
+            documents = answerer.checkpoint_documents()
             for batch in then:
                 hand_over(batch, polled_at)
+            answerer.store(documents)  # 2. checkpoint stored
+            owned = source.assigned()  # a partition lost in a rebalance is its new owner's to commit
+            for tp in [tp for tp in uncommitted if tp not in owned]:
+                del uncommitted[tp]
+            if not uncommitted or source.commit(dict(uncommitted)):  # 3. committed (or retried next time)
+                uncommitted.clear()
+        unsaved = 0
         last_checkpoint = time.monotonic()
 
     def poll(timeout_ms: int, batches: int = 1) -> tuple[list[schemas.InputBatch], float] | None:
@@ -213,8 +210,7 @@ def run_consumer(
             while submitted:
                 collect(submitted.popleft())
             answerer.finish()
-            unsaved = max(unsaved, 1)  # the last checkpoint also records what finish() applied
-            checkpoint()  # a clean stop leaves nothing uncommitted
+            checkpoint()  # a clean stop leaves nothing uncommitted, and records what finish() applied
     finally:
         try:
             if source is not None:

@@ -107,7 +107,7 @@ class ConsumerSettings(BaseSettings):
         1024,
         ge=1,
         description="records per poll, answered as one batch (the poll before a checkpoint takes up to twice "
-        "as many, answered as two batches while the checkpoint is stored)",
+        "as many, answered as two batches, in the model process while the checkpoint is stored)",
     )
     model_process: bool = Field(
         True, description="run the model in a child process, beside the Kafka client (a second core)"

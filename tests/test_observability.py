@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import sys
 import time
 import urllib.request
 
@@ -167,3 +168,28 @@ def test_a_kafka_clients_traceback_becomes_one_line_below_debug():
         "(ConnectionResetError: [Errno 104] Connection reset by peer)"
     )
     assert "Traceback (most recent call last)" in lines[True]
+
+
+def test_the_model_process_sends_a_kafka_clients_traceback_as_one_line_and_its_own_in_full():
+    """The model process's log records cross the pipe formatted: a Kafka client's traceback (a socket reset
+    while the broker goes away) becomes one line, as in the consumer's own process, unless at DEBUG; a
+    traceback of streamem's own code stays whole."""
+    import multiprocessing
+
+    from streamem_connectors.kafka.model_process import _pipe_handler
+
+    for level, whole in ((logging.WARNING, False), (logging.DEBUG, True)):
+        receiving, sending = multiprocessing.Pipe(duplex=False)
+        handler = _pipe_handler(sending, level)
+        for name in ("kafka.net.transport", "streamem_connectors.kafka.learner"):
+            try:
+                raise ConnectionResetError(104, "Connection reset by peer")
+            except ConnectionResetError:
+                record = logging.LogRecord(name, logging.ERROR, __file__, 1, "Error receiving data", None,
+                                           exc_info=sys.exc_info())
+            handler.handle(record)
+            message = receiving.recv().getMessage()
+            if name.startswith("kafka") and not whole:
+                assert "Traceback" not in message and "ConnectionResetError" in message, message
+            else:
+                assert "Traceback" in message, message

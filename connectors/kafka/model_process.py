@@ -282,6 +282,17 @@ class _PipeHandler(logging.handlers.QueueHandler):
             print(f"streamem model process: {record.levelname} {record.getMessage()}", file=sys.stderr)
 
 
+def _pipe_handler(logs, level: int) -> _PipeHandler:
+    """The model process's log handler: its records cross the pipe formatted, tracebacks included, so
+    the Kafka clients' lines are throttled here as in the consumer's own process (a client's traceback,
+    a socket reset while the broker goes away, as one line unless at DEBUG)."""
+    from streamem_connectors.kafka.observability import ClientLogThrottle
+
+    handler = _PipeHandler(logs)
+    handler.addFilter(ClientLogThrottle(tracebacks=level <= logging.DEBUG))
+    return handler
+
+
 def _reply(connection, reply: tuple) -> bool:
     """Send `reply`; False when the consumer is gone (e.g. stopped by a signal while this process
     started): then this process just exits, without a traceback."""
@@ -317,7 +328,7 @@ def _serve(settings: ConsumerSettings, connection, logs, level: int, consumer: i
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     root = logging.getLogger()
-    root.handlers[:] = [_PipeHandler(logs)]
+    root.handlers[:] = [_pipe_handler(logs, level)]
     root.setLevel(level)
     from streamem_connectors.kafka.observability import quiet_client_loggers
 

@@ -50,6 +50,64 @@ def test_a_batch_decodes_as_its_records_do_one_by_one(values):
     np.testing.assert_array_equal(decoded.values, np.array(expected_rows, dtype=float).reshape(-1, 2))
 
 
+# Raw JSON text for a field, including what the fast path (msgspec) and pydantic might read differently.
+_number_text = st.one_of(
+    finite.map(json.dumps),
+    st.integers().map(str),  # any size: beyond 64 bits, beyond the float range
+    st.from_regex(r"-?(0|[1-9][0-9]{0,25})(\.[0-9]{1,25})?([eE][+-]?[0-9]{1,3})?", fullmatch=True),
+    st.sampled_from(["NaN", "Infinity", "-Infinity", "true", "null", '"1.5"', "01", "1.", ".5", "+1", "-0", "1e400",
+                     "-1e400", "1e-400", "[1]", "{}"]),
+)
+_key_text = st.one_of(
+    st.text(max_size=300).map(json.dumps),
+    st.integers().map(str),
+    st.sampled_from(["true", "1.5", "null", '"\\ud800"', '"a\tb"']),
+)
+_ignored_text = st.sampled_from([
+    '"x"', "1e999", "NaN", "[1,]", '"\\u0000"', "[" * 250 + "]" * 250, "[" * 150 + "]" * 150,
+    '{"a":' * 195 + "1" + "}" * 195, "[" + ",".join(["{}"] * 200) + "]",
+])
+_ignored_bytes = st.sampled_from([b'"\xff"', b'"\xed\xa0\x80"', b'"\x01"', b'"caf\xc3\xa9"', b'"\xc3"'])
+
+
+@st.composite
+def _raw_record(draw):
+    """A JSON object (or not quite) with the fields a, b and site in any order, some twice or missing,
+    beside ignored fields that pydantic checks and msgspec skips."""
+    fields = [(name, draw(_number_text)) for name in ("a", "b")] + [("site", draw(_key_text))]
+    fields += [(name, draw(_number_text)) for name in draw(st.lists(st.sampled_from(["a", "b"]), max_size=2))]
+    fields = [field for field in fields if not draw(st.integers(0, 9)) == 0]  # now and then a field is missing
+    parts = [f'"{name}":{text}'.encode() for name, text in draw(st.permutations(fields))]
+    parts += [b'"other":' + (draw(_ignored_bytes) if draw(st.booleans()) else draw(_ignored_text).encode())
+              for _ in range(draw(st.integers(0, 2)))]
+    return b"{" + b",".join(parts) + b"}"
+
+
+@settings(max_examples=600, deadline=None)
+@given(st.lists(_raw_record(), min_size=1, max_size=4))
+def test_the_fast_path_accepts_exactly_what_pydantic_accepts(values):
+    """A batch is decoded by msgspec unless pydantic would see it differently: each record alone, and the
+    batch, come back as `decode` (pydantic) reads them, to the bit."""
+    decoder = RecordDecoder(["a", "b"], model_key="site")
+
+    def one_by_one(raws):
+        rows, errors = [], []
+        for i, raw in enumerate(raws):
+            try:
+                rows.append(decoder.decode(raw))
+            except ValueError as error:
+                errors.append((i, str(error)))
+        return rows, errors
+
+    for batch in [[raw] for raw in values] + [values]:
+        decoded = decoder.decode_batch(batch)
+        rows, errors = one_by_one(batch)
+        assert decoded.errors == errors
+        assert decoded.keys == [row[2] for row in rows]
+        assert [type(key) for key in decoded.keys] == [type(row[2]) for row in rows]
+        np.testing.assert_array_equal(decoded.values, np.array([row[:2] for row in rows], dtype=float).reshape(-1, 2))
+
+
 def test_an_integer_too_large_for_a_float_is_a_bad_record_not_a_crash():
     decoded = RecordDecoder(["a", "b"]).decode_batch([b'{"a": 1, "b": 2}', BAD[-1]])
     assert decoded.good == [0]

@@ -167,10 +167,10 @@ def test_assignment_numbers_round_trip_exactly(k):
 def answered_batches(draw):
     """Records of any topic, partition, offset and key, answered by any numbers (NaN and infinities too)."""
     n, k = draw(st.integers(1, 12)), draw(st.integers(1, 4))
-    topic = draw(st.text(min_size=1, max_size=12))
+    topics = draw(st.lists(st.text(min_size=1, max_size=12), min_size=1, max_size=2))  # text: NULs too
     records = [
         InputRecord(
-            topic,
+            draw(st.sampled_from(topics)),
             draw(st.integers(0, 3)),
             draw(st.integers(0, 2**63 - 1)),
             draw(st.one_of(st.none(), st.binary(max_size=12), st.text(max_size=6).map(str.encode))),

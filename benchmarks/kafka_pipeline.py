@@ -234,13 +234,13 @@ def model_path_costs(client: str = "confluent", n: int = BREAKDOWN_RECORDS) -> d
     encoding the assignments, and the producer's calls (to a producer whose broker is never reached:
     the call's own cost).
     """
-    import gc
     import multiprocessing
     import pickle
 
     from streamem.drift import WeightDriftDetector
     from streamem_connectors.kafka import records as schemas
     from streamem_connectors.kafka.learner import assign_and_screen, new_model
+    from streamem_connectors.kafka.model_process import spare_the_collector
     from streamem_connectors.kafka.records import InputBatch
 
     settings = ConsumerSettings(
@@ -262,7 +262,7 @@ def model_path_costs(client: str = "confluent", n: int = BREAKDOWN_RECORDS) -> d
     out = settings.topics["assignments"]
     producer = _unreachable_producer(client)
     sender, receiver = multiprocessing.Pipe()
-    gc.freeze()  # as the model process does: the inputs held here are not the collector's work
+    spare_the_collector()  # as the model process does: the inputs held here are not the collector's work
     seconds = dict.fromkeys(["pipe, main process", "pipe, child", "decode", "predict + learn", "drift", "encode",
                              "produce call"], 0.0)
     clock = time.thread_time  # this thread's CPU: neither other processes on the machine nor the client's threads

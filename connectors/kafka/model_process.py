@@ -42,7 +42,7 @@ from streamem_connectors.kafka.records import InputBatch, RecordDecoder
 from streamem_connectors.kafka.settings import ConsumerSettings
 from streamem_connectors.kafka.topics import BrokerUnreachable
 
-__all__ = ["AnswererHandle", "LearnerFailed"]
+__all__ = ["AnswererHandle", "LearnerFailed", "spare_the_collector"]
 
 
 def _context():
@@ -322,6 +322,18 @@ def _die_with(consumer: int) -> None:
     threading.Thread(target=watch, name="streamem-consumer-watch", daemon=True).start()
 
 
+def spare_the_collector() -> None:
+    """The model process's collector settings, from the moment its long-lived objects exist."""
+    # Everything alive now (modules, the model, the clients) lives as long as the process: spare
+    # the collector from walking it again on every full collection (a fifth of the model's time).
+    gc.freeze()
+    # And collect the youngest objects every 10,000 net allocations, not 700: nearly every object a
+    # batch makes is freed by its reference count anyway, and each collection that reaches the oldest
+    # generation walks every live object, which with one model per key is hundreds of thousands
+    # (2.2 s of a 14 s keyed run went to the collector; 0.35 s at this threshold).
+    gc.set_threshold(10_000, 10, 10)
+
+
 def _serve(settings: ConsumerSettings, connection, logs, level: int, consumer: int) -> None:
     """The child: build the answerer, then run the calls it is sent until told to stop."""
     _die_with(consumer)
@@ -347,14 +359,7 @@ def _serve(settings: ConsumerSettings, connection, logs, level: int, consumer: i
     if not _reply(connection, ("ok", _books(answerer))):
         answerer.close()
         return
-    # Everything alive now (modules, the model, the clients) lives as long as the process: spare
-    # the collector from walking it again on every full collection (a fifth of the model's time).
-    gc.freeze()
-    # And collect the youngest objects every 10,000 net allocations, not 700: nearly every object a
-    # batch makes is freed by its reference count anyway, and each collection that reaches the oldest
-    # generation walks every live object, which with one model per key is hundreds of thousands
-    # (2.2 s of a 14 s keyed run went to the collector; 0.35 s at this threshold).
-    gc.set_threshold(10_000, 10, 10)
+    spare_the_collector()
     try:
         while True:
             try:

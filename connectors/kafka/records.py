@@ -259,8 +259,11 @@ class RecordDecoder:
 
 def _plain(values: list[bytes]) -> bool:
     """Whether every value is valid UTF-8 and has fewer than `_PLAIN_BRACKETS` brackets: what pydantic checks
-    in the fields msgspec skips. (Joined by an ASCII byte, the batch is valid UTF-8 exactly when each value is.)"""
-    b"\n".join(values).decode("utf-8")  # UnicodeDecodeError is a ValueError; a None value, a TypeError
+    in the fields msgspec skips. Raises TypeError for a value that is not bytes (None), UnicodeDecodeError
+    (a ValueError) for one that is not UTF-8. Nothing is copied whole: the values may be large."""
+    if not all(map(bytes.isascii, values)):  # ASCII is UTF-8: the usual case, checked without a copy
+        for value in values:
+            value.decode("utf-8")
     if max(map(len, values), default=0) < _PLAIN_BRACKETS:
         return True
     return all(value.count(b"[") + value.count(b"{") < _PLAIN_BRACKETS for value in values)

@@ -65,7 +65,7 @@ _key_text = st.one_of(
 )
 _ignored_text = st.sampled_from([
     '"x"', "1e999", "NaN", "[1,]", '"\\u0000"', "[" * 250 + "]" * 250, "[" * 150 + "]" * 150,
-    '{"a":' * 195 + "1" + "}" * 195, "[" + ",".join(["{}"] * 200) + "]",
+    '{"a":' * 195 + "1" + "}" * 195, "[" + ",".join(["{}"] * 200) + "]", "9" * 4301, "9" * 4300 + ".5",
 ])
 _ignored_bytes = st.sampled_from([b'"\xff"', b'"\xed\xa0\x80"', b'"\x01"', b'"caf\xc3\xa9"', b'"\xc3"'])
 
@@ -106,6 +106,49 @@ def test_the_fast_path_accepts_exactly_what_pydantic_accepts(values):
         assert decoded.keys == [row[2] for row in rows]
         assert [type(key) for key in decoded.keys] == [type(row[2]) for row in rows]
         np.testing.assert_array_equal(decoded.values, np.array([row[:2] for row in rows], dtype=float).reshape(-1, 2))
+
+
+def test_a_non_ascii_record_before_a_tombstone_is_decoded_not_a_crash():
+    """A batch with valid non-ASCII text before a value-less message (a tombstone) decodes as its records do
+    alone: the tombstone is a bad record, not an AttributeError that stops the consumer."""
+    decoder = RecordDecoder(["a"], model_key="site")
+    decoded = decoder.decode_batch([b'{"a": 1, "site": "caf\xc3\xa9"}', None, b'{"a": 2, "site": "x"}'])
+    assert decoded.good == [0, 2]
+    assert decoded.keys == ["caf\u00e9", "x"]
+    assert decoded.errors == [(1, "empty message (no JSON value)")]
+
+
+@pytest.mark.parametrize("digits", [4300, 4301])
+@pytest.mark.parametrize("where", ["ignored", "feature"])
+def test_a_number_of_over_4300_digits_is_read_alike_in_any_batch(digits, where):
+    """pydantic refuses a number with more than 4,300 digits (msgspec takes it): a record holding one is
+    decoded alike alone and beside good records, in a field that is ignored or in a feature."""
+    long_number = b"1" * digits + (b"e-%d" % digits if where == "feature" else b"")
+    record = (b'{"a": 1, "b": 2, "c": ' + long_number + b"}" if where == "ignored"
+              else b'{"a": ' + long_number + b', "b": 2}')
+    decoder = RecordDecoder(["a", "b"])
+    try:
+        alone = [decoder.decode(record)]
+    except ValueError as error:
+        alone = str(error)
+    for batch in ([record], [b'{"a": 0, "b": 0}', record]):
+        decoded = decoder.decode_batch(batch)
+        if isinstance(alone, str):
+            assert decoded.errors == [(len(batch) - 1, alone)]
+        else:
+            np.testing.assert_array_equal(decoded.values[-1], alone[0])
+    assert isinstance(alone, str) == (digits > 4300)  # the boundary this test is about
+
+
+@pytest.mark.parametrize("name", ['a"b', "a\\b", "a\tb"])
+def test_field_names_json_must_escape_still_make_a_decoder(name):
+    """A field name with a quote, a backslash or a control character (msgspec cannot rename to it) still
+    decodes, record by record, as pydantic reads it."""
+    decoder = RecordDecoder([name], model_key="site")
+    value = b'{%s: 1.5, "site": "x"}' % json.dumps(name).encode()
+    decoded = decoder.decode_batch([value])
+    assert decoded.good == [0] and decoded.keys == ["x"]
+    np.testing.assert_array_equal(decoded.values, [[1.5]])
 
 
 def test_an_integer_too_large_for_a_float_is_a_bad_record_not_a_crash():

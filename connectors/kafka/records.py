@@ -17,6 +17,7 @@ import base64
 import functools
 import hashlib
 import itertools
+import re
 from operator import attrgetter, itemgetter
 from typing import NamedTuple
 
@@ -58,9 +59,12 @@ MODEL_KEY_CHARACTERS = 256  # a model key names a model (a sensor, a site): long
 # a record with a longer key is a bad record, or its answer could exceed the request limit.
 MESSAGE_KEY_BYTES = 16 * 1024
 _SHOWN_CHARACTERS = 80  # of a bad field's value, quoted in its error
-# pydantic's JSON parser refuses values nested deeper than about 200; msgspec skips the fields it ignores
-# without a limit. A record with fewer brackets than this cannot be nested that deep.
+# pydantic's JSON parser refuses values nested deeper than about 200, and numbers of more than 4,300
+# digits; msgspec skips the fields it ignores without either limit (and reads such numbers). A record
+# with fewer brackets than this cannot be nested that deep, and one without a run of that many digits
+# holds no such number.
 _PLAIN_BRACKETS = 190
+_LONG_NUMBER = re.compile(rb"[0-9]{4301}")
 
 
 class InputRecord(NamedTuple):
@@ -151,7 +155,8 @@ class RecordDecoder:
     here): msgspec is as strict on the fields (numbers: JSON integers or floats, not
     booleans or strings; keys: strings or integers) but skips the others without
     checking them as pydantic does, so its result is taken only for a batch that is
-    valid UTF-8 and nested less than `_PLAIN_BRACKETS` deep. Any other batch, and
+    valid UTF-8, nested less than `_PLAIN_BRACKETS` deep and without numbers of over
+    4,300 digits (which pydantic refuses). Any other batch, and
     any batch msgspec refuses, goes through pydantic record by record: both paths give
     the same rows (tests/test_kafka_records.py checks it on generated records).
     """
@@ -173,7 +178,8 @@ class RecordDecoder:
 
     def _fast_decoder(self):
         """(msgspec's decode of one value, a getter of each number of a decoded record); Nones when a field
-        is named twice (the pydantic schema keeps one of them: only it decides)."""
+        is named twice (the pydantic schema keeps one of them) or a name is one msgspec cannot match: then
+        pydantic alone decodes."""
         names = [*self.numbers, *([self.model_key] if self.model_key is not None else [])]
         if len(set(names)) != len(names):
             return None, None
@@ -185,9 +191,12 @@ class RecordDecoder:
             attributes_and_key = [*attributes, "model_key"]
         else:
             attributes_and_key = attributes
-        struct = msgspec.defstruct(
-            "StreamemRecord", fields, rename=dict(zip(attributes_and_key, names, strict=True)), gc=False
-        )
+        try:
+            struct = msgspec.defstruct(
+                "StreamemRecord", fields, rename=dict(zip(attributes_and_key, names, strict=True)), gc=False
+            )
+        except ValueError:  # a name JSON must escape (a quote, a backslash, a control character): pydantic alone
+            return None, None
         return msgspec.json.Decoder(struct).decode, [attrgetter(name) for name in attributes]
 
     def decode(self, value: bytes | None, message_key: bytes | None = None) -> tuple:
@@ -229,15 +238,15 @@ class RecordDecoder:
         if message_keys is not None and max(map(len, filter(None, message_keys)), default=0) > MESSAGE_KEY_BYTES:
             return self._decode_one_by_one(values, message_keys)
         width = len(self.numbers)
+        if self._fast_decode is None or not _plain(values):
+            return self._decode_one_by_one(values)
         try:  # each pass in C but the decoding itself (map, fromiter): no Python call per record
-            if self._fast_decode is None or not _plain(values):
-                raise ValueError("not for the fast path")
             records = list(map(self._fast_decode, values))
             numbers = np.empty((len(values), width))
             for column, number in enumerate(self._fast_columns):  # a column a pass: no tuple per record
                 numbers[:, column] = np.fromiter(map(number, records), dtype=float, count=len(values))
             keys = None if self.model_key is None else list(map(_MODEL_KEY, records))
-        except (ValueError, TypeError, RecursionError):  # msgspec's errors (DecodeError is a ValueError); None
+        except (ValueError, RecursionError):  # msgspec's ValidationError and DecodeError are ValueErrors
             return self._decode_one_by_one(values)
         if not np.isfinite(numbers).all() or (keys is not None and not all(map(_short_key, keys))):
             return self._decode_one_by_one(values)
@@ -257,16 +266,25 @@ class RecordDecoder:
         return DecodedBatch(numbers, keys, good, errors)
 
 
-def _plain(values: list[bytes]) -> bool:
-    """Whether every value is valid UTF-8 and has fewer than `_PLAIN_BRACKETS` brackets: what pydantic checks
-    in the fields msgspec skips. Raises TypeError for a value that is not bytes (None), UnicodeDecodeError
-    (a ValueError) for one that is not UTF-8. Nothing is copied whole: the values may be large."""
+def _plain(values: list) -> bool:
+    """Whether every value is bytes, valid UTF-8, with fewer than `_PLAIN_BRACKETS` brackets and no number of
+    over 4,300 digits: what pydantic checks in the fields msgspec skips. Nothing is copied whole: the values
+    may be large."""
+    if set(map(type, values)) - {bytes}:  # None (a message without a value), or what a client should not give
+        return False
     if not all(map(bytes.isascii, values)):  # ASCII is UTF-8: the usual case, checked without a copy
-        for value in values:
-            value.decode("utf-8")
+        try:
+            for value in values:
+                value.decode("utf-8")
+        except UnicodeDecodeError:
+            return False
     if max(map(len, values), default=0) < _PLAIN_BRACKETS:
         return True
-    return all(value.count(b"[") + value.count(b"{") < _PLAIN_BRACKETS for value in values)
+    return all(
+        value.count(b"[") + value.count(b"{") < _PLAIN_BRACKETS
+        and (len(value) <= 4300 or _LONG_NUMBER.search(value) is None)
+        for value in values
+    )
 
 
 def _short_key(key: str | int) -> bool:
@@ -298,19 +316,14 @@ def _describe(error: ValidationError) -> str:
     if kind == "finite_number":
         return f"field {field!r} is not finite (NaN or infinity)"
     received = first.get("input")
-    shown = orjson.dumps(received).decode() if _jsonable(received) else repr(received)
+    try:
+        shown = orjson.dumps(received).decode()
+    except TypeError:  # not JSON (pydantic's input is the parsed value: it should be)
+        shown = repr(received)
     shown = shorten(shown, _SHOWN_CHARACTERS)  # a 500 KB string would make a 500 KB error (and log line)
     if kind in ("string_type", "int_type") or "string" in first["msg"]:
         return f"field {field!r} is not a string or an integer: {shown}"
     return f"field {field!r} is not a number: {shown}"
-
-
-def _jsonable(value) -> bool:
-    try:
-        orjson.dumps(value)
-    except TypeError:
-        return False
-    return True
 
 
 def source_of(record: InputRecord) -> dict:

@@ -234,7 +234,9 @@ def model_path_costs(client: str = "confluent", n: int = BREAKDOWN_RECORDS) -> d
     encoding the assignments, and the producer's calls (to a producer whose broker is never reached:
     the call's own cost). Beside them, on the same batches, the per-record work of the hand-written loop
     (`hand_confluent`: orjson decode, a small answer, orjson encode, the produce call) as a yardstick:
-    this machine's speed moves from run to run, the ratio of the two much less.
+    this machine's speed moves from run to run, the ratio of the two much less. The yardstick is a little
+    cheaper than the loop itself (its client's message objects and their accessors are not in it, and it
+    runs under the model process's collector settings), so the ratio errs against streamem.
     """
     import multiprocessing
     import pickle

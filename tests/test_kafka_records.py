@@ -105,7 +105,24 @@ def test_the_fast_path_accepts_exactly_what_pydantic_accepts(values):
         assert decoded.errors == errors
         assert decoded.keys == [row[2] for row in rows]
         assert [type(key) for key in decoded.keys] == [type(row[2]) for row in rows]
-        np.testing.assert_array_equal(decoded.values, np.array([row[:2] for row in rows], dtype=float).reshape(-1, 2))
+        expected = np.array([row[:2] for row in rows], dtype=float).reshape(-1, 2)
+        assert decoded.values.tobytes() == expected.tobytes()  # to the bit: -0.0 is not 0.0 here
+
+
+def test_a_batch_of_plain_records_is_decoded_without_pydantic(monkeypatch):
+    """The fast path is taken: a batch of plain records (and one whose ignored field holds many long
+    numbers, up to 4,300 digits each) decodes with pydantic's record-by-record `decode` out of reach."""
+    decoder = RecordDecoder(["a", "b"], model_key="site")
+    many_long_numbers = b'{"a": 1, "b": 2, "site": "s", "z": [' + b",".join([b"1" * 4300] * 30) + b"]}"
+    batch = [b'{"a": 1.5, "b": -0.0, "site": "caf\xc3\xa9"}', b'{"b": 3, "a": 4, "site": 7}', many_long_numbers]
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("pydantic's path was taken")
+
+    monkeypatch.setattr(RecordDecoder, "decode", refuse)
+    decoded = decoder.decode_batch(batch)
+    assert decoded.good == [0, 1, 2] and decoded.keys == ["caf\u00e9", 7, "s"]
+    assert decoded.values.tobytes() == np.array([[1.5, -0.0], [4.0, 3.0], [1.0, 2.0]]).tobytes()
 
 
 def test_a_non_ascii_record_before_a_tombstone_is_decoded_not_a_crash():

@@ -64,7 +64,10 @@ _SHOWN_CHARACTERS = 80  # of a bad field's value, quoted in its error
 # with fewer brackets than this cannot be nested that deep, and one without a run of that many digits
 # holds no such number.
 _PLAIN_BRACKETS = 190
-_LONG_NUMBER = re.compile(rb"[0-9]{4301}")
+_PYDANTIC_DIGITS = 4300
+# a run of more digits; the look-behind starts a match only where a run starts (linear, not quadratic, in a
+# value of many long numbers)
+_LONG_NUMBER = re.compile(rb"(?<![0-9])[0-9]{%d}" % (_PYDANTIC_DIGITS + 1))
 
 
 class InputRecord(NamedTuple):
@@ -151,14 +154,14 @@ class RecordDecoder:
     Validation is a pydantic `TypeAdapter` over a `TypedDict` of the configured
     fields, parsed straight from the bytes by pydantic-core: it defines which records
     are valid, and says what is wrong with the others. A batch is first decoded by a
-    msgspec `Struct` of the same fields (0.3 us a record, a third of pydantic's cost
-    here): msgspec is as strict on the fields (numbers: JSON integers or floats, not
-    booleans or strings; keys: strings or integers) but skips the others without
-    checking them as pydantic does, so its result is taken only for a batch that is
-    valid UTF-8, nested less than `_PLAIN_BRACKETS` deep and without numbers of over
-    4,300 digits (which pydantic refuses). Any other batch, and
-    any batch msgspec refuses, goes through pydantic record by record: both paths give
-    the same rows (tests/test_kafka_records.py checks it on generated records).
+    msgspec `Struct` of the same fields (about a third of pydantic's cost). msgspec is
+    as strict on those fields (numbers: JSON integers or floats, not booleans or
+    strings; keys: strings or integers) but skips the others without checking them as
+    pydantic does, so its result is taken only for a batch that is valid UTF-8, nested
+    less than `_PLAIN_BRACKETS` deep and without numbers of over 4,300 digits (which
+    pydantic refuses). Any other batch, and any batch msgspec refuses, goes through
+    pydantic record by record: both paths give the same rows (tests/test_kafka_records.py
+    checks it on generated records).
     """
 
     def __init__(self, features: list[str], target: str | None = None, model_key: str | None = None):
@@ -268,8 +271,8 @@ class RecordDecoder:
 
 def _plain(values: list) -> bool:
     """Whether every value is bytes, valid UTF-8, with fewer than `_PLAIN_BRACKETS` brackets and no number of
-    over 4,300 digits: what pydantic checks in the fields msgspec skips. Nothing is copied whole: the values
-    may be large."""
+    over 4,300 digits: what pydantic checks in the fields msgspec skips. The batch is never copied whole (its
+    values may be large): only a value that is not ASCII, alone, to check it is UTF-8."""
     if set(map(type, values)) - {bytes}:  # None (a message without a value), or what a client should not give
         return False
     if not all(map(bytes.isascii, values)):  # ASCII is UTF-8: the usual case, checked without a copy
@@ -282,7 +285,7 @@ def _plain(values: list) -> bool:
         return True
     return all(
         value.count(b"[") + value.count(b"{") < _PLAIN_BRACKETS
-        and (len(value) <= 4300 or _LONG_NUMBER.search(value) is None)
+        and (len(value) <= _PYDANTIC_DIGITS or _LONG_NUMBER.search(value) is None)
         for value in values
     )
 

@@ -22,6 +22,8 @@ ASSIGNED = None  # odd but valid: answered like any good record
 
 # (name, key, value, reason the dead letter must give, or ASSIGNED)
 CATALOGUE: list[tuple[str, bytes | None, bytes | None, str | None]] = [
+    # first: text that is not ASCII, then (below) a message without a value in the same poll
+    ("UTF-8 text in an ignored field", None, '{"a": 0.5, "b": 1.0, "city": "Zürich"}'.encode(), ASSIGNED),
     ("not JSON", None, b"not json", "not valid JSON"),
     ("empty", None, b"", "empty message"),
     ("tombstone (no value)", b"k", None, "empty message"),
@@ -55,6 +57,8 @@ CATALOGUE: list[tuple[str, bytes | None, bytes | None, str | None]] = [
     ("leading zeros", None, b'{"a": 007, "b": 2.0}', "not valid JSON"),
     ("non-UTF-8 bytes", None, b"\xff\xfe\x00", "not valid JSON"),
     ("NUL inside JSON", None, b'{"a": 1.0,\x00 "b": 2.0}', "not valid JSON"),
+    ("4,301-digit number in an ignored field", None, b'{"a": 0.5, "b": 1.0, "n": ' + b"1" * 4301 + b"}",
+     "not valid JSON"),
     ("deeply nested", None, b'{"a": 1.0, "b": 2.0, "x": ' + b"[" * 20_000 + b"]" * 20_000 + b"}", "not valid JSON"),
     ("200 KB of control bytes", None, b"\x01" * 200_000, "not valid JSON"),
     ("800 KB non-UTF-8", None, bytes(range(128, 256)) * 6_400, "not valid JSON"),

@@ -280,7 +280,7 @@ def model_path_costs(client: str = "confluent", n: int = BREAKDOWN_RECORDS) -> d
         sender.send_bytes(pickle.dumps([("process", (batch,))]))  # as multiprocessing's Connection.send does
         t1 = clock()
         sent = pickle.loads(receiver.recv_bytes())[0][1][0]
-        received, decoded = sent.records(), sent.decoded
+        received, decoded = sent.records_view(), sent.decoded
         t2 = clock()
         resp, log_likelihood, _, _ = assign_and_screen(model, settings, decoded.values)
         seen = model.n_seen

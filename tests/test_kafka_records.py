@@ -293,3 +293,22 @@ def test_a_poll_batch_splits_into_batches_of_at_most_a_size_in_order():
         assert sum((getattr(part, column) for part in parts), []) == getattr(batch, column)
     assert all(part.topic == "in" and part.decoded is None for part in parts)
     assert batch.split(5) == [batch] and InputBatch("in", [], [], [], []).split(3) == []
+
+
+@settings(max_examples=200, deadline=None)
+@given(answered_batches())
+def test_a_batch_answered_through_its_record_view_gives_the_same_records(batch):
+    """The model process answers a poll through `InputBatch.records_view()` (records made only when asked for,
+    the assignments built from the columns): the same bytes as from the batch's `InputRecord`s, and the view
+    is the sequence of those records."""
+    from streamem_connectors.kafka.records import InputBatch
+
+    records, resp, log_likelihood, n_seen, predictions, model_key = batch
+    topic = records[0].topic  # a poll batch has one topic
+    polled = InputBatch(topic, [r.partition for r in records], [r.offset for r in records],
+                        [r.key for r in records], [b'{"v": %d}' % i for i in range(len(records))])
+    view = polled.records_view()
+    assert len(view) == len(records) and list(view) == polled.records()
+    assert view[-1] == polled.records()[-1] and view[1:3] == polled.records()[1:3]
+    expected = assignments(polled.records(), "out", resp, log_likelihood, n_seen, predictions, model_key)
+    assert assignments(view, "out", resp, log_likelihood, n_seen, predictions, model_key) == expected

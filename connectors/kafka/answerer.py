@@ -46,7 +46,7 @@ class Answerer:
 
     def process(self, batch: InputBatch) -> Report:
         """Answer, learn and send; the answers are acknowledged by the next `checkpoint_entries`."""
-        outputs = self.learner.process(batch.records(), batch.decoded)
+        outputs = self.learner.process(batch.records_view(), batch.decoded)
         self.sink.send(outputs)
         drifts = [o for o in outputs[batch.size :] if o.topic == self.drift_topic]
         return Report(dataclasses.asdict(self.learner.counters), self.learner.weights(), drifts)

@@ -207,6 +207,13 @@ class Learner:
             settings=model_settings(self.settings),
         )
 
+    @staticmethod
+    def valid_records(batch, decoded: schemas.DecodedBatch) -> list:
+        """The records of the valid rows (`decoded.good`), in order, as a list: made at once, not each when
+        asked for as a batch's `records_view()` makes them (for a learner that reads them one by one)."""
+        records = list(batch)
+        return records if not decoded.errors else [records[i] for i in decoded.good]
+
     def _decode(self, batch, decoded: schemas.DecodedBatch | None = None) -> tuple[list, schemas.DecodedBatch]:
         """Decode a batch (unless `decoded` already); the invalid records' dead letters go in their places
         in the outputs."""

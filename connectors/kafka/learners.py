@@ -89,7 +89,8 @@ class InstanceLearner(Learner):
         outputs, decoded = self._decode(batch, decoded)
         drifts = []
         if decoded.good:
-            records = batch if not decoded.errors else [batch[i] for i in decoded.good]
+            # all valid: the batch as it came (a view's assignments are built from its columns)
+            records = batch if not decoded.errors else self.valid_records(batch, decoded)
             answered, drifts = self._answer(self.state, records, decoded.values, np.ones(len(records), dtype=bool))
             for i, output in zip(decoded.good, answered, strict=True):
                 outputs[i] = output
@@ -204,6 +205,7 @@ class KeyedLearner(Learner):
             self.stored = self.store.load_prefix(self.prefix)
             self.stale = False
         outputs, decoded = self._decode(batch, decoded)
+        batch = list(batch)  # read record by record below: made at once (a view would make each when asked)
         groups: dict[str, list[int]] = {}
         for j, key in enumerate(decoded.keys):
             groups.setdefault(str(key), []).append(j)

@@ -216,6 +216,7 @@ class ReplicatedRegimeLearner(RegimeLearner):
         if self.stale:
             self.stored_filters = self.store.load_prefix(self.filter_prefix)
             self.stale = False
+        batch = list(batch)  # read three times below: made once (a view would make them at each reading)
         self.first_offsets = {}
         for record in batch:  # where each partition's records start, undecodable ones included
             self.first_offsets.setdefault(stream_name(record.topic, record.partition), record.offset)

@@ -62,7 +62,7 @@ class RegimeLearner(InstanceLearner):
         outputs, decoded = self._decode(batch, decoded)
         if not decoded.good:
             return outputs
-        records = batch if not decoded.errors else [batch[i] for i in decoded.good]
+        records = self.valid_records(batch, decoded)
         X, target = self.model_columns(self.state, decoded.values)
         if target is not None:  # a Markov-switching regression learns rows [x..., y]
             X = np.column_stack([X, target])

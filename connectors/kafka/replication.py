@@ -239,7 +239,7 @@ class ReplicatedLearner(Learner):
             self._leave_waiting_model()
         outputs, decoded = self._decode(batch, decoded)
         if decoded.good:
-            records = batch if not decoded.errors else [batch[i] for i in decoded.good]
+            records = self.valid_records(batch, decoded)
             learn = np.array([r.offset >= self.applied.get((r.topic, r.partition), 0) for r in records], dtype=bool)
             state = self.state if self.waiting is None else self.waiting
             answered, drifts = self._answer(state, records, decoded.values, learn)

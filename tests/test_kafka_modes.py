@@ -218,3 +218,70 @@ def test_a_restored_cold_key_model_takes_this_runs_threshold_and_another_shape_a
     assert "error" in outputs[0] and "threshold 10" in outputs[0]["error"]  # squared robust distance ~64 > 10
     assert len(outputs[1]["probabilities"]) == 3 and len(outputs[2]["probabilities"]) == 2
     assert learner.models["older"].model.n_seen == 26 and learner.models["fresh"].model.n_seen == 1
+
+
+def _polls(topic: str, n_polls: int = 12, size: int = 37) -> list:
+    """Polls of two partitions through a warm-up that ends mid-poll, a stream that moves (outliers, then a
+    re-warm), undecodable records and keys of every kind."""
+    from streamem_connectors.kafka.records import InputBatch
+
+    rng, offset, polls = np.random.default_rng(0), 0, []
+    for b in range(n_polls):
+        points = rng.normal(size=(size, 2)) + (0.0 if b < 6 else 30.0)
+        values = [orjson.dumps({"a": a, "b": c, "site": "st"[j % 2]}) for j, (a, c) in enumerate(points.tolist())]
+        if b % 4 == 3:
+            values[5] = b"not json"
+        keys = [None if i % 3 else b"k%d" % i for i in range(size)]
+        polls.append(InputBatch(topic, [i % 2 for i in range(size)], list(range(offset, offset + size)), keys, values))
+        offset += size
+    return polls
+
+
+@pytest.mark.parametrize("mode", [{}, {"model": "hmm"}, {"model_key": "site"}])
+def test_a_learner_answers_a_batch_view_as_its_records(broker, tmp_path, mode):
+    """A poll handed over as its columns' view (`InputBatch.records_view`, as the model process hands it) is
+    answered byte for byte as the same poll's `InputRecord`s are: assignments, dead letters (undecodable and
+    refused by the outlier screen), drift records, through a warm-up that ends mid-poll and a re-warm."""
+    topic = unique("view")
+    settings = make_settings(broker, topic, warmup=50, batch_size=16, drift_every=40, outlier_threshold=4.0, **mode)
+    ensure_topics(settings, input_partitions=2)
+    outputs = {}
+    for way in ("records", "view"):
+        learner = make_learner(settings, DirectoryStore(tmp_path / way))
+        outputs[way] = []
+        for poll in _polls(topic):
+            batch = poll.decoded_by(learner.decoder)
+            records = batch.records_view() if way == "view" else batch.records()
+            outputs[way].append(learner.process(records, batch.decoded))
+    assert outputs["view"] == outputs["records"]
+    topics = {output.topic for poll in outputs["view"] for output in poll}
+    assert {settings.topics["assignments"], settings.topics["dead_letter"], settings.topics["drift"]} <= topics
+
+
+def test_the_instance_learner_makes_each_record_of_a_view_at_most_once_a_poll(broker, tmp_path, monkeypatch):
+    """The view's records are made only where one is needed, and then all at once (one pass in C), never one
+    Python call per record nor twice a poll: a clean poll of a warm model makes none; a poll with outliers, a
+    warm-up that ends within it or a drift event makes them at most once."""
+    from streamem_connectors.kafka.records import BatchRecords
+
+    made = []
+    whole, one = BatchRecords.__iter__, BatchRecords.__getitem__
+    monkeypatch.setattr(BatchRecords, "__iter__", lambda view: made.append("all") or whole(view))
+    monkeypatch.setattr(BatchRecords, "__getitem__", lambda view, i: made.append("one") or one(view, i))
+    topic = unique("view-once")
+    settings = make_settings(broker, topic, warmup=50, batch_size=16, drift_every=40, outlier_threshold=4.0)
+    ensure_topics(settings, input_partitions=2)
+    learner = make_learner(settings, DirectoryStore(tmp_path))
+    for poll in _polls(topic, n_polls=14):
+        made.clear()
+        batch = poll.decoded_by(learner.decoder)
+        learner.process(batch.records_view(), batch.decoded)
+        assert made.count("all") <= 1 and made.count("one") <= 3, made
+    # clean polls of a warm model (the stream as it was: the default screen)
+    learner = make_learner(settings.model_copy(update={"outlier_threshold": 1e6}), DirectoryStore(tmp_path / "clean"))
+    for poll in _polls(topic, n_polls=6):
+        made.clear()
+        batch = poll.decoded_by(learner.decoder)
+        learner.process(batch.records_view(), batch.decoded)
+    assert learner.state.model.is_warm and not batch.decoded.errors
+    assert made.count("all") + made.count("one") <= 1, made  # a periodic drift record's, if one is due

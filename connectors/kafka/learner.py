@@ -282,6 +282,7 @@ class Learner:
     def learn_in_chunks(self, state: ModelState, records, X: np.ndarray, target, rows: np.ndarray, responsibilities):
         """`learn_statistics`, each mini-batch's statistics handed to `apply_statistics` with its records."""
         model, start, size = state.model, 0, state.model.records_until_update
+        records = list(records)  # read one by one below: made at once (a batch's view makes each when asked)
         while start < rows.size:
             # the first chunk completes what the model has pooled, the others are whole mini-batches (the
             # replicated model does not change while its chunks are only being published)
@@ -398,6 +399,7 @@ class Learner:
         X, target = self.model_columns(state, values)
         resp, log_likelihood, predictions, screened = scored or assign_and_screen(model, settings, X, target)
         if screened is not None and screened.outlier.any():
+            records = list(records)  # read several times below: made once (a batch's view makes them at each)
             keep = ~screened.outlier
             answered, drifts = ([], [])
             if keep.any():
@@ -456,7 +458,7 @@ class Learner:
         learned = (resp if to_learn.all() else resp[to_learn]) if was_warm else resp[:0]
         for event in detector.update_many(padded(learned, detector.n_components)) if learned.shape[0] else ():
             self.counters.drift_events += 1
-            record = [r for r, keep in zip(records, to_learn, strict=True) if keep][event.index]
+            record = records[int(np.flatnonzero(to_learn)[event.index])]  # the event's learned row
             logger.info(
                 "drift at %s%s: weights %s, reference %s",
                 record.where(),

@@ -72,7 +72,7 @@ _LONG_NUMBER = re.compile(rb"(?<![0-9])[0-9]{%d}" % (_PYDANTIC_DIGITS + 1))
 
 
 class InputRecord(NamedTuple):
-    """One consumed message (a NamedTuple: built once per record, so it must be cheap)."""
+    """One consumed message (a NamedTuple: often built for every record of a batch, so it must be cheap)."""
 
     topic: str
     partition: int
@@ -148,9 +148,11 @@ class InputBatch(NamedTuple):
 
 
 class BatchRecords(Sequence):
-    """The records of an `InputBatch`, each made only when asked for. The assignments of a whole batch are
-    built from its columns (`assignments`), so most of its records never are (an `InputRecord` per record
-    cost 0.15-0.3 us, a twentieth of the model process's work for it)."""
+    """The records of an `InputBatch`, each made only when asked for (iterating makes them all at once). The
+    assignments of a whole batch are built from its columns (`assignments`), so the instance's mixture makes
+    none for a batch of valid records but those of its drift records (an `InputRecord` per record cost
+    0.15-0.3 us, a twentieth of the model process's work for it). A learner that reads records one by one
+    takes them as a list (`Learner.valid_records`)."""
 
     __slots__ = ("batch",)
 

@@ -32,6 +32,7 @@ import numpy as np
 import orjson
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from _offline import MemoryStore, no_input_positions  # noqa: E402
 from _report import write_section  # noqa: E402
 from kafka_pipeline import output_timestamps, rate_from  # noqa: E402
 
@@ -77,25 +78,6 @@ def settings_for(bootstrap: str, topic: str, keyed: bool, **extra) -> ConsumerSe
 
 
 # -- the learner alone, without a broker ----------------------------------------------------------
-class MemoryStore:
-    """A checkpoint store in a dict (the learner reads it at start and when partitions move)."""
-
-    def __init__(self):
-        self.saved: dict[str, bytes] = {}
-
-    def where(self, key: str) -> str:
-        return f"memory {key}"
-
-    def save_all(self, entries) -> None:
-        self.saved.update(entries)
-
-    def load(self, key: str) -> bytes | None:
-        return self.saved.get(key)
-
-    def load_prefix(self, prefix: str) -> dict[str, bytes]:
-        return {k: v for k, v in self.saved.items() if k.startswith(prefix)}
-
-
 def batches(data, poll: int = POLL) -> list[InputBatch]:
     """Poll batches of the records, offsets counted per partition."""
     next_offset = [0] * PARTITIONS
@@ -121,19 +103,11 @@ def learner_for(keyed: bool, **extra):
     return make_learner(settings, MemoryStore())
 
 
-def _no_input_positions() -> None:
-    """The learners ask the broker where the input ends when they start; there is none here (an empty input)."""
-    from streamem_connectors.kafka import learners
-    from streamem_connectors.kafka.clients import InputPositions
-
-    learners.input_positions = lambda settings: InputPositions(settings.input_topic, {}, {})
-
-
 def learner_run(keyed: bool, polls: list[InputBatch], memory: bool = False, **extra) -> dict[str, float]:
     """Records per second of `process` over the polls (thread CPU time), and with `memory` the bytes
     tracemalloc sees held after a quarter and after all of them (checkpointing every 10,000 records,
     as the consumer does by default, so models' dirty flags are cleared)."""
-    _no_input_positions()
+    no_input_positions()
     learner = learner_for(keyed, **extra)
     gc.collect()
     n, spent, held = 0, 0.0, []

@@ -612,8 +612,13 @@ class OnlineMixture:
         `summarize` would return, without a second E-step. Rows with missing values need
         `summarize` (their statistics are conditional expectations, not weighted sums)."""
         rows, resp = self._answered_rows(X, responsibilities, y)
-        shift = None if self._engine is None else self._engine.stats.shift
-        return self._family().suff_stats(self._prepare(rows, shift), resp)
+        if self._engine is not None:
+            return self._answered_statistics(rows, resp)
+        return self._family().suff_stats(self._prepare(rows, None), resp)
+
+    def _answered_statistics(self, rows: np.ndarray, resp: np.ndarray):
+        """Statistics of checked rows about the running shift, from their responsibilities."""
+        return self._family().suff_stats(self._prepare(rows, self._engine.stats.shift), resp)
 
     def learn_answered(self, X, responsibilities: np.ndarray, y=None) -> None:
         """Learn a warm model's rows from the responsibilities they were answered with (as for
@@ -633,8 +638,8 @@ class OnlineMixture:
         if self._engine is None:
             raise ValueError("a cold model learns its warm-up with learn_many before it learns answered rows")
         rows, resp = self._answered_rows(X, responsibilities, y)
-        family, start, size = self._family(), 0, self.records_until_update
-        fused_stopped = -1  # where the fused call stopped: that mini-batch takes the NumPy path
+        start, size = 0, self.records_until_update
+        fused_stopped = -1  # where the fused call stopped: that mini-batch is learned alone
         while start < rows.shape[0]:
             if self._pending is None and size == self.batch_size and start != fused_stopped:
                 learned = self._engine.apply_answered(rows[start:], resp[start:], size, size * (1 - 1e-9))
@@ -645,7 +650,7 @@ class OnlineMixture:
                     start = fused_stopped = start + learned
                     continue
             chunk = slice(start, start + size)
-            self._apply_checked(family.suff_stats(self._prepare(rows[chunk], self._engine.stats.shift), resp[chunk]))
+            self._apply_checked(self._answered_statistics(rows[chunk], resp[chunk]))
             start, size = start + size, self.batch_size
 
     def _answered_rows(self, X, responsibilities: np.ndarray, y=None) -> tuple[np.ndarray, np.ndarray]:

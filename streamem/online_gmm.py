@@ -208,6 +208,9 @@ class OnlineGMM(OnlineMixture, base.Clusterer):
     def _prepare(self, rows: np.ndarray, shift):
         return self._gaussian.prepare(rows, shift)
 
+    def _answered_statistics(self, rows: np.ndarray, resp: np.ndarray):
+        return self._gaussian.answered_stats(rows, self._engine.stats.shift, resp)
+
     def _screen_names(self) -> tuple:
         return self._feature_names
 

@@ -139,6 +139,24 @@ def test_learn_many_one_pass_screen_gives_learn_one_statistics_bit_for_bit():
     np.testing.assert_array_equal(many.covariances_, one.covariances_)
 
 
+@pytest.mark.parametrize("kind", ["full", "diag"])
+def test_answered_statistics_are_weighted_sums_about_the_shift(kind):
+    """answered_stats (a poll's partial mini-batches: compiled for full covariances) are the closed-form
+    weighted sums of the records about the given shift, which the statistics keep (the same object)."""
+    rng = np.random.default_rng(11)
+    family = GaussianFamily(kind)
+    X = rng.normal(0, 3, (117, 3))
+    resp = rng.dirichlet(np.ones(4), size=117)
+    shift = X.mean(axis=0) + 0.7
+    stats = family.answered_stats(X, shift, resp)
+    u = X - shift
+    rows, cols = np.triu_indices(3) if kind == "full" else (np.arange(3), np.arange(3))
+    assert stats.shift is shift
+    np.testing.assert_allclose(stats.mass, resp.sum(axis=0), rtol=1e-12)
+    np.testing.assert_allclose(stats.first, resp.T @ u, rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(stats.second, resp.T @ (u[:, rows] * u[:, cols]), rtol=1e-10, atol=1e-10)
+
+
 def test_every_path_calls_the_kernels_with_the_one_compiled_type():
     """Averaged parameters (strided factors), an integer threshold, read-only frames, learn_one, apply and
     batch EM all reach each kernel as the one type it was compiled for: none compiles again mid-stream."""
@@ -157,7 +175,8 @@ def test_every_path_calls_the_kernels_with_the_one_compiled_type():
             model.learn_one(dict(zip("abc", row)))
         model.apply(model.summarize(X[:200]).statistics)
         model.predict_many(pd.DataFrame(X[:10], columns=list("abc")))
+        model.learn_answered(X[300:1000], model.assign_many(X[300:1000])[0])  # partial mini-batches' moments
     se.GaussianMixture(2, random_state=0).fit(frozen)
     for kernel in (kernels.full_log_prob, kernels.screen_full, kernels.full_moments, kernels.full_m_step,
-                   kernels.update_full, kernels.closest_distance):
+                   kernels.update_full, kernels.closest_distance, kernels.answered_moments):
         assert len(kernel.signatures) == 1, (kernel.__name__, kernel.signatures)

@@ -92,6 +92,9 @@ class InstanceLearner(Learner):
             # all valid: the batch as it came (a view's assignments are built from its columns)
             records = batch if not decoded.errors else self.valid_records(batch, decoded)
             answered, drifts = self._answer(self.state, records, decoded.values, np.ones(len(records), dtype=bool))
+            if not decoded.errors:  # an answer for each record, in order (a new list): the outputs as they are
+                answered += drifts
+                return answered
             for i, output in zip(decoded.good, answered, strict=True):
                 outputs[i] = output
         return outputs + drifts

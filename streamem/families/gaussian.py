@@ -552,6 +552,16 @@ class GaussianFamily:
         params.__dict__["_log_weights"] = logs  # what the `log_weights` property computes (np.log), cached
         return blended, params
 
+    def answered_stats(self, rows: np.ndarray, shift: np.ndarray, resp: np.ndarray) -> GaussianStats:
+        """`suff_stats` of answered records (n, d) about `shift`, from their responsibilities (n, K): one compiled
+        call for full covariances (a poll's partial mini-batches on the consumer's path, where NumPy's call
+        overhead was most of their cost; the sums move the last bits only)."""
+        if self.covariance_type != "full" or not _compiled(resp.shape[1], rows.shape[1]):
+            return self.suff_stats(self.prepare(rows, shift), resp)
+        responsibilities = np.ascontiguousarray(resp.T)
+        mass, first, second = kernels.answered_moments(_contiguous(rows), _contiguous(shift), responsibilities)
+        return GaussianStats(shift=shift, mass=mass, first=first, second=second)
+
     def learn_answered(
         self, stats: GaussianStats, rows: np.ndarray, resp: np.ndarray, size: int, keeps, steps, min_count, dead_mass
     ) -> tuple[int, GaussianStats, GaussianParams] | None:

@@ -218,6 +218,18 @@ def _moments(resp, centred):
 
 
 @numba.njit(**_JIT)
+def answered_moments(rows, shift, resp):
+    """mass (K,), first (K, d) and packed second moments (K, d (d + 1) / 2) of records (n, d) about `shift`,
+    weighted by the responsibilities they were answered with (K, n)."""
+    n, d = rows.shape
+    centred = np.empty((n, d))
+    for m in range(n):
+        for i in range(d):
+            centred[m, i] = rows[m, i] - shift[i]
+    return _moments(resp, centred)
+
+
+@numba.njit(**_JIT)
 def full_moments(log_prob, log_weights, centred):
     """Responsibilities and moments from the log-densities log N(x | k), (K, n) (overwritten with the
     responsibilities) and the log-weights (K,): returns (log-likelihood (n,), mass (K,), first (K, d),
@@ -415,6 +427,7 @@ def warm_up_kernels() -> None:
     closest_distance(weighted, np.zeros(K), 1.0)
     screen_full(centred, np.zeros(d), means, chol, np.zeros(K), 1.0, 1.0)
     full_moments(weighted, np.zeros(K), centred)
+    answered_moments(centred, np.zeros(d), np.full((K, n), 0.5))
     mass, first, second = np.ones(K), np.zeros((K, d)), np.ones((K, 3))
     full_m_step(np.zeros(d), mass, first, second, 1e-6)
     update_full(np.zeros(d), mass, first, second, mass, first, second, 0.5, 0.5, 1e-8, 1e-6)

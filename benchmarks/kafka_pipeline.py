@@ -14,7 +14,7 @@ records in two partitions:
 Every rate is taken from the output records' timestamps (first to last), so the consumer-group
 join and the final flush count for none of them. Run: `python benchmarks/kafka_pipeline.py` (not
 kafka.py: that name would shadow the kafka package); writes the "kafka" section of BENCHMARKS.md,
-with the per-record cost of the model path measured without a broker (`model_path_breakdown`).
+with the per-record cost of the model path measured without a broker (`model_path_costs`).
 """
 
 from __future__ import annotations

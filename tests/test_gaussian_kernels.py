@@ -158,8 +158,9 @@ def test_answered_statistics_are_weighted_sums_about_the_shift(kind):
 
 
 def test_every_path_calls_the_kernels_with_the_one_compiled_type():
-    """Averaged parameters (strided factors), an integer threshold, read-only frames, learn_one, apply and
-    batch EM all reach each kernel as the one type it was compiled for: none compiles again mid-stream."""
+    """Averaged parameters (strided factors), an integer threshold, read-only frames, learn_one, apply, answered
+    rows (their responsibilities a DataFrame) and batch EM all reach each kernel as the one type it was compiled
+    for: none compiles again mid-stream."""
     import pandas as pd
 
     import streamem as se
@@ -176,7 +177,16 @@ def test_every_path_calls_the_kernels_with_the_one_compiled_type():
         model.apply(model.summarize(X[:200]).statistics)
         model.predict_many(pd.DataFrame(X[:10], columns=list("abc")))
         model.learn_answered(X[300:1000], model.assign_many(X[300:1000])[0])  # partial mini-batches' moments
+        # responsibilities as a DataFrame (its values read-only and in Fortran order, as pandas gives them), whole
+        # to the compiled calls: the pool is completed first
+        head = model.records_until_update
+        model.learn_answered(X[1000 : 1000 + head], model.assign_many(X[1000 : 1000 + head])[0])
+        answered = pd.DataFrame(model.assign_many(X[1200:1900])[0])
+        model.statistics_of(X[1200:1900], answered)
+        model.learn_answered(X[1200:1900], answered)
     se.GaussianMixture(2, random_state=0).fit(frozen)
-    for kernel in (kernels.full_log_prob, kernels.screen_full, kernels.full_moments, kernels.full_m_step,
-                   kernels.update_full, kernels.closest_distance, kernels.answered_moments):
+    kernels_used = (kernels.full_log_prob, kernels.screen_full, kernels.full_moments, kernels.full_m_step,
+                    kernels.update_full, kernels.closest_distance, kernels.answered_moments,
+                    kernels.learn_answered_full)
+    for kernel in kernels_used:
         assert len(kernel.signatures) == 1, (kernel.__name__, kernel.signatures)

@@ -276,6 +276,8 @@ class Learner:
         and learns them through `learn_in_chunks`."""
         if responsibilities is None:
             self.learn_in_chunks(state, records, X, target, rows, None)
+        elif rows.size == X.shape[0]:  # rows are positions in X, in order, each once: all of them, uncopied
+            state.model.learn_answered(X, responsibilities, target)
         else:
             state.model.learn_answered(X[rows], responsibilities[rows], None if target is None else target[rows])
 

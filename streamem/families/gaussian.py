@@ -552,14 +552,14 @@ class GaussianFamily:
         params.__dict__["_log_weights"] = logs  # what the `log_weights` property computes (np.log), cached
         return blended, params
 
-    def answered_stats(self, rows: np.ndarray, shift: np.ndarray, resp: np.ndarray) -> GaussianStats:
-        """`suff_stats` of answered records (n, d) about `shift`, from their responsibilities (n, K): one compiled
+    def answered_stats(self, rows: np.ndarray, shift: np.ndarray | None, resp: np.ndarray) -> GaussianStats:
+        """`suff_stats` of answered records (n, d) about `shift` (None: their mean, as `prepare`), from their
+        responsibilities (n, K): one compiled
         call for full covariances (a poll's partial mini-batches on the consumer's path, where NumPy's call
         overhead was most of their cost; the sums move the last bits only)."""
-        if self.covariance_type != "full" or not _compiled(resp.shape[1], rows.shape[1]):
+        if self.covariance_type != "full" or shift is None or not _compiled(resp.shape[1], rows.shape[1]):
             return self.suff_stats(self.prepare(rows, shift), resp)
-        responsibilities = np.ascontiguousarray(resp.T)
-        mass, first, second = kernels.answered_moments(_contiguous(rows), _contiguous(shift), responsibilities)
+        mass, first, second = kernels.answered_moments(_contiguous(rows), _contiguous(shift), _contiguous(resp.T))
         return GaussianStats(shift=shift, mass=mass, first=first, second=second)
 
     def learn_answered(
@@ -574,7 +574,7 @@ class GaussianFamily:
             return None
         done, shift, mass, first, second, weights, means, cov, chol, log_det, logs = kernels.learn_answered_full(
             _contiguous(rows),
-            np.ascontiguousarray(resp.T),
+            _contiguous(resp.T),  # writeable too: a read-only array would compile the kernel again
             int(size),
             _contiguous(stats.shift),
             _contiguous(stats.mass),

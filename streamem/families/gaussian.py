@@ -554,9 +554,8 @@ class GaussianFamily:
 
     def answered_stats(self, rows: np.ndarray, shift: np.ndarray | None, resp: np.ndarray) -> GaussianStats:
         """`suff_stats` of answered records (n, d) about `shift` (None: their mean, as `prepare`), from their
-        responsibilities (n, K): one compiled
-        call for full covariances (a poll's partial mini-batches on the consumer's path, where NumPy's call
-        overhead was most of their cost; the sums move the last bits only)."""
+        responsibilities (n, K): one compiled call for full covariances (a poll's partial mini-batches on the
+        consumer's path, where NumPy's call overhead was most of their cost; the sums move the last bits only)."""
         if self.covariance_type != "full" or shift is None or not _compiled(resp.shape[1], rows.shape[1]):
             return self.suff_stats(self.prepare(rows, shift), resp)
         mass, first, second = kernels.answered_moments(_contiguous(rows), _contiguous(shift), _contiguous(resp.T))

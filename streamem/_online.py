@@ -641,13 +641,19 @@ class OnlineMixture:
         start, size = 0, self.records_until_update
         fused_stopped = -1  # where the fused call stopped: that mini-batch is learned alone
         while start < rows.shape[0]:
-            if self._pending is None and size == self.batch_size and start != fused_stopped:
-                learned = self._engine.apply_answered(rows[start:], resp[start:], size, size * (1 - 1e-9))
+            # the fused call takes whole mini-batches, the first of them completing what `apply` pooled
+            head = size if self._pending is not None else 0
+            if start != fused_stopped and (head or size == self.batch_size):
+                learned = self._engine.apply_answered(
+                    rows[start:], resp[start:], self.batch_size, self.batch_size * (1 - 1e-9), head, self._pending
+                )
                 if learned:
+                    self._pending = None
                     self._screened += learned  # as `_apply_checked` counts them
                     self.n_seen += learned
                     self._scorer = self._reference = self._fast = self._scored = None
                     start = fused_stopped = start + learned
+                    size = self.batch_size
                     continue
             chunk = slice(start, start + size)
             self._apply_checked(self._answered_statistics(rows[chunk], resp[chunk]))

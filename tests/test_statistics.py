@@ -243,6 +243,33 @@ def test_learn_answered_is_apply_of_statistics_of_chunk_after_chunk(kind):
         np.testing.assert_allclose(by_block.means_, by_chunk.means_, rtol=1e-12)  # the averaged parameters
 
 
+@pytest.mark.parametrize("tail", [0, 17])
+def test_learn_answered_completes_a_pool_in_its_compiled_call(monkeypatch, tail):
+    """The rows that complete what `apply` pooled (a Kafka poll's first chunk, when polls and mini-batches do not
+    line up) are learned in the compiled call with the whole mini-batches after them, to the same statistics as
+    chunk after chunk: statistics are computed apart only for the rows left pooled after the last one."""
+    X = two_blobs()
+    by_block, by_chunk = (_warm(se.OnlineGMM(2, features=("a", "b", "c"), seed=0), X) for _ in range(2))
+    for model in (by_block, by_chunk):
+        model.apply(model.summarize(X[WARM : WARM + 30]).statistics)
+    block = slice(WARM + 30, WARM + 30 + 98 + 3 * 128 + tail)
+    responsibilities = by_block.assign_many(X[block])[0]
+    apart = []
+    alone = type(by_block)._answered_statistics
+    monkeypatch.setattr(by_block, "_answered_statistics", lambda rows, resp: apart.append(len(rows)) or alone(
+        by_block, rows, resp))
+    by_block.learn_answered(X[block], responsibilities)
+    assert apart == ([tail] if tail else [])
+    start, size, rows = 0, by_chunk.records_until_update, X[block]
+    while start < rows.shape[0]:
+        by_chunk.apply(by_chunk.statistics_of(rows[start : start + size], responsibilities[start : start + size]))
+        start, size = start + size, by_chunk.batch_size
+    assert by_block.n_seen == by_chunk.n_seen and by_block.n_updates == by_chunk.n_updates
+    assert by_block.records_until_update == by_chunk.records_until_update
+    for name, value in by_chunk.statistics_.to_arrays().items():
+        np.testing.assert_allclose(by_block.statistics_.to_arrays()[name], value, rtol=1e-12, atol=1e-13)
+
+
 def test_learn_answered_one_mini_batch_is_learn_many():
     """Responsibilities from assign_many, learned as one mini-batch, give learn_many's parameters (its E-step
     is the same one)."""

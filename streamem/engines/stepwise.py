@@ -87,28 +87,31 @@ class StepwiseEM:
         if self.averaging_start is not None and self.n_updates >= self.averaging_start:
             self._average()
 
-    def apply_answered(self, rows: np.ndarray, resp: np.ndarray, size: int, min_count: float) -> int:
+    def apply_answered(
+        self, rows: np.ndarray, resp: np.ndarray, size: int, min_count: float, head: int = 0, pooled=None
+    ) -> int:
         """`apply` of the statistics of the whole mini-batches of `size` answered rows (the rows as given,
         not centred: each mini-batch is centred on the running shift there, and their responsibilities),
         one after the other, in one fused call where the family has one (the Gaussian family, full
         covariances; not with averaging); returns the rows learned (0: none, the caller learns them one
-        mini-batch at a time)."""
+        mini-batch at a time). With `head` > 0 the first mini-batch is the first `head` rows with the
+        statistics `pooled` before them (`apply` of `pooled` + theirs), then whole mini-batches follow."""
         fused = getattr(self.family, "learn_answered", None)
-        n_batches = rows.shape[0] // size
-        if fused is None or self.averaging_start is not None or not n_batches:
+        n_batches = (1 + (rows.shape[0] - head) // size) if head else rows.shape[0] // size
+        if fused is None or self.averaging_start is not None or not n_batches or head > rows.shape[0]:
             return 0
         steps, t = [], self.n_updates
         for _ in range(n_batches):  # the schedule as `apply` would meet it, update after update
             steps.append(self.schedule(t))
             t += 1
         keeps = [1.0 - step for step in steps]
-        learned = fused(self.stats, rows, resp, size, keeps, steps, min_count, DEAD_MASS)
+        learned = fused(self.stats, rows, resp, size, keeps, steps, min_count, DEAD_MASS, head, pooled)
         if learned is None:
             return 0
         done, self.stats, self.params = learned
         for _ in range(done):  # one at a time, as `apply` counts them (the count can be fractional)
             self.n_updates += 1
-        return done * size
+        return head + (done - 1) * size if head else done * size
 
     @property
     def predictive_params(self):

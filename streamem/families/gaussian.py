@@ -562,23 +562,45 @@ class GaussianFamily:
         return GaussianStats(shift=shift, mass=mass, first=first, second=second)
 
     def learn_answered(
-        self, stats: GaussianStats, rows: np.ndarray, resp: np.ndarray, size: int, keeps, steps, min_count, dead_mass
+        self,
+        stats: GaussianStats,
+        rows: np.ndarray,
+        resp: np.ndarray,
+        size: int,
+        keeps,
+        steps,
+        min_count,
+        dead_mass,
+        head: int = 0,
+        pooled: GaussianStats | None = None,
     ) -> tuple[int, GaussianStats, GaussianParams] | None:
         """Stepwise updates from the whole mini-batches of `size` answered rows (n, d) with their
         responsibilities (n, K), in one compiled call: each mini-batch's moments about the running
-        shift, then `blend_and_m_step` (weights `keeps[c]`, `steps[c]` / its count). Returns (mini-batches
-        learned, statistics, parameters); None where the caller takes the NumPy path (other covariance
-        types; the first mini-batch short of `min_count` records or needing the NumPy M-step)."""
+        shift, then `blend_and_m_step` (weights `keeps[c]`, `steps[c]` / its count). With `head` > 0 the
+        first mini-batch is the first `head` rows added to `pooled` (statistics about the running shift).
+        Returns (mini-batches learned, statistics, parameters); None where the caller takes the NumPy path
+        (other covariance types; the first mini-batch short of `min_count` records or needing the NumPy
+        M-step)."""
         if self.covariance_type != "full" or not _compiled(*stats.first.shape):
             return None
+        if head:
+            if pooled is None or not np.array_equal(pooled.shift, stats.shift):
+                return None  # pooled about another shift: the NumPy path re-centres them
+            p_mass, p_first, p_second = _contiguous(pooled.mass), _contiguous(pooled.first), _contiguous(pooled.second)
+        else:
+            p_mass, p_first, p_second = _contiguous(stats.mass), _contiguous(stats.first), _contiguous(stats.second)
         done, shift, mass, first, second, weights, means, cov, chol, log_det, logs = kernels.learn_answered_full(
             _contiguous(rows),
             _contiguous(resp.T),  # writeable too: a read-only array would compile the kernel again
+            int(head),
             int(size),
             _contiguous(stats.shift),
             _contiguous(stats.mass),
             _contiguous(stats.first),
             _contiguous(stats.second),
+            p_mass,  # (unread without a head)
+            p_first,
+            p_second,
             np.asarray(keeps, dtype=float),
             np.asarray(steps, dtype=float),
             float(min_count),

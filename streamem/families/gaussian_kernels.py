@@ -380,13 +380,18 @@ def update_full(shift, mass, first, second, b_mass, b_first, b_second, keep, tak
 
 
 @numba.njit(**_JIT)
-def learn_answered_full(rows, resp, size, shift, mass, first, second, keeps, steps, min_count, dead_mass, reg_covar):
+def learn_answered_full(
+    rows, resp, head, size, shift, mass, first, second, p_mass, p_first, p_second, keeps, steps, min_count, dead_mass,
+    reg_covar,
+):
     """Stepwise updates from the whole mini-batches of `size` answered rows (n, d), their responsibilities
     (K, n) given: for mini-batch c, its moments about the running shift, then `update_full` with weights
-    `keeps[c]` and `steps[c] / count`. Stops before a mini-batch summarising fewer than `min_count` records
-    or one whose M-step the NumPy path must make (the caller takes it from there). Returns (mini-batches
-    learned, the four statistics fields, then `update_full`'s weights, means, covariances, Cholesky factors,
-    log-determinants and log-weights) of the last update (those given, unchanged, when none was made)."""
+    `keeps[c]` and `steps[c] / count`. With `head` > 0 the first mini-batch is the first `head` rows plus the
+    moments pooled before them (`p_mass`, `p_first`, `p_second`, about `shift`), and whole mini-batches
+    follow it. Stops before a mini-batch summarising fewer than `min_count` records or one whose M-step the
+    NumPy path must make (the caller takes it from there). Returns (mini-batches learned, the four statistics
+    fields, then `update_full`'s weights, means, covariances, Cholesky factors, log-determinants and
+    log-weights) of the last update (those given, unchanged, when none was made)."""
     K, d = first.shape
     weights = np.empty(K)
     means = np.empty((K, d))
@@ -396,12 +401,17 @@ def learn_answered_full(rows, resp, size, shift, mass, first, second, keeps, ste
     logs = np.empty(K)
     done = 0
     for c in range(keeps.shape[0]):
-        start = c * size
-        centred = np.empty((size, d))
-        for m in range(size):
+        if head > 0:
+            start, length = (0, head) if c == 0 else (head + (c - 1) * size, size)
+        else:
+            start, length = c * size, size
+        centred = np.empty((length, d))
+        for m in range(length):
             for i in range(d):
                 centred[m, i] = rows[start + m, i] - shift[i]
-        b_mass, b_first, b_second = _moments(np.ascontiguousarray(resp[:, start : start + size]), centred)
+        b_mass, b_first, b_second = _moments(np.ascontiguousarray(resp[:, start : start + length]), centred)
+        if head > 0 and c == 0:  # the pool completed (pooled + these, as `SufficientStatistics.__add__` adds)
+            b_mass, b_first, b_second = p_mass + b_mass, p_first + b_first, p_second + b_second
         count = _pairwise_sum(b_mass, K, 0, 1)
         if not count >= min_count:
             break
@@ -431,8 +441,8 @@ def warm_up_kernels() -> None:
     mass, first, second = np.ones(K), np.zeros((K, d)), np.ones((K, 3))
     full_m_step(np.zeros(d), mass, first, second, 1e-6)
     update_full(np.zeros(d), mass, first, second, mass, first, second, 0.5, 0.5, 1e-8, 1e-6)
-    learn_answered_full(centred, np.full((K, n), 0.5), n, np.zeros(d), mass, first, second, np.full(1, 0.5),
-                        np.full(1, 0.5), 1.0, 1e-8, 1e-6)
+    learn_answered_full(centred, np.full((K, n), 0.5), 0, n, np.zeros(d), mass, first, second, mass, first, second,
+                        np.full(1, 0.5), np.full(1, 0.5), 1.0, 1e-8, 1e-6)
     compiled[0] = True
 
 

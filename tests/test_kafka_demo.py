@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 import re
 
 from streamem_connectors.kafka.demo import run_demo
 
 
-def test_demo_answers_every_record_and_reports_drift(capsys):
-    """A short demo: every record is answered or dead-lettered, each of the two regime switches is reported once."""
+def test_demo_answers_every_record_and_reports_drift(capsys, caplog):
+    """A short demo: every record is answered or dead-lettered, each of the two regime switches is reported once,
+    and nothing is logged at ERROR (a client closing mid metadata refresh once was)."""
     assert run_demo(records=15_000, bad_records=7, seed=1, regime_records=0) == 0
     out = capsys.readouterr().out
     summary = re.search(r"([\d,]+) records in, ([\d,]+) assignments, (\d+) dead letters, (\d+) drift events", out)
@@ -22,6 +24,7 @@ def test_demo_answers_every_record_and_reports_drift(capsys):
     assert "sample assignments" in out and "sample dead_letter" in out
     drift = next(line for line in out.splitlines() if "sample drift" in line)
     assert '"drift":true' in drift.replace(" ", ""), drift  # the field the sample is there to show
+    assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
 
 
 def test_demo_shows_a_hidden_markov_model_following_regimes_a_mixture_flickers_through(capsys):

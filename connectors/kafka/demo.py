@@ -13,7 +13,7 @@ from streamem_connectors.kafka.demo_regimes import run_regime_part
 from streamem_connectors.kafka.pipeline import Progress, run_consumer
 from streamem_connectors.kafka.settings import ConsumerSettings
 from streamem_connectors.kafka.text import shorten
-from streamem_connectors.kafka.topics import ensure_topics
+from streamem_connectors.kafka.topics import ensure_topics, silent_client
 
 __all__ = ["produce_regimes", "run_demo", "REGIMES"]
 
@@ -196,4 +196,5 @@ def _show_samples(bootstrap_servers: str, topics: dict, out, middle: int) -> Non
             if found:
                 print(f"  sample {kind}: {_shorten(found)}", file=out)
     finally:
-        consumer.close()
+        with silent_client():  # a metadata refresh in flight when it closes is logged at ERROR: not news here
+            consumer.close()

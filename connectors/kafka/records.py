@@ -150,9 +150,10 @@ class InputBatch(NamedTuple):
 class BatchRecords(Sequence):
     """The records of an `InputBatch`, each made only when asked for (iterating makes them all at once). The
     assignments of a whole batch are built from its columns (`assignments`), so the instance's mixture makes
-    none for a batch of valid records but those of its drift records (an `InputRecord` per record cost
-    0.15-0.3 us, a twentieth of the model process's work for it). A learner that reads records one by one
-    takes them as a list (`Learner.valid_records`)."""
+    records of a batch of valid records only where one is needed (a drift record; a dead letter or a warm-up
+    ending within the batch makes them all, once), where an `InputRecord` per record had cost 0.15-0.3 us, a
+    twentieth of the model process's work for it. A learner that reads records one by one takes them as a
+    list (`Learner.valid_records`)."""
 
     __slots__ = ("batch",)
 

@@ -217,7 +217,9 @@ def test_kill_9_mid_stream_then_restart_loses_nothing(broker):
     total = 20_000
     settings = make_settings(broker, topic, max_records=total)
     ensure_topics(settings, input_partitions=2)
-    produce(broker.bootstrap_servers, topic, good_values(total), keys=[str(i % 4).encode() for i in range(total)])
+    values, keys = good_values(total), [str(i % 4).encode() for i in range(total)]
+    first = 5000  # the rest goes in after the kill: the victim cannot finish first, however fast it runs
+    produce(broker.bootstrap_servers, topic, values[:first], keys=keys[:first])
 
     counter = TopicCounter(broker.bootstrap_servers, settings.topics["assignments"])
     victim = _start(settings, "--max-records", str(total), "--checkpoint-every", "1000")
@@ -237,6 +239,7 @@ def test_kill_9_mid_stream_then_restart_loses_nothing(broker):
     last_words = victim.stderr.read()  # the model process shares the consumer's stderr
     assert "Traceback" not in last_words and "Logging error" not in last_words, last_words[-2000:]
 
+    produce(broker.bootstrap_servers, topic, values[first:], keys=keys[first:])
     run_consumer(settings.model_copy(update={"max_records": _unlearned(settings, total)}))  # from the checkpoint
 
     assignments, _ = outputs(broker, settings)

@@ -96,10 +96,13 @@ def test_a_killed_consumer_hands_its_partitions_over_with_no_offset_missing(brok
         wait_for(assignments.each_owns_one, 60, "each consumer to own one partition")
         from tests.kafka_helpers import produce
 
-        produce(broker.bootstrap_servers, topic, good_values(total), keys=[str(i % 7).encode() for i in range(total)])
+        values, keys = good_values(total), [str(i % 7).encode() for i in range(total)]
+        first = 4000  # the rest goes in after the kill, so the survivor must take the partition over to answer it
+        produce(broker.bootstrap_servers, topic, values[:first], keys=keys[:first])
         wait_for(lambda: counter.count() >= 2000, 60, "the consumers to start answering")
         processes[0].send_signal(signal.SIGKILL)
         processes[0].wait()
+        produce(broker.bootstrap_servers, topic, values[first:], keys=keys[first:])
         answered: set = set()
 
         def everything_answered() -> bool:

@@ -52,6 +52,23 @@ def _decode(value: bytes):
         return value
 
 
+class AnsweredOffsets:
+    """The (partition, offset) pairs answered on an assignments topic, re-read on each `reached` (for
+    `wait_for` while consumers still write to it)."""
+
+    def __init__(self, bootstrap: str, topic: str) -> None:
+        self.bootstrap, self.topic = bootstrap, topic
+        self.offsets: set[tuple[int, int]] = set()
+
+    def reached(self, total: int) -> bool:
+        try:
+            records = read_all(self.bootstrap, self.topic)
+        except TimeoutError:  # the topic grew faster than one read caught up with it: ask again
+            return False
+        self.offsets.update((r["source"]["partition"], r["source"]["offset"]) for r in records)
+        return len(self.offsets) >= total
+
+
 def wait_for(condition, timeout_s: float, what: str):
     """Re-evaluate `condition` (which itself blocks briefly, e.g. on a poll) until it holds or time is up."""
     deadline = time.monotonic() + timeout_s

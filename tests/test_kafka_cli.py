@@ -65,7 +65,7 @@ def test_a_second_signal_ends_without_a_traceback(broker, signum, status):
     process = subprocess.Popen(
         [sys.executable, "-m", "streamem", "run", "--bootstrap-servers", broker.bootstrap_servers,
          "--input-topic", topic, "--features", "a", "--n-components", "2", "--warmup", "50",
-         "--group-id", unique("g"), "--poll-timeout-ms", "5000"],  # a long idle poll: the 2nd signal lands in it
+         "--group-id", unique("g"), "--poll-timeout-ms", "20000"],  # a long idle poll: the 2nd signal lands in it
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
     )  # fmt: skip
     lines = _StderrLines(process.stderr)
@@ -74,7 +74,7 @@ def test_a_second_signal_ends_without_a_traceback(broker, signum, status):
         deadline = time.monotonic() + 60
         lines.wait_for("partitions assigned", deadline)
         answered = TopicCounter(broker.bootstrap_servers, f"{topic}.assignments")
-        try:  # every record answered: the consumer now waits in its 5 s idle poll
+        try:  # every record answered: the consumer now waits in its 20 s idle poll
             wait_for(lambda: answered.count() >= 300, 60, "the 300 assignments")
         finally:
             answered.close()

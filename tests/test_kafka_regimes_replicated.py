@@ -29,8 +29,8 @@ from streamem_connectors.kafka.regime_replication import ReplicatedRegimeLearner
 from streamem_connectors.kafka.replication import StatisticsMessage
 from streamem_connectors.kafka.settings import ConsumerSettings
 from streamem_connectors.kafka.topics import ensure_topics
-from tests.kafka_helpers import TopicCounter, read_all, unique, wait_for
-from tests.test_kafka_consumer import _start, offsets_of, stored_checkpoint
+from tests.kafka_helpers import AnsweredOffsets, TopicCounter, read_all, unique, wait_for
+from tests.test_kafka_consumer import _start, stored_checkpoint
 from tests.test_kafka_regimes import hmm_settings, produce_to, regime_stream
 from tests.test_kafka_scale_out import Assignments
 
@@ -184,12 +184,7 @@ def test_two_replicas_then_a_kill_9_keep_one_model_and_every_filter(broker):
     assignments = Assignments(processes)
     log = TopicCounter(broker.bootstrap_servers, settings.topics["statistics"])
     answered_count = TopicCounter(broker.bootstrap_servers, settings.topics["assignments"])
-    answered: set = set()
-
-    def everything_answered() -> bool:
-        answered.update(offsets_of(read_all(broker.bootstrap_servers, settings.topics["assignments"])))
-        return len(answered) >= 2 * n
-
+    answered = AnsweredOffsets(broker.bootstrap_servers, settings.topics["assignments"])
     try:
         wait_for(assignments.each_owns_one, 90, "each replica to own one partition")
         owned = {int(assignments.latest[i].rsplit(",", 1)[1].strip(" )]")): i for i in (0, 1)}
@@ -203,7 +198,7 @@ def test_two_replicas_then_a_kill_9_keep_one_model_and_every_filter(broker):
         wait_for(lambda: _owns_both(assignments.logs[0]), 60, "a to take b's partition over")
         for partition in (0, 1):
             produce_to(broker.bootstrap_servers, topic, partition, X[partition][1500:])
-        wait_for(everything_answered, 120, "a to answer every offset")
+        wait_for(lambda: answered.reached(2 * n), 120, "a to answer every offset")
     finally:
         log.close()
         answered_count.close()

@@ -10,7 +10,7 @@ from streamem.online_gmm import OnlineGMM
 from streamem_connectors.kafka.checkpoint import Checkpoint, TopicStore
 from streamem_connectors.kafka.replication import ReplicatedLearner
 from streamem_connectors.kafka.topics import ensure_topics
-from tests.kafka_helpers import produce, read_all, unique, wait_for
+from tests.kafka_helpers import AnsweredOffsets, produce, read_all, unique, wait_for
 from tests.test_kafka_consumer import _start, good_values, make_settings, offsets_of
 from tests.test_kafka_scale_out import Assignments
 
@@ -36,16 +36,11 @@ def test_replicas_of_the_global_model_agree(broker):
         for i in range(3)
     ]
     assignments = Assignments(processes)
-    answered: set = set()
-
-    def everything_answered() -> bool:
-        answered.update(offsets_of(read_all(broker.bootstrap_servers, settings.topics["assignments"])))
-        return len(answered) >= total
-
+    answered = AnsweredOffsets(broker.bootstrap_servers, settings.topics["assignments"])
     try:
         wait_for(assignments.each_owns_one, 90, "each consumer to own one partition")
         produce(broker.bootstrap_servers, topic, good_values(total), keys=[str(i % 11).encode() for i in range(total)])
-        wait_for(everything_answered, 180, f"all {total} records to be answered")
+        wait_for(lambda: answered.reached(total), 180, f"all {total} records to be answered")
     finally:
         for process in processes:
             process.send_signal(signal.SIGTERM)

@@ -11,7 +11,7 @@ from kafka import KafkaProducer
 
 from streamem_connectors.kafka.checkpoint import ModelCheckpoint, TopicStore
 from streamem_connectors.kafka.topics import ensure_topics
-from tests.kafka_helpers import TopicCounter, read_all, unique, wait_for
+from tests.kafka_helpers import AnsweredOffsets, TopicCounter, read_all, unique, wait_for
 from tests.test_kafka_consumer import _lines, _start, good_values, make_settings, offsets_of
 
 KEYS = {"k0": 0, "k1": 0, "k2": 1, "k3": 1}  # model key -> input partition
@@ -103,15 +103,10 @@ def test_a_killed_consumer_hands_its_partitions_over_with_no_offset_missing(brok
         processes[0].send_signal(signal.SIGKILL)
         processes[0].wait()
         produce(broker.bootstrap_servers, topic, values[first:], keys=keys[first:])
-        answered: set = set()
-
-        def everything_answered() -> bool:
-            answered.update(offsets_of(read_all(broker.bootstrap_servers, settings.topics["assignments"])))
-            return len(answered) >= total
-
-        wait_for(everything_answered, 90, "the survivor to answer every offset")
+        answered = AnsweredOffsets(broker.bootstrap_servers, settings.topics["assignments"])
+        wait_for(lambda: answered.reached(total), 90, "the survivor to answer every offset")
     finally:
         counter.close()
         processes[1].send_signal(signal.SIGTERM)
         assert processes[1].wait(timeout=60) == 0
-    assert len(answered) == total
+    assert len(answered.offsets) == total

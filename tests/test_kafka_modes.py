@@ -37,7 +37,7 @@ def test_the_three_modes_answer_a_single_partition_stream_identically(broker):
     there before the runs start, and each run polls them alike."""
     total = 1000
     values = [json.dumps({**json.loads(v), "site": "s"}).encode() for v in good_values(total, seed=3)]
-    answers = []
+    answers, cuts = [], []
     modes = (("instance", {}), ("keyed", {"model_key": "site"}), ("replicated", {"replicate": True}))
     for mode, overrides in modes:
         topic = unique(f"modes-{mode}")
@@ -45,8 +45,10 @@ def test_the_three_modes_answer_a_single_partition_stream_identically(broker):
         settings = make_settings(broker, topic, max_records=total, max_poll_records=173, **overrides)
         ensure_topics(settings, input_partitions=1)
         produce(broker.bootstrap_servers, topic, values)
-        run_consumer(settings)
+        cuts.append([])
+        run_consumer(settings, on_batch=lambda progress: cuts[-1].append(progress.counters.records_in))
         answers.append(_answers(broker, settings))
+    assert cuts[0] == cuts[1] == cuts[2] and cuts[0][0] == 173  # polled alike, in polls of 173
     instance = answers[0]
     assert instance[total - 1][3] == total - 1  # the last record was answered by a model that learned the rest
     for (mode, _), other in zip(modes[1:], answers[1:], strict=True):
